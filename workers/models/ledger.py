@@ -1,0 +1,93 @@
+"""The example model: a ledger of accounts with integer balances.
+
+Transactions: open_account(id, initial), deposit(id, amount), withdraw(id, amount),
+transfer(src, dst, amount). Withdraw and transfer refuse to overdraw with `Rejected`, as
+do unknown accounts and non-positive amounts; all refusals happen before any mutation.
+Queries: balance(id), balances(), total().
+"""
+
+from __future__ import annotations
+
+from workers.prevalence import Model, Rejected
+
+
+def _new_state() -> dict:
+    return {"accounts": {}}
+
+
+model = Model("ledger", _new_state)
+
+
+def _amount(amount) -> int:
+    if type(amount) is not int or amount <= 0:
+        raise Rejected(f"amount must be a positive integer, got {amount!r}")
+    return amount
+
+
+def _account(accounts: dict, account_id: str) -> int:
+    balance = accounts.get(account_id)
+    if balance is None:
+        raise Rejected(f"no account {account_id!r}")
+    return balance
+
+
+@model.transaction
+def open_account(root, ctx, account_id: str, initial: int = 0) -> int:
+    accounts = root["accounts"]
+    if type(account_id) is not str or not account_id:
+        raise Rejected(f"account id must be a non-empty string, got {account_id!r}")
+    if account_id in accounts:
+        raise Rejected(f"account {account_id!r} already exists")
+    if type(initial) is not int or initial < 0:
+        raise Rejected(f"initial balance must be a non-negative integer, got {initial!r}")
+    accounts[account_id] = initial
+    return initial
+
+
+@model.transaction
+def deposit(root, ctx, account_id: str, amount: int) -> int:
+    accounts = root["accounts"]
+    balance = _account(accounts, account_id) + _amount(amount)
+    accounts[account_id] = balance
+    return balance
+
+
+@model.transaction
+def withdraw(root, ctx, account_id: str, amount: int) -> int:
+    accounts = root["accounts"]
+    balance = _account(accounts, account_id)
+    amount = _amount(amount)
+    if amount > balance:
+        raise Rejected(f"insufficient funds in {account_id!r}: balance {balance}, withdrawal {amount}")
+    accounts[account_id] = balance - amount
+    return balance - amount
+
+
+@model.transaction
+def transfer(root, ctx, src: str, dst: str, amount: int) -> int:
+    accounts = root["accounts"]
+    balance = _account(accounts, src)
+    _account(accounts, dst)
+    amount = _amount(amount)
+    if src == dst:
+        raise Rejected("source and destination are the same account")
+    if amount > balance:
+        raise Rejected(f"insufficient funds in {src!r}: balance {balance}, transfer {amount}")
+    accounts[src] = balance - amount
+    accounts[dst] += amount
+    return balance - amount
+
+
+@model.query
+def balance(root, account_id: str) -> int | None:
+    return root["accounts"].get(account_id)
+
+
+@model.query
+def balances(root) -> dict:
+    return dict(root["accounts"])
+
+
+@model.query
+def total(root) -> int:
+    return sum(root["accounts"].values())

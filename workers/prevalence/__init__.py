@@ -1,0 +1,50 @@
+"""The prevalence engine: the application's whole state in memory, every change journaled.
+
+Glossary (one meaning per word, everywhere: code, logs, README, status output)
+
+record
+    One transaction (or tick) as written: master, seq, hlc, request id, name, arguments.
+journal
+    A master's append-only sequence of records, split in segments.
+segment
+    One journal file, ``journal/<first-seq>.log``; a new one starts past a size limit.
+snapshot
+    The committed state at a frontier, in one self-checking file.
+seq
+    A record's position in its master's journal: 1, 2, 3 ... without gaps.
+hlc
+    Hybrid logical clock reading stamped on every record: physical ms << 16 | counter.
+tick
+    A record with no change (empty transaction name): it only publishes a clock reading.
+horizon
+    For a peer P: the hlc of the last record this master has read from P. P will never
+    write below it.
+frontier
+    The minimum horizon over all counted members (this master's own clock included).
+committed
+    A record at or below the frontier: known everywhere it will ever be needed; its
+    outcome is final.
+tentative
+    A record above the frontier: applied, but its outcome may still change.
+rebase
+    Restoring the committed state and replaying the tentative records in key order,
+    because a record arrived that orders before some already applied.
+master
+    One process holding a full copy of the state and its own journal.
+member
+    A master counted in the frontier (joined and not retired).
+lease
+    The file that says which process holds a master name (one process per name).
+
+Layers: `codec`, `journal`, `snapshot`, `clock`, `model`, `errors` are the engine and
+import nothing of sync or Celery; `cluster` (shared folder, sync, membership, verify)
+builds on them. Public names are re-exported here.
+"""
+
+from .errors import PrevalenceError, Rejected
+from . import errors
+from .model import Context, Model
+from .cluster import Master, read_all_progress, retire, verify
+
+__all__ = ["Model", "Context", "Rejected", "Master", "verify", "retire", "read_all_progress",
+           "errors", "PrevalenceError"]

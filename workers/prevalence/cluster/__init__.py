@@ -1,0 +1,12 @@
+"""The multi-master layer: shared folder, leases, progress, sync, membership, verify.
+
+Built on the engine modules beside it (journal, snapshot, clock, codec, model), which
+know nothing of this layer.
+"""
+
+from .master import Master
+from .membership import retire
+from .progress import read_all_progress
+from .verify import verify
+
+__all__ = ["Master", "retire", "read_all_progress", "verify"]

@@ -1,0 +1,858 @@
+"""The master: one process's full copy of the state, its journal, and sync with the others.
+
+State is kept twice once the cluster has more than one member:
+
+* **live** = committed + every tentative record, in key order. Local transactions apply
+  here at once, so a caller reads its own write.
+* **committed** = every record with ``hlc <= frontier``. Rebase restores live from it.
+
+With one member there is no copy: the frontier is the master's own clock, so everything
+commits at once.
+
+A sync reads every member's new records, orders them by ``(hlc, master, seq)``, applies
+them (fast path when they all order after what is applied, rebase otherwise), appends a
+tick when a peer's real record waits on this master, moves the frontier, commits, acks
+newcomers, collects garbage and publishes progress. Recovery is the same procedure run
+from the newest snapshot over every journal.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import time
+from typing import Any, Callable, Iterable
+
+from .. import codec, journal
+from ..clock import HybridClock, physical_ms, wall_ms
+from ..codec import Record
+from ..errors import (BadArguments, Corruption, InvariantViolation, LostRecords, NotReady,
+                      PrevalenceError, Rejected, RetiredMaster, TransactionFailed,
+                      UnknownRecordTransaction, check)
+from ..model import ERROR, OK, REJECTED, Context, Model
+from ..snapshot import SnapshotBody, decode_root, list_snapshots, load_snapshot, write_snapshot
+from . import folder, membership
+from .lease import LEASE_TTL_S_DEFAULT, Lease
+from .progress import Progress, read_progress, write_progress
+from .reader import JournalReader
+
+log = logging.getLogger("prevalence.master")
+
+OUTCOMES_KEPT = 100_000
+
+
+class Peer:
+    """What this master knows of one other member."""
+
+    __slots__ = ("name", "reader", "horizon", "max_real_hlc", "counted", "error", "torn",
+                 "held", "retired_cut")
+
+    def __init__(self, name: str, reader: JournalReader, horizon: int):
+        self.name = name
+        self.reader = reader
+        self.horizon = horizon        # hlc of the last record read (or a lower bound)
+        self.max_real_hlc = 0         # hlc of the last real (non-tick) record read
+        self.counted = False          # counted in the frontier
+        self.error: str | None = None
+        self.torn: str | None = None
+        self.held: str | None = None  # why reading is held back (clock ahead, retired cut)
+        self.retired_cut: int | None = None
+
+
+class Master:
+    """One master. Open with `Master.open`; not thread-safe (one caller thread)."""
+
+    # -- opening ---------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, model: Model, shared_dir: str, name: str, *, fsync: str = "always",
+             cluster_key: bytes | None = None, fsync_interval_ms: int = journal.FSYNC_INTERVAL_MS_DEFAULT,
+             segment_bytes_max: int = journal.SEGMENT_BYTES_MAX_DEFAULT,
+             lease_ttl_s: float = LEASE_TTL_S_DEFAULT, gc_grace_s: float = 60.0,
+             snapshots_kept: int = 2, drift_max_ms: int = 60_000,
+             now_ms: Callable[[], int] = wall_ms, fault: Callable[[str], None] | None = None) -> "Master":
+        """Open (recover, or found, or join) the master `name` on `shared_dir`.
+
+        Args:
+            model: the application's `Model`.
+            shared_dir: the shared folder (NFS in production).
+            name: this master's name: 1-64 of [A-Za-z0-9_.-].
+            fsync: "always" | "interval" | "never" (see `journal.JournalWriter`).
+            cluster_key: when set, every record, snapshot and progress file is signed
+                (HMAC-SHA256) and unsigned or badly signed ones are treated as corrupt.
+            segment_bytes_max: journal segments roll past this size.
+            gc_grace_s: a journal segment is deleted this long after it became collectable.
+            now_ms: wall clock in ms (tests inject one).
+            fault: test hook called with a point name at each crash-worthy step.
+
+        Raises:
+            LeaseHeld: another live process holds the name.
+            RetiredMaster: the name was retired.
+            LostRecords: peers read records this journal no longer has (see errors).
+            Corruption: this master's own journal is damaged before its end.
+        """
+        if fsync not in journal.FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {', '.join(journal.FSYNC_MODES)}, got {fsync!r}")
+        folder.check_name(name)
+        self = cls.__new__(cls)
+        self._init(model, shared_dir, name, fsync=fsync, key=cluster_key,
+                   fsync_interval_ms=fsync_interval_ms, segment_bytes_max=segment_bytes_max,
+                   lease_ttl_s=lease_ttl_s, gc_grace_s=gc_grace_s, snapshots_kept=snapshots_kept,
+                   drift_max_ms=drift_max_ms, now_ms=now_ms, fault=fault)
+        try:
+            self._recover()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def _init(self, model, shared, name, *, fsync, key, fsync_interval_ms, segment_bytes_max,
+              lease_ttl_s, gc_grace_s, snapshots_kept, drift_max_ms, now_ms, fault):
+        self.model = model
+        self.shared = os.path.abspath(shared)
+        self.name = name
+        self.key = key
+        self.fsync_mode = fsync
+        self._fsync_interval_ms = fsync_interval_ms
+        self._segment_bytes_max = segment_bytes_max
+        self.gc_grace_s = gc_grace_s
+        self.snapshots_kept = snapshots_kept
+        self._fault = fault or (lambda point: None)
+        self.clock = HybridClock(now_ms=now_ms, drift_max_ms=drift_max_ms)
+        self._now_ms = now_ms
+        self.lease = Lease(self.shared, name, lease_ttl_s=lease_ttl_s)
+        self.writer: journal.JournalWriter | None = None
+        self.joined = False
+        self.closed = False
+        self.seq = 0                     # last own seq written
+        self.own_horizon = 0             # hlc of the last own record
+        self.frontier = 0
+        self.peers: dict[str, Peer] = {}
+        self.acks: dict[str, int] = {}
+        self.retired: dict[str, int] = {}
+        self.live_root: Any = None
+        self.live_dedup: dict = {}
+        self.committed_root: Any = None  # None while this master is the only member
+        self.committed_dedup: dict | None = None
+        self.committed_cursors: dict[str, int] = {}
+        self.tentative: list[Record] = []
+        self.outcomes: collections.OrderedDict = collections.OrderedDict()
+        self.rebases = 0
+        self.outcomes_changed = 0
+        self.last_error: str | None = None
+        self.snapshot_frontier = -1
+        self.snapshot_cursors: dict[str, int] = {}
+        self._ctx = Context()
+        self._version = 0                # bumps at every apply to live
+        self._digest_cache: tuple[int, str] | None = None
+        self._published: bytes | None = None
+        self._gc_seen: dict[str, float] = {}
+        self._own_reader: JournalReader | None = None
+
+    # -- recovery --------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        shared, name = self.shared, self.name
+        # 1. A retired name never comes back.
+        self.retired = membership.read_retired(shared)
+        if name in self.retired:
+            raise RetiredMaster(f"master {name!r} was retired from the cluster in {shared} "
+                                f"(cut at seq {self.retired[name]}); start it under a new name")
+        # 2. One process per name.
+        os.makedirs(folder.masters_dir(shared), exist_ok=True)
+        self.lease.claim()
+        existing = os.path.isdir(folder.journal_dir(shared, name)) or bool(
+            list_snapshots(folder.snapshots_dir(shared, name)))
+        joining = os.path.exists(folder.joining_path(shared, name))
+        own_progress = read_progress(shared, name, self.key)
+        if own_progress is not None:
+            self.acks = dict(own_progress.acks)
+        # 3. Found, recover as a member, or (re)join.
+        if existing and not joining:
+            self.joined = True
+            self._load_base(own_only=True)
+        else:
+            founder = membership.read_founder(shared)
+            others = [m for m in folder.list_masters(shared) if m != name]
+            if founder is None and not others:
+                founder = membership.claim_founder(shared, name)
+            if founder == name:
+                os.makedirs(folder.master_dir(shared, name), exist_ok=True)
+                self.joined = True
+                self._load_base(own_only=True)
+            else:
+                self._announce_join()
+        # 4. Replay every journal after the base, own first (torn tail set aside).
+        self._recover_own_journal()
+        self._check_lost_records()
+        if self.joined:
+            self._open_writer()
+        self.sync()
+        log.info("master %s open: seq %d, frontier %d, %d tentative, joined=%s",
+                 name, self.seq, self.frontier, self._tentative_real(), self.joined)
+
+    def _load_base(self, *, own_only: bool) -> None:
+        """Load the newest valid snapshot (own, or any member's), else the initial state."""
+        names = [self.name] if own_only else [m for m in folder.list_masters(self.shared) if m != self.name]
+        candidates = []
+        for m in names:
+            candidates += [(f, p) for f, p in list_snapshots(folder.snapshots_dir(self.shared, m))]
+        candidates.sort(reverse=True)
+        for frontier, path in candidates:
+            try:
+                body = load_snapshot(path, self.key)
+                if body.model != self.model.name:
+                    raise Corruption(f"snapshot is of model {body.model!r}, this master runs {self.model.name!r}",
+                                     path=path)
+                root = decode_root(body, self.model.state_type)
+                dedup = body.dedup
+                got = codec.digest_of(root, dedup)
+                if got != body.digest:
+                    raise Corruption(f"state digest {got} does not match the recorded {body.digest}", path=path)
+            except (Corruption, OSError) as exc:
+                log.error("skipping snapshot %s: %s; falling back to an older one", path, exc)
+                self.last_error = str(exc)
+                continue
+            self._set_base(root, dedup, body.frontier, dict(body.cursors), body.clock if own_only else body.frontier,
+                           members=list(body.members))
+            if own_only:
+                self.snapshot_frontier = body.frontier
+                self.snapshot_cursors = dict(body.cursors)
+            return body
+        self._set_base(self.model.root_factory(), {}, 0, {}, 0, members=[])
+        return None
+
+    def _set_base(self, root, dedup, frontier, cursors, clock, members) -> None:
+        self.live_root = root
+        self.live_dedup = dedup
+        self.frontier = frontier
+        self.committed_cursors = cursors
+        self.clock.observe(max(clock, frontier))
+        self.seq = cursors.get(self.name, 0)
+        for m in set(members) | set(self.acks) | {m for m in cursors if m != self.name}:
+            if m != self.name:
+                peer = self._peer(m)
+                peer.counted = True
+                peer.horizon = max(peer.horizon, frontier, self.acks.get(m, 0))
+        if any(p.counted for p in self.peers.values()):
+            self._make_committed_copy()
+
+    def _peer(self, m: str) -> Peer:
+        peer = self.peers.get(m)
+        if peer is None:
+            start = self.committed_cursors.get(m, 0)
+            peer = Peer(m, JournalReader(self.shared, m, start, 0, self.key), 0)
+            self.peers[m] = peer
+        return peer
+
+    def _announce_join(self) -> None:
+        """Joining, step 1: load the newest snapshot of a member and announce ourselves."""
+        body = self._load_base(own_only=False)
+        os.makedirs(folder.master_dir(self.shared, self.name), exist_ok=True)
+        if body is not None:
+            # Keep the base as our own snapshot: a restart, and peers' GC, rely on it.
+            own = SnapshotBody(master=self.name, model=body.model, frontier=body.frontier, cursors=body.cursors,
+                               clock=body.frontier, members=body.members, digest=body.digest, root=body.root,
+                               dedup=body.dedup)
+            write_snapshot(folder.snapshots_dir(self.shared, self.name), own, self.key, self._fault)
+            self.snapshot_frontier = body.frontier
+            self.snapshot_cursors = dict(body.cursors)
+        folder.publish(folder.joining_path(self.shared, self.name), b"joining\n")
+        self._publish_progress(force=True)
+        log.info("master %s announced itself, joining from %s", self.name,
+                 f"snapshot at frontier {body.frontier}" if body else "the initial state")
+
+    def _recover_own_journal(self) -> None:
+        """Read our own journal after the base; set a torn tail aside and truncate it."""
+        reader = JournalReader(self.shared, self.name, self.seq, 0, self.key)
+        res = reader.read_new()
+        if res.error is not None:
+            raise res.error
+        if res.torn is not None:
+            path, offset = res.torn_at
+            aside = f"{path}.torn-{offset:020d}"
+            with open(path, "rb") as f:
+                f.seek(offset)
+                tail = f.read()
+            with open(aside, "wb") as f:
+                f.write(tail)
+                f.flush()
+                os.fsync(f.fileno())
+            os.truncate(path, offset)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            log.warning("journal %s: torn tail at offset %d (%s): %d bytes set aside to %s and truncated",
+                        path, offset, res.torn, len(tail), aside)
+        self._own_reader = reader
+        self._ingest({self.name: res.records})
+        if res.records:
+            self.seq = res.records[-1].seq
+            self.own_horizon = res.records[-1].hlc
+
+    def _check_lost_records(self) -> None:
+        for m in folder.list_masters(self.shared):
+            if m == self.name:
+                continue
+            p = read_progress(self.shared, m, self.key)
+            seen = p.cursors.get(self.name, 0) if p else 0
+            if seen > self.seq:
+                raise LostRecords(
+                    f"master {m!r} has read seq {seen} of {self.name!r}, but this journal ends at seq "
+                    f"{self.seq}: records acknowledged earlier were lost (machine crash under fsync="
+                    f"{self.fsync_mode}?). Starting would reuse those seqs. Retire {self.name!r} "
+                    "(prevalence retire) and start this host under a new name")
+
+    def _open_writer(self) -> None:
+        reader = self._own_reader
+        tail = None
+        if reader is not None and reader._segment is not None:
+            first, path = reader._segment
+            tail = (first, path, reader._offset)
+        self.writer = journal.JournalWriter(
+            folder.journal_dir(self.shared, self.name), self.seq + 1, tail, fsync=self.fsync_mode,
+            fsync_interval_ms=self._fsync_interval_ms, segment_bytes_max=self._segment_bytes_max,
+            fault=self._fault)
+
+    # -- writing -----------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self.closed:
+            raise InvariantViolation(f"master {self.name!r} is closed")
+        if not self.joined:
+            waiting = ", ".join(self._join_waiting_for()) or "nobody (next sync completes it)"
+            raise NotReady(f"master {self.name!r} is still joining the cluster: waiting for "
+                           f"acknowledgement from {waiting}. Members acknowledge at their next sync")
+        if self.lease.lost:
+            raise NotReady(self.lease.lost)
+
+    def _prepare(self, tx, args, rid) -> tuple[str, bytes] | dict:
+        """Check and encode one request. Returns (tx name, payload) or a known outcome."""
+        name = self.model.tx_name(tx)
+        if not isinstance(args, (list, tuple)):
+            raise BadArguments(f"arguments of {name!r} must be a list, got {type(args).__name__}")
+        self.model.check_arguments(name, args)
+        if rid is not None and not isinstance(rid, str):
+            raise BadArguments(f"request id must be a string, got {type(rid).__name__}")
+        if rid:
+            first = self.live_dedup.get(rid)
+            if first is not None:
+                # Idempotency: a known request id takes effect once; answer with its outcome.
+                return {"status": first[3], "value": first[4], "error": first[5],
+                        "duplicate_of": f"{first[1]}:{first[2]}"}
+        codec.encode_args(name, args)  # refuses unencodable values with BadArguments
+        return name, rid or ""
+
+    def execute(self, tx, *args, rid: str | None = None) -> Any:
+        """Journal one transaction durably, apply it and return its result.
+
+        Raises:
+            Rejected: the transaction refused (its outcome is recorded all the same).
+            TransactionFailed: it raised something else (recorded; replays alike).
+            UnknownTransaction, BadArguments: refused before anything was written.
+            NotReady: still joining, or the lease was lost.
+            StorageError: the disk refused; nothing was applied or acknowledged.
+        """
+        out = self.execute_many([(tx, args, rid)])[0]
+        return _result(tx, out)
+
+    def execute_many(self, requests: Iterable) -> list[dict]:
+        """Commit a batch of (tx, args, rid) with one write and one fsync; apply in order.
+
+        Every request is checked before anything is written: one bad request refuses the
+        whole batch. Returns one outcome dict per request: {"status": "ok"|"rejected"|
+        "error", "value", "error"} (+ "duplicate_of" for a request id already known).
+        """
+        self._check_writable()
+        plans: list = []  # per request: a known outcome (dict), an earlier index (int) or (tx, args, rid)
+        batch_rids: dict[str, int] = {}
+        for i, item in enumerate(requests):
+            try:
+                tx, args, rid = item
+            except (TypeError, ValueError):
+                raise BadArguments(f"each request must be (tx, args, rid), got {item!r}") from None
+            p = self._prepare(tx, args, rid)
+            if isinstance(p, dict):
+                plans.append(p)
+            elif p[1] and p[1] in batch_rids:
+                plans.append(batch_rids[p[1]])  # the same request id twice in one batch
+            else:
+                if p[1]:
+                    batch_rids[p[1]] = i
+                plans.append((p[0], list(args), p[1]))
+        # Encode, then journal the whole batch with one write and one fsync.
+        seq = self.seq
+        records, payloads = [], []
+        for i, plan in enumerate(plans):
+            if isinstance(plan, tuple):
+                seq += 1
+                payload = codec.encode_record(Record(self.name, seq, self.clock.tick(), plan[2], plan[0], plan[1]))
+                payloads.append(payload)
+                records.append((i, codec.decode_record(payload)))  # apply exactly what replay reads
+        if payloads:
+            self.writer.append(payloads, self.key)
+            self._fault("between-fsync-and-apply")
+            self.seq = seq
+            self.own_horizon = records[-1][1].hlc
+        # Apply in order, only now that the batch is durable.
+        multi = self.committed_root is not None
+        outs: list = plans
+        for i, rec in records:
+            out = self.model.apply(self.live_root, self.live_dedup, rec, self._ctx)
+            outs[i] = out
+            self._remember(rec, out)
+            if multi:
+                self.tentative.append(rec)
+            else:
+                self.committed_cursors[self.name] = rec.seq
+        if records:
+            self._version += 1
+            if not multi:
+                self.frontier = self.clock.last
+        for i, plan in enumerate(outs):
+            if isinstance(plan, int):
+                first = dict(records)[plan]
+                outs[i] = dict(outs[plan], duplicate_of=first.record_id)
+        return outs
+
+    def _remember(self, rec: Record, out: dict) -> None:
+        if rec.master != self.name:
+            return
+        key = rec.rid or rec.record_id
+        self.outcomes[key] = (rec.hlc, out)
+        if len(self.outcomes) > OUTCOMES_KEPT:
+            self.outcomes.popitem(last=False)
+
+    def _write_tick(self) -> None:
+        rec = Record(self.name, self.seq + 1, self.clock.tick(), "", codec.TICK, [])
+        self.writer.append([codec.encode_record(rec)], self.key)
+        self.seq = rec.seq
+        self.own_horizon = rec.hlc
+        if self.committed_root is not None:
+            self.tentative.append(rec)
+        else:
+            self.committed_cursors[self.name] = rec.seq
+
+    # -- reading ---------------------------------------------------------------------
+
+    def query(self, q, *args) -> Any:
+        """Run a query on the live state (reads this master's own writes at once)."""
+        fn = self.model.queries.get(q) if isinstance(q, str) else None
+        if fn is None:
+            fn = self.model.query_fn(q)
+        return fn(self.live_root, *args)
+
+    def outcome(self, rid: str) -> dict | None:
+        """The recorded outcome of a request id (or `master:seq`), with `committed`."""
+        first = self.live_dedup.get(rid)
+        if first is not None:
+            return {"status": first[3], "value": first[4], "error": first[5], "record": f"{first[1]}:{first[2]}",
+                    "committed": first[0] <= self.frontier}
+        kept = self.outcomes.get(rid)
+        if kept is None:
+            return None
+        hlc, out = kept
+        return dict(out, committed=hlc <= self.frontier)
+
+    # -- sync ------------------------------------------------------------------------
+
+    def sync(self) -> dict:
+        """Catch up with every member now. Idempotent: call it as often as you like.
+
+        Returns a report: records applied per peer, whether a rebase happened, whether a
+        tick was written, the frontier, errors per peer.
+        """
+        if self.closed:
+            raise InvariantViolation(f"sync on closed master {self.name!r}")
+        started = time.perf_counter()
+        # 1. Membership: retirements, newcomers.
+        self.retired = membership.read_retired(self.shared)
+        if self.name in self.retired:
+            self.last_error = f"master {self.name!r} was retired by the operator; it takes no more writes"
+            self.joined = False
+        for m in folder.list_masters(self.shared):
+            if m != self.name:
+                self._peer(m)
+        # 2. Read every peer's new records.
+        new: dict[str, list] = {}
+        for m, peer in self.peers.items():
+            recs = self._read_peer(peer)
+            if recs:
+                new[m] = recs
+        # 3. Apply them in key order (fast path or rebase).
+        applied, rebased = self._ingest(new)
+        # 4. Tick when a peer's real record waits on us.
+        ticked = False
+        if self.joined and self.writer is not None and not self.lease.lost:
+            waiting = max((p.max_real_hlc for p in self.peers.values() if p.counted), default=0)
+            if waiting > self.own_horizon:
+                self._write_tick()
+                ticked = True
+        # 5. Count newcomers (ack) and retire the departed.
+        self._ack_newcomers()
+        # 6. Move the frontier and commit.
+        self._advance_frontier()
+        # 7. Joining: done once every member counts us.
+        if not self.joined and self.name not in self.retired:
+            self._try_complete_join()
+        # 8. Garbage, then publish what we know.
+        self._collect_garbage()
+        self._publish_progress()
+        errors = {m: p.error for m, p in self.peers.items() if p.error}
+        return {"master": self.name, "applied": applied, "rebased": rebased, "ticked": ticked,
+                "frontier": self.frontier, "tentative": self._tentative_real(), "errors": errors,
+                "held": {m: p.held for m, p in self.peers.items() if p.held},
+                "joined": self.joined, "duration_ms": round((time.perf_counter() - started) * 1000, 3)}
+
+    def _read_peer(self, peer: Peer) -> list:
+        reader = peer.reader
+        before = (reader.last_seq, reader.last_hlc)
+        res = reader.read_new()
+        peer.torn = res.torn
+        recs = res.records
+        peer.error = str(res.error) if res.error is not None else None
+        if res.error is not None and not self.joined and "gap" in str(res.error):
+            peer.error += " (this joiner will start again from a newer snapshot: restart it)"
+        peer.held = None
+        cut = self.retired.get(peer.name)
+        stop = None
+        for i, rec in enumerate(recs):
+            if cut is not None and rec.seq > cut:
+                stop, peer.held = i, f"retired at seq {cut}"
+                break
+            if rec.tx != codec.TICK and rec.tx not in self.model.transactions:
+                stop = i
+                peer.error = str(UnknownRecordTransaction(
+                    f"record names transaction {rec.tx!r}, which model {self.model.name!r} does not declare "
+                    "(version skew: deploy the code that declares it; reading resumes by itself)",
+                    master=peer.name, seq=rec.seq))
+                break
+            ahead = self.clock.too_far_ahead(rec.hlc)
+            if ahead:
+                stop, peer.held = i, (f"clock of {peer.name!r} is {ahead + self.clock.drift_max_ms} ms ahead of "
+                                      f"ours (more than the {self.clock.drift_max_ms} ms allowed); waiting")
+                break
+            if rec.hlc <= self.frontier and peer.counted:
+                stop = i
+                peer.error = str(InvariantViolation(
+                    f"record of {peer.name!r} seq {rec.seq} has hlc {rec.hlc} at or below the committed "
+                    f"frontier {self.frontier}: ordering protocol broken; not applied"))
+                log.error("%s", peer.error)
+                break
+        if stop is not None:
+            recs = recs[:stop]
+            last = recs[-1] if recs else None
+            reader.rewind(last.seq if last else before[0], last.hlc if last else before[1])
+        if peer.error:
+            self.last_error = peer.error
+            log.error("reading %s: %s", peer.name, peer.error)
+        if recs:
+            peer.horizon = max(peer.horizon, recs[-1].hlc)
+            for rec in reversed(recs):
+                if rec.tx != codec.TICK:
+                    peer.max_real_hlc = max(peer.max_real_hlc, rec.hlc)
+                    break
+        return recs
+
+    def _ingest(self, new: dict[str, list]) -> tuple[dict, bool]:
+        """Apply newly read records in key order; rebase if one orders before applied ones."""
+        applied = {m: len(r) for m, r in new.items()}
+        incoming = [r for recs in new.values() for r in recs]
+        if not incoming:
+            return applied, False
+        incoming.sort(key=_key)
+        self.clock.observe(incoming[-1].hlc)
+        multi = self.committed_root is not None
+        if not multi:
+            # Sole member (or recovering one): everything read commits in order at once.
+            for rec in incoming:
+                if rec.tx != codec.TICK:
+                    self._remember(rec, self.model.apply(self.live_root, self.live_dedup, rec, self._ctx))
+                self.committed_cursors[rec.master] = rec.seq
+            self._version += 1
+            return applied, False
+        if not self.tentative or _key(incoming[0]) > _key(self.tentative[-1]):
+            # Fast path: everything new orders after everything applied.
+            for rec in incoming:
+                if rec.tx != codec.TICK:
+                    self._remember(rec, self.model.apply(self.live_root, self.live_dedup, rec, self._ctx))
+            self.tentative.extend(incoming)
+            self._version += 1
+            return applied, False
+        self._rebase(incoming)
+        return applied, True
+
+    def _rebase(self, incoming: list) -> None:
+        """Restore the committed state and replay every tentative record in key order."""
+        merged = self.tentative + incoming
+        merged.sort(key=_key)
+        self.live_root = codec.round_trip(self.committed_root, self.model.state_type)
+        self.live_dedup = codec.round_trip(self.committed_dedup)
+        apply = self.model.apply
+        for rec in merged:
+            if rec.tx == codec.TICK:
+                continue
+            out = apply(self.live_root, self.live_dedup, rec, self._ctx)
+            if rec.master == self.name:
+                before = self.outcomes.get(rec.rid or rec.record_id)
+                if before is not None and before[1]["status"] != out["status"]:
+                    self.outcomes_changed += 1
+                    log.warning("rebase changed the outcome of %s (%s%s) from %s to %s", rec.record_id, rec.tx,
+                                rec.args, before[1]["status"], out["status"])
+                self._remember(rec, out)
+        self.tentative = merged
+        self.rebases += 1
+        self._version += 1
+
+    def _ack_newcomers(self) -> None:
+        """Count every member we see from now on, at our current frontier (joining, step 2)."""
+        for m, peer in self.peers.items():
+            if m in self.retired:
+                # Stop counting a retired member once we have read everything up to its cut.
+                if peer.counted and peer.reader.last_seq >= self.retired[m]:
+                    peer.counted = False
+                continue
+            if m not in self.acks:
+                if not os.path.isdir(folder.master_dir(self.shared, m)):
+                    continue
+                self.acks[m] = self.frontier
+                if self.committed_root is None:
+                    self._make_committed_copy()
+                peer.counted = True
+                peer.horizon = max(peer.horizon, self.frontier)
+                log.info("master %s now counts %s (acknowledged at frontier %d)", self.name, m, self.frontier)
+            elif not peer.counted:
+                peer.counted = True
+                peer.horizon = max(peer.horizon, self.acks[m])
+
+    def _make_committed_copy(self) -> None:
+        check(not self.tentative, "committed copy made while tentative records exist")
+        self.committed_root = codec.round_trip(self.live_root, self.model.state_type)
+        self.committed_dedup = codec.round_trip(self.live_dedup)
+
+    def _advance_frontier(self) -> None:
+        f = self.clock.last
+        for peer in self.peers.values():
+            if peer.counted:
+                f = min(f, peer.horizon)
+        check(f >= self.frontier or self.committed_root is None,
+              f"frontier of {self.name} would move backwards: {self.frontier} -> {f}")
+        if f <= self.frontier:
+            return
+        self.frontier = f
+        if self.committed_root is None:
+            return
+        # Commit, in key order, every tentative record at or below the frontier.
+        n = 0
+        apply = self.model.apply
+        for rec in self.tentative:
+            if rec.hlc > f:
+                break
+            if rec.tx != codec.TICK:
+                apply(self.committed_root, self.committed_dedup, rec, self._ctx)
+            self.committed_cursors[rec.master] = rec.seq
+            n += 1
+        if n:
+            del self.tentative[:n]
+
+    def _join_waiting_for(self) -> list[str]:
+        founder = membership.read_founder(self.shared)
+        others = set(folder.list_masters(self.shared)) | ({founder} if founder else set())
+        others.discard(self.name)
+        waiting = []
+        for m in sorted(others - set(self.retired)):
+            p = read_progress(self.shared, m, self.key)
+            if p is None or self.name not in p.acks:
+                waiting.append(m)
+        return waiting
+
+    def _try_complete_join(self) -> None:
+        """Joining, step 3: once every member counts us, move our clock past their acks."""
+        if self._join_waiting_for():
+            return
+        acks = []
+        for m in folder.list_masters(self.shared):
+            if m != self.name and m not in self.retired:
+                p = read_progress(self.shared, m, self.key)
+                acks.append(p.acks[self.name])
+        self.clock.observe(max(acks, default=0))
+        self.joined = True
+        self._open_writer()
+        try:
+            os.unlink(folder.joining_path(self.shared, self.name))
+        except FileNotFoundError:
+            pass
+        log.info("master %s joined the cluster (clock past %d); taking writes", self.name, max(acks, default=0))
+
+    # -- snapshots and garbage ---------------------------------------------------------
+
+    def snapshot(self) -> str:
+        """Write the committed state at the frontier to ``snapshots/``. Returns its path."""
+        if self.closed:
+            raise InvariantViolation(f"snapshot on closed master {self.name!r}")
+        root = self.committed_root if self.committed_root is not None else self.live_root
+        dedup = self.committed_dedup if self.committed_root is not None else self.live_dedup
+        body = SnapshotBody(master=self.name, model=self.model.name, frontier=self.frontier,
+                            cursors=dict(self.committed_cursors), clock=self.clock.last,
+                            members=sorted(m for m, p in self.peers.items() if p.counted),
+                            digest=codec.digest_of(root, dedup),
+                            root=_raw(root),
+                            dedup=dedup)
+        snap_dir = folder.snapshots_dir(self.shared, self.name)
+        path = write_snapshot(snap_dir, body, self.key, self._fault)
+        self.snapshot_frontier = body.frontier
+        self.snapshot_cursors = dict(body.cursors)
+        # Keep the newest few; a joiner loading an older one retries on ENOENT.
+        for _f, old in list_snapshots(snap_dir)[:-self.snapshots_kept]:
+            try:
+                os.unlink(old)
+            except FileNotFoundError:
+                pass
+        self._publish_progress()
+        return path
+
+    def _collect_garbage(self) -> None:
+        """Delete own segments every member has read and every member's snapshot covers."""
+        if self.writer is None:
+            return
+        segments = journal.list_segments(folder.journal_dir(self.shared, self.name))
+        if len(segments) < 2:
+            return
+        covered = self.snapshot_cursors.get(self.name, 0)
+        for m, peer in self.peers.items():
+            if m in self.retired:
+                continue
+            p = read_progress(self.shared, m, self.key)
+            if p is None:
+                if peer.counted:
+                    return  # a member that never published: keep everything
+                continue
+            covered = min(covered, p.cursors.get(self.name, 0))
+            if os.path.exists(folder.joining_path(self.shared, m)):
+                continue  # a joiner replays from the snapshot it loaded: its cursors are enough
+            covered = min(covered, p.snapshot_cursors.get(self.name, 0))
+        now = time.monotonic()
+        for (first, path), (nxt, _p) in zip(segments, segments[1:]):
+            if nxt - 1 > covered or path == self.writer.path:
+                break
+            seen = self._gc_seen.setdefault(path, now)
+            if now - seen >= self.gc_grace_s:
+                self._fault("before-gc-unlink")
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                self._gc_seen.pop(path, None)
+                log.info("collected segment %s (every member has read and snapshotted up to seq %d)",
+                         path, covered)
+
+    # -- reporting -------------------------------------------------------------------
+
+    def _tentative_real(self) -> int:
+        return sum(1 for r in self.tentative if r.tx != codec.TICK)
+
+    def digest(self) -> str:
+        """Canonical digest of the live state (cached until the next apply)."""
+        if self._digest_cache is None or self._digest_cache[0] != self._version:
+            self._digest_cache = (self._version, codec.digest_of(self.live_root, self.live_dedup))
+        return self._digest_cache[1]
+
+    def _progress(self) -> Progress:
+        cursors = {m: p.reader.last_seq for m, p in self.peers.items()}
+        cursors[self.name] = self.seq
+        quiet = self._tentative_real() == 0
+        return Progress(master=self.name, joined=self.joined, seq=self.seq, horizon=self.own_horizon,
+                        clock=self.clock.last, frontier=self.frontier, cursors=cursors,
+                        snapshot_frontier=self.snapshot_frontier, snapshot_cursors=self.snapshot_cursors,
+                        acks=dict(self.acks), digest=self.digest() if quiet else "",
+                        digest_frontier=self.frontier if quiet else -1, tentative=self._tentative_real(),
+                        rebases=self.rebases, last_error=self.last_error)
+
+    def _publish_progress(self, force: bool = False) -> None:
+        """Publish progress when it changed (an idle cluster writes nothing)."""
+        p = self._progress()
+        from .progress import encode_progress
+        same = encode_progress(p, None)
+        if same == self._published and not force:
+            return
+        p.updated = time.time()
+        write_progress(self.shared, p, self.key, self._fault)
+        self._published = same
+
+    def status(self) -> dict:
+        """A dict describing this master (see DESIGN §6 for the fields tools rely on)."""
+        cursors = {m: p.reader.last_seq for m, p in self.peers.items()}
+        cursors[self.name] = self.seq
+        now = self._now_ms()
+        return {
+            "master": self.name, "joined": self.joined, "seq": self.seq, "clock": self.clock.last,
+            "frontier": self.frontier, "tentative": self._tentative_real(), "cursors": cursors,
+            "horizons": {m: p.horizon for m, p in self.peers.items()} | {self.name: self.own_horizon},
+            "lag_ms": {m: max(0, now - physical_ms(p.horizon)) if p.horizon else None for m, p in self.peers.items()},
+            "counted": sorted(m for m, p in self.peers.items() if p.counted),
+            "retired": dict(self.retired),
+            "digest": self.digest(), "rebases": self.rebases, "outcomes_changed": self.outcomes_changed,
+            "state_records": len(self.live_dedup), "fsync": self.fsync_mode,
+            "snapshot_frontier": self.snapshot_frontier,
+            "peer_errors": {m: p.error for m, p in self.peers.items() if p.error},
+            "held": {m: p.held for m, p in self.peers.items() if p.held},
+            "last_error": self.last_error or self.lease.lost,
+        }
+
+    # -- closing -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush the journal, publish progress and release the lease. Idempotent."""
+        if self.closed:
+            return
+        try:
+            if self.writer is not None:
+                self.writer.close()
+            self._publish_progress()
+        finally:
+            self.closed = True
+            self._release()
+
+    def _release(self) -> None:
+        self.lease.release()
+
+    def crash(self) -> None:
+        """Tests: drop this master as a kill -9 would (nothing flushed, lease left behind)."""
+        self.closed = True
+        if self.writer is not None:
+            self.writer._closed = True
+            try:
+                os.close(self.writer._fd)
+            except OSError:
+                pass
+        self.lease.abandon()
+
+    def __enter__(self) -> "Master":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _key(rec: Record) -> tuple:
+    return (rec.hlc, rec.master, rec.seq)
+
+
+def _raw(value: Any):
+    import msgspec
+    return msgspec.Raw(msgspec.msgpack.encode(value))
+
+
+def _result(tx, out: dict) -> Any:
+    status = out["status"]
+    if status == OK:
+        return out["value"]
+    if status == REJECTED:
+        raise Rejected(out["error"])
+    name = tx if isinstance(tx, str) else getattr(tx, "tx_name", repr(tx))
+    etype, _, msg = (out["error"] or "").partition(": ")
+    raise TransactionFailed(name, etype, msg)

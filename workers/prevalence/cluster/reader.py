@@ -1,0 +1,124 @@
+"""Reading a master's journal incrementally, by the NFS rules.
+
+A `JournalReader` remembers, for one master, the last seq it has read and where the next
+record starts (segment and byte offset). Each `read_new()` lists the journal folder
+(listing refreshes NFS lookups), reopens files by path (close-to-open consistency), reads
+from the remembered offset and checks every record: gap-free seq, strictly increasing hlc,
+checksums. A torn tail is "not written yet": it stops there and tries again next time. A
+vanished segment (ENOENT, ESTALE: rotated away) sends it back to the listing.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass
+
+from .. import codec, journal
+from ..errors import Corruption
+from . import folder
+
+log = logging.getLogger("prevalence.reader")
+
+_VANISHED = (errno.ENOENT, errno.ESTALE)
+
+
+@dataclass
+class ReadResult:
+    records: list
+    torn: str | None = None       # why reading stopped at a tail that is not written yet
+    torn_at: tuple[str, int] | None = None  # (path, offset) of that torn tail
+    error: Corruption | None = None
+
+
+class JournalReader:
+    def __init__(self, shared: str, name: str, last_seq: int, last_hlc: int, key: bytes | None):
+        self.shared = shared
+        self.name = name
+        self.dir = folder.journal_dir(shared, name)
+        self.key = key
+        self.last_seq = last_seq      # the last seq handed out
+        self.last_hlc = last_hlc      # its hlc (0 when unknown: checks start at the next record)
+        self._segment: tuple[int, str] | None = None  # (first seq, path) being read
+        self._offset = 0              # where the record after last_seq starts in _segment
+
+    def read_new(self, records_max: int | None = None) -> ReadResult:
+        """Every complete record after `last_seq`, in seq order (up to records_max)."""
+        out: list = []
+        for _attempt in range(3):
+            try:
+                return self._read(out, records_max)
+            except OSError as exc:
+                if exc.errno not in _VANISHED:
+                    raise
+                # The segment was rotated away between listing and reading: list again.
+                self._segment = None
+        return ReadResult(out, torn="segments kept vanishing while being read; will retry")
+
+    def _locate(self, segments: list[tuple[int, str]]) -> tuple[int, str] | None | Corruption:
+        """The segment holding last_seq + 1 (and reset the offset), None if not written yet."""
+        want = self.last_seq + 1
+        best = None
+        for first, path in segments:
+            if first <= want:
+                best = (first, path)
+        if best is None:
+            if segments:
+                return Corruption(
+                    f"gap: the next record to read is seq {want} but the oldest segment starts at "
+                    f"seq {segments[0][0]} (segments were removed before this master read them). "
+                    "Rejoin from a newer snapshot", path=segments[0][1], master=self.name, seq=want)
+            return None
+        self._offset = 0
+        return best
+
+    def _read(self, out: list, records_max: int | None) -> ReadResult:
+        segments = journal.list_segments(self.dir)
+        if self._segment is None or self._segment not in segments:
+            located = self._locate(segments)
+            if isinstance(located, Corruption):
+                return ReadResult(out, error=located)
+            if located is None:
+                return ReadResult(out)
+            self._segment = located
+        while True:
+            first, path = self._segment
+            later = [s for s in segments if s[0] > first]
+            data = journal.read_from(path, self._offset)
+            res = journal.scan(data, path, 0, self.key, last_segment=not later, master=self.name, base=self._offset)
+            base = self._offset
+            for rec in res.records:
+                if rec.seq <= self.last_seq:
+                    continue  # before our cursor in a freshly located segment
+                if rec.seq != self.last_seq + 1 or rec.master != self.name or rec.hlc <= self.last_hlc:
+                    return ReadResult(out, error=Corruption(
+                        f"record out of sequence: expected seq {self.last_seq + 1} of {self.name!r} with "
+                        f"hlc above {self.last_hlc}, found seq {rec.seq} of {rec.master!r} with hlc {rec.hlc}",
+                        path=path, master=self.name, seq=rec.seq))
+                out.append(rec)
+                self.last_seq = rec.seq
+                self.last_hlc = rec.hlc
+            self._offset = base + res.end_offset
+            if res.corruption is not None:
+                res.corruption.seq = self.last_seq + 1
+                return ReadResult(out, error=res.corruption)
+            if res.torn is not None:
+                return ReadResult(out, torn=res.torn, torn_at=(path, self._offset))
+            if not later:
+                return ReadResult(out)
+            nxt = later[0]
+            if nxt[0] != self.last_seq + 1:
+                return ReadResult(out, error=Corruption(
+                    f"gap between segments: {path} ends at seq {self.last_seq} but the next segment "
+                    f"starts at seq {nxt[0]}", path=nxt[1], master=self.name, seq=self.last_seq + 1))
+            self._segment = nxt
+            self._offset = 0
+            if records_max is not None and len(out) >= records_max:
+                return ReadResult(out)
+
+    def rewind(self, last_seq: int, last_hlc: int) -> None:
+        """Forget the position; the next read starts after `last_seq` (after a hand-back)."""
+        self.last_seq = last_seq
+        self.last_hlc = last_hlc
+        self._segment = None
+        self._offset = 0

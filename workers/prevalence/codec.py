@@ -1,0 +1,89 @@
+"""The codec: records and state to bytes and back, data only (msgspec MessagePack).
+
+Nothing read from the shared folder is unpickled or evaluated (invariant 9): every byte
+goes through msgspec, which builds only plain data (None, bool, int, float, str, bytes,
+lists, dicts) or the declared `Record` struct.
+
+A record's payload is the MessagePack array ``[master, seq, hlc, rid, tx, args]``. A tick
+is a record whose ``tx`` is the empty string: it carries no change, only a clock reading.
+
+The *canonical* encoding sorts dict keys (``order="deterministic"``), so equal states
+encode to equal bytes on any machine; the state digest is SHA-256 over it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import msgspec
+
+from .errors import BadArguments
+
+TICK = ""  # the tx name of a tick record
+
+
+class Record(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """One journal record: a transaction (or a tick) issued by one master."""
+
+    master: str
+    seq: int
+    hlc: int
+    rid: str
+    tx: str
+    args: list
+
+    @property
+    def key(self) -> tuple[int, str, int]:
+        """The order key every master computes alike: (hlc, master, seq)."""
+        return (self.hlc, self.master, self.seq)
+
+    @property
+    def record_id(self) -> str:
+        """`master:seq`, unique in the cluster; the request id when none was supplied."""
+        return f"{self.master}:{self.seq}"
+
+    @property
+    def is_tick(self) -> bool:
+        return self.tx == TICK
+
+
+_record_encoder = msgspec.msgpack.Encoder()
+_record_decoder = msgspec.msgpack.Decoder(Record)
+_canonical_encoder = msgspec.msgpack.Encoder(order="deterministic")
+_any_decoder = msgspec.msgpack.Decoder()
+
+encode_record = _record_encoder.encode
+decode_record = _record_decoder.decode
+decode_any = _any_decoder.decode
+
+
+def encode_args(tx: str, args: Any) -> bytes:
+    """Encode transaction arguments, refusing what the codec cannot carry.
+
+    Raises:
+        BadArguments: a value is not plain data (an object, a set of mixed types, an int
+            outside 64 bits ...). Nothing has been written when this is raised.
+    """
+    try:
+        return _record_encoder.encode(list(args))
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        raise BadArguments(f"arguments of {tx!r} cannot be encoded as plain data: {exc}") from None
+
+
+def canonical(value: Any) -> bytes:
+    """The canonical bytes of a value: sorted dict keys, identical on every machine."""
+    return _canonical_encoder.encode(value)
+
+
+def digest_of(*parts: Any) -> str:
+    """SHA-256 (hex, first 32 chars) of the canonical encoding of the parts, in order."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(_canonical_encoder.encode(part))
+    return h.hexdigest()[:32]
+
+
+def round_trip(value: Any, type_: Any = Any) -> Any:
+    """Decode(encode(value)): what a reader of the bytes would get; a deep copy."""
+    return msgspec.msgpack.decode(_record_encoder.encode(value), type=type_)

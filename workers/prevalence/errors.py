@@ -1,0 +1,113 @@
+"""Errors of the prevalence engine: one root, a shallow tree below it.
+
+Operating errors (a torn journal, a held lease, a damaged snapshot) are expected and
+raised as one of these classes. Programmer errors (a seq going backwards, use after
+close) raise `InvariantViolation`, which is never caught inside the engine.
+"""
+
+from __future__ import annotations
+
+
+class PrevalenceError(Exception):
+    """Root of every error the engine raises on purpose."""
+
+
+class Rejected(PrevalenceError):
+    """Raised by a transaction to refuse cleanly, before it mutates anything.
+
+    The refusal is a recorded outcome like any other: every master that replays the
+    record refuses it the same way.
+    """
+
+
+class RequestError(PrevalenceError):
+    """Raised when a request is refused before anything is written."""
+
+
+class UnknownTransaction(RequestError):
+    """Raised when a transaction or query name is not declared by the model."""
+
+
+class BadArguments(RequestError):
+    """Raised when arguments do not fit the transaction's signature or cannot be encoded."""
+
+
+class TransactionFailed(PrevalenceError):
+    """Raised by `execute` when the transaction raised something other than `Rejected`.
+
+    The record stays in the journal: replay raises the same way on every master.
+    """
+
+    def __init__(self, tx: str, error_type: str, message: str):
+        super().__init__(f"transaction {tx!r} raised {error_type}: {message}")
+        self.tx = tx
+        self.error_type = error_type
+        self.message = message
+
+
+class NotReady(PrevalenceError):
+    """Raised when a master cannot take writes yet (it is still joining the cluster)."""
+
+
+class StorageError(PrevalenceError):
+    """Raised when the disk refuses an operation (fsync/close/rename failed, ENOSPC, EIO)."""
+
+
+class Corruption(PrevalenceError):
+    """Raised when a journal record or snapshot is damaged and cannot be trusted.
+
+    Carries where (path, offset, master, seq) and what was expected and found. The
+    engine never skips such a record and never truncates good data because of it.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, offset: int | None = None,
+                 master: str | None = None, seq: int | None = None):
+        where = []
+        if path is not None:
+            where.append(f"file {path}")
+        if offset is not None:
+            where.append(f"offset {offset}")
+        if master is not None:
+            where.append(f"master {master}")
+        if seq is not None:
+            where.append(f"seq {seq}")
+        prefix = f"{', '.join(where)}: " if where else ""
+        super().__init__(prefix + message)
+        self.path = path
+        self.offset = offset
+        self.master = master
+        self.seq = seq
+
+
+class UnknownRecordTransaction(Corruption):
+    """Raised when a journal holds a transaction this code does not know (version skew).
+
+    Replay of that master's journal stops at the record and resumes by itself once the
+    code declares the transaction.
+    """
+
+
+class LeaseHeld(PrevalenceError):
+    """Raised when another live process already holds the master name."""
+
+
+class RetiredMaster(PrevalenceError):
+    """Raised when a master name was retired from the cluster and tries to start again."""
+
+
+class LostRecords(PrevalenceError):
+    """Raised when peers have read records of this master that its journal no longer holds.
+
+    This happens after a machine crash under `fsync=never`/`interval`: restarting would
+    write different records under the same seqs, so the master refuses to start.
+    """
+
+
+class InvariantViolation(PrevalenceError):
+    """Raised when an engine invariant is broken: a bug, never an operating condition."""
+
+
+def check(condition: bool, message: str) -> None:
+    """Always-on invariant check (unlike `assert`, it survives `python -O`)."""
+    if not condition:
+        raise InvariantViolation(message)

@@ -1,0 +1,400 @@
+"""The journal: one master's records, append-only, in segments named by their first seq.
+
+Byte layout of one framed record (all integers little-endian)::
+
+    offset  size  field
+    0       4     payload length N (1 .. RECORD_BYTES_MAX)
+    4       1     format version (FORMAT_VERSION)
+    5       1     flags: bit 0 = an HMAC-SHA256 follows the payload
+    6       2     reserved, zero
+    8       4     CRC-32 of the payload (and of the HMAC when present)
+    12      4     CRC-32 of bytes 0..11 (the header checksum)
+    16      N     payload: the MessagePack record (see codec.Record)
+    16+N    32    HMAC-SHA256(cluster key, bytes 0..11 + payload), when flag bit 0 is set
+
+The header has its own checksum so that a flipped length is *detected* instead of being
+read as "the record runs past the end of the file" (which would look like a torn tail
+and lose every valid record after it).
+
+Segments: ``journal/<first-seq>.log``, 20 digits zero-padded, so text order is seq
+order; a new segment starts when the current one passes ``segment_bytes_max``. Names
+never clash, however often a master syncs or rolls.
+
+Reading tells two failures apart (etcd's WAL does the same):
+
+* **Torn tail** -- the last record of the last segment is incomplete, zero-filled or
+  fails its checksum, and no valid record follows it. It was never acknowledged (the
+  writer fsyncs before it acknowledges): it means "not written yet". A peer stops there
+  and looks again at its next sync; the owner, at recovery, copies the bytes aside to
+  ``<segment>.torn-<offset>`` and truncates them.
+* **Corruption** -- a damaged record followed by a valid one. Nothing is truncated and
+  nothing is skipped: reading that journal stops with an error naming the file, offset
+  and cause.
+
+The writer tracks its own offset and writes with ``pwrite`` (never relying on
+``O_APPEND``, which is not atomic across NFS clients) and checks the return codes of
+``fsync`` and ``close``, where NFS reports ``EIO``/``ENOSPC``/``EDQUOT``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import hmac
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import msgspec
+
+from . import codec
+from .errors import Corruption, InvariantViolation, StorageError, check
+
+log = logging.getLogger("prevalence.journal")
+
+FORMAT_VERSION = 1
+FLAG_HMAC = 0x01
+HEADER = struct.Struct("<IBBHII")
+HEADER_BYTES = HEADER.size  # 16
+HMAC_BYTES = 32
+RECORD_BYTES_MAX = 16 * 1024 * 1024
+SEGMENT_BYTES_MAX_DEFAULT = 64 * 1024 * 1024
+SEGMENT_SUFFIX = ".log"
+SEQ_DIGITS = 20
+
+FSYNC_MODES = ("always", "interval", "never")
+FSYNC_INTERVAL_MS_DEFAULT = 200
+
+
+# -- naming -------------------------------------------------------------------------
+
+def format_segment_name(first_seq: int) -> str:
+    check(first_seq >= 1, f"segment first seq must be >= 1, got {first_seq}")
+    return f"{first_seq:0{SEQ_DIGITS}d}{SEGMENT_SUFFIX}"
+
+
+def parse_segment_name(name: str) -> int | None:
+    """The first seq of a segment file name, or None when the name is not a segment."""
+    if len(name) != SEQ_DIGITS + len(SEGMENT_SUFFIX) or not name.endswith(SEGMENT_SUFFIX):
+        return None
+    digits = name[:SEQ_DIGITS]
+    if not digits.isdigit():
+        return None
+    return int(digits)
+
+
+def list_segments(journal_dir: str) -> list[tuple[int, str]]:
+    """(first seq, path) of every segment, by listing (NFS: listing refreshes lookups).
+
+    Skips `.nfs*` silly-rename files, temp files and set-aside torn tails.
+    Returns [] when the directory does not exist (yet).
+    """
+    try:
+        names = os.listdir(journal_dir)
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        if name.startswith("."):
+            continue
+        first = parse_segment_name(name)
+        if first is not None:
+            out.append((first, os.path.join(journal_dir, name)))
+    out.sort()
+    return out
+
+
+# -- framing ------------------------------------------------------------------------
+
+def frame(payload: bytes, key: bytes | None) -> bytes:
+    """Frame one encoded record (see the module docstring for the layout)."""
+    n = len(payload)
+    if n == 0 or n > RECORD_BYTES_MAX:
+        raise InvariantViolation(f"record payload of {n} bytes is outside 1..{RECORD_BYTES_MAX}")
+    flags = FLAG_HMAC if key else 0
+    if key:
+        head12 = struct.pack("<IBBH", n, FORMAT_VERSION, flags, 0)
+        mac = hmac.new(key, head12 + payload, hashlib.sha256).digest()
+        crc = zlib.crc32(mac, zlib.crc32(payload))
+        head = head12 + struct.pack("<I", crc)
+        return head + struct.pack("<I", zlib.crc32(head)) + payload + mac
+    head = struct.pack("<IBBHI", n, FORMAT_VERSION, flags, 0, zlib.crc32(payload))
+    return head + struct.pack("<I", zlib.crc32(head)) + payload
+
+
+@dataclass
+class ScanResult:
+    """What one pass over a segment's bytes found."""
+
+    records: list          # decoded codec.Record, in file order
+    end_offset: int        # offset just past the last valid record
+    torn: str | None = None  # why the tail after end_offset is "not written yet", if any
+    corruption: Corruption | None = None  # set when a damaged record precedes valid data
+
+
+def _frame_error(data, off: int, key: bytes | None) -> tuple[str | None, int]:
+    """Check the frame at `off`. Returns (None, next offset) or (what is wrong, 0)."""
+    size = len(data)
+    if size - off < HEADER_BYTES:
+        return f"{size - off} bytes left, fewer than a {HEADER_BYTES}-byte header", 0
+    n, version, flags, reserved, crc, hcrc = HEADER.unpack_from(data, off)
+    if zlib.crc32(data[off:off + 12]) != hcrc:
+        return "header checksum mismatch", 0
+    if version != FORMAT_VERSION:
+        return f"format version {version}, expected {FORMAT_VERSION}", 0
+    if reserved != 0 or flags & ~FLAG_HMAC:
+        return f"unknown flags {flags:#x}/{reserved:#x}", 0
+    if n == 0 or n > RECORD_BYTES_MAX:
+        return f"declared length {n} outside 1..{RECORD_BYTES_MAX}", 0
+    mac_len = HMAC_BYTES if flags & FLAG_HMAC else 0
+    end = off + HEADER_BYTES + n + mac_len
+    if end > size:
+        return f"declared length {n} runs past the end of the file ({size - off - HEADER_BYTES} bytes left)", 0
+    body = data[off + HEADER_BYTES:end]
+    if zlib.crc32(body) != crc:
+        return "payload checksum mismatch", 0
+    if key is not None:
+        if not mac_len:
+            return "record has no HMAC but a cluster key is configured", 0
+        payload = data[off + HEADER_BYTES:end - mac_len]
+        want = hmac.new(key, bytes(data[off:off + 12]) + bytes(payload), hashlib.sha256).digest()
+        if not hmac.compare_digest(want, bytes(data[end - mac_len:end])):
+            return "HMAC mismatch (wrong cluster key or forged record)", 0
+    return None, end
+
+
+def _valid_frame_after(data, start: int, key: bytes | None) -> int | None:
+    """Offset of the first valid frame at or after `start`, or None. Error path only."""
+    size = len(data)
+    off = start
+    while off + HEADER_BYTES <= size:
+        problem, _ = _frame_error(data, off, key)
+        if problem is None:
+            return off
+        off += 1
+    return None
+
+
+def scan(data: bytes, path: str, offset: int, key: bytes | None, *, last_segment: bool,
+         master: str | None = None, base: int = 0) -> ScanResult:
+    """Decode the framed records of `data` starting at `offset`.
+
+    Stops at the first damaged frame and decides whether it is a torn tail (nothing valid
+    after it in this, the last, segment) or corruption. Decoding is strict: a payload
+    that is not a well-formed record is corruption too. `base` is the file offset of
+    ``data[0]``, used in error messages; offsets in the result are relative to `data`.
+    """
+    records = []
+    append = records.append
+    decode = codec.decode_record
+    unpack = HEADER.unpack_from
+    crc32 = zlib.crc32
+    size = len(data)
+    mv = memoryview(data)
+    off = offset
+    # Fast loop: no HMAC, everything valid. Any irregularity drops to the careful check.
+    while off < size:
+        if key is None and size - off >= HEADER_BYTES:
+            n, version, flags, reserved, crc, hcrc = unpack(data, off)
+            end = off + HEADER_BYTES + n
+            if (version == FORMAT_VERSION and flags == 0 and reserved == 0 and 0 < n <= RECORD_BYTES_MAX
+                    and end <= size and crc32(mv[off:off + 12]) == hcrc
+                    and crc32(mv[off + HEADER_BYTES:end]) == crc):
+                try:
+                    append(decode(mv[off + HEADER_BYTES:end]))
+                except msgspec.DecodeError as exc:
+                    return ScanResult(records, off, corruption=Corruption(
+                        f"checksums match but the payload is not a record: {exc}",
+                        path=path, offset=base + off, master=master))
+                off = end
+                continue
+        problem, end = _frame_error(mv, off, key)
+        if problem is not None:
+            break
+        mac_len = HMAC_BYTES if data[off + 5] & FLAG_HMAC else 0
+        try:
+            append(decode(mv[off + HEADER_BYTES:end - mac_len]))
+        except msgspec.DecodeError as exc:
+            return ScanResult(records, off, corruption=Corruption(
+                f"checksums match but the payload is not a record: {exc}",
+                path=path, offset=base + off, master=master))
+        off = end
+    else:
+        return ScanResult(records, off)
+    # A damaged frame at `off`: torn tail or corruption?
+    rest = mv[off:]
+    if not any(rest):
+        return ScanResult(records, off, torn=f"{len(rest)} zero bytes")
+    later = _valid_frame_after(mv, off + 1, key)
+    if later is None and last_segment:
+        return ScanResult(records, off, torn=problem)
+    found = (f"a valid record follows at offset {later}" if later is not None
+             else "later segments exist, so this is not the tail")
+    return ScanResult(records, off, corruption=Corruption(
+        f"damaged record ({problem}); {found}. Expected a valid record here. "
+        "Nothing was skipped or truncated; restore this file from a backup or a peer, "
+        "or retire this master", path=path, offset=base + off, master=master))
+
+
+def read_file(path: str) -> bytes:
+    """Read a whole file, reopening by path (NFS close-to-open consistency)."""
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_from(path: str, offset: int) -> bytes:
+    """Read a file from `offset` to its end, opening it afresh."""
+    with open(path, "rb") as f:
+        if offset:
+            f.seek(offset)
+        return f.read()
+
+
+# -- writing ------------------------------------------------------------------------
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _storage_error(action: str, path: str, exc: OSError) -> StorageError:
+    name = errno.errorcode.get(exc.errno, str(exc.errno))
+    return StorageError(f"{action} failed on {path}: {name} ({exc.strerror}). The record was "
+                        "not acknowledged; check the disk/mount and restart the master")
+
+
+class JournalWriter:
+    """The only writer of one master's journal directory.
+
+    Args:
+        journal_dir: the master's ``journal/`` folder.
+        next_seq: the seq the next record will carry.
+        tail: (first seq, path, byte offset) of the segment to continue, or None to
+            start a new segment at `next_seq`.
+        fsync: "always" (each commit is on stable storage before it is acknowledged),
+            "interval" (acknowledged commits may be lost for at most `fsync_interval_ms`
+            after a power loss or OS crash; a process crash loses nothing), or "never"
+            (durability left to the OS page cache: survives a process crash, not power loss).
+        segment_bytes_max: roll to a new segment once the current one passes this size.
+        fault: test hook, called with a point name ("after-write", ...) at each step.
+    """
+
+    def __init__(self, journal_dir: str, next_seq: int, tail: tuple[int, str, int] | None, *,
+                 fsync: str = "always", fsync_interval_ms: int = FSYNC_INTERVAL_MS_DEFAULT,
+                 segment_bytes_max: int = SEGMENT_BYTES_MAX_DEFAULT, fault=None):
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, got {fsync!r}")
+        self.journal_dir = journal_dir
+        self.fsync_mode = fsync
+        self.fsync_interval_s = fsync_interval_ms / 1000.0
+        self.segment_bytes_max = segment_bytes_max
+        self.next_seq = next_seq
+        self._fault = fault or (lambda point: None)
+        self._lock = threading.Lock()
+        self._dirty = False
+        self._last_fsync = time.monotonic()
+        self._closed = False
+        os.makedirs(journal_dir, exist_ok=True)
+        if tail is None:
+            self._open_new_segment(next_seq)
+        else:
+            self.segment_first, self.path, self.offset = tail
+            self._fd = os.open(self.path, os.O_WRONLY)
+        self._flusher = None
+        if fsync == "interval":
+            self._flusher = threading.Thread(target=self._flush_loop, name="journal-fsync", daemon=True)
+            self._flusher.start()
+
+    def _open_new_segment(self, first_seq: int) -> None:
+        self.segment_first = first_seq
+        self.path = os.path.join(self.journal_dir, format_segment_name(first_seq))
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            size = os.fstat(self._fd).st_size
+            # A crash right after creating the segment can leave it here, empty.
+            check(size == 0, f"new segment {self.path} already holds {size} bytes")
+            self._fault("segment-created")
+            fsync_dir(self.journal_dir)
+        except OSError as exc:
+            raise _storage_error("creating segment", self.path, exc) from exc
+        self.offset = 0
+
+    def append(self, payloads: list[bytes], key: bytes | None) -> None:
+        """Write framed payloads (already encoded records, in seq order) durably per mode.
+
+        Raises StorageError when the disk refuses; the records are then not acknowledged
+        and the master must not apply them.
+        """
+        if self._closed:
+            raise InvariantViolation("append on a closed journal")
+        data = b"".join([frame(p, key) for p in payloads])
+        with self._lock:
+            if self.offset > 0 and self.offset + len(data) > self.segment_bytes_max:
+                self._roll()
+            try:
+                written = os.pwrite(self._fd, data, self.offset)
+                check(written == len(data), f"short write: {written} of {len(data)} bytes to {self.path}")
+                self._fault("after-write")
+                self.offset += written
+                self.next_seq += len(payloads)
+                if self.fsync_mode == "always":
+                    os.fsync(self._fd)
+                    self._fault("after-fsync")
+                else:
+                    self._dirty = True
+                    if self.fsync_mode == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s:
+                        self._fsync_locked()
+            except OSError as exc:
+                raise _storage_error("appending", self.path, exc) from exc
+
+    def _roll(self) -> None:
+        """Close the current segment durably and start the next one at next_seq."""
+        self._fault("before-roll")
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fault("mid-roll")
+        self._open_new_segment(self.next_seq)
+        self._fault("after-roll")
+
+    def _fsync_locked(self) -> None:
+        os.fsync(self._fd)
+        self._dirty = False
+        self._last_fsync = time.monotonic()
+
+    def _flush_loop(self) -> None:
+        while not self._closed:
+            time.sleep(self.fsync_interval_s / 2)
+            with self._lock:
+                if self._dirty and not self._closed:
+                    try:
+                        self._fsync_locked()
+                    except OSError as exc:
+                        log.error("%s", _storage_error("background fsync", self.path, exc))
+
+    def flush(self) -> None:
+        """Force everything written so far to stable storage, whatever the mode."""
+        with self._lock:
+            try:
+                self._fsync_locked()
+            except OSError as exc:
+                raise _storage_error("fsync", self.path, exc) from exc
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        with self._lock:
+            self._closed = True
+            try:
+                if self.fsync_mode != "never":
+                    os.fsync(self._fd)
+                os.close(self._fd)
+            except OSError as exc:
+                raise _storage_error("closing", self.path, exc) from exc

@@ -1,0 +1,186 @@
+"""The model: the application's transactions and queries, and how a record is applied.
+
+A **transaction** is a named, deterministic function ``fn(root, ctx, *args)`` that
+mutates the state; a **query** is ``fn(root, *args)`` and must not mutate it. A
+transaction gets time and randomness only from its context (invariant 8): ``ctx.now`` is
+the record's timestamp and ``ctx.random`` is seeded from the record id, so every master
+that applies the record computes the same thing.
+
+Applying a record yields an **outcome**: ``ok`` with the returned value, ``rejected``
+when the transaction raised `Rejected` (the clean refusal), or ``error`` when it raised
+anything else. A raising transaction is still a record: it raises the same way on every
+master, so they agree (a partial mutation it left behind is left behind everywhere).
+
+Request ids: a record carrying a client request id that already appeared earlier in the
+order takes no effect; its outcome is the first one's (kept in the replicated `dedup`
+table, which snapshots carry).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import inspect
+import random as _random
+from typing import Any, Callable
+
+import msgspec
+
+from . import codec
+from .clock import physical_ms
+from .errors import BadArguments, Rejected, UnknownTransaction
+
+OK = "ok"
+REJECTED = "rejected"
+ERROR = "error"
+
+
+class Context:
+    """What a transaction may know beyond its arguments: the record being applied."""
+
+    __slots__ = ("record", "_random")
+
+    def __init__(self):
+        self.record: codec.Record | None = None
+        self._random = None
+
+    @property
+    def hlc(self) -> int:
+        return self.record.hlc
+
+    @property
+    def now(self) -> _dt.datetime:
+        """The record's timestamp (UTC), the same on every master."""
+        return _dt.datetime.fromtimestamp(physical_ms(self.record.hlc) / 1000.0, _dt.timezone.utc)
+
+    @property
+    def master(self) -> str:
+        return self.record.master
+
+    @property
+    def rid(self) -> str:
+        return self.record.rid or self.record.record_id
+
+    @property
+    def random(self) -> _random.Random:
+        """A `random.Random` seeded from the record id: same draws on every master."""
+        if self._random is None:
+            self._random = _random.Random(self.record.record_id)
+        return self._random
+
+
+def outcome(status: str, value: Any = None, error: str | None = None) -> dict:
+    return {"status": status, "value": value, "error": error}
+
+
+class Model:
+    """A named set of transactions and queries over a root object.
+
+    Args:
+        name: the model's name, recorded in snapshots.
+        root_factory: returns the initial state. The state must be plain data the codec
+            carries (dicts, lists, str, int, float, bytes, msgspec Structs).
+        state_type: the type snapshots decode the root into; defaults to the type of
+            ``root_factory()`` when that is a msgspec Struct, else plain data.
+    """
+
+    def __init__(self, name: str, root_factory: Callable[[], Any], *, state_type: Any = None):
+        self.name = name
+        self.root_factory = root_factory
+        if state_type is None:
+            sample = root_factory()
+            state_type = type(sample) if isinstance(sample, msgspec.Struct) else Any
+        self.state_type = state_type
+        self.transactions: dict[str, Callable] = {}
+        self.queries: dict[str, Callable] = {}
+        self._signatures: dict[str, inspect.Signature] = {}
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r})"
+
+    def transaction(self, fn: Callable | None = None, *, name: str | None = None):
+        """Declare a transaction ``fn(root, ctx, *args)``. Usable as ``@model.transaction``."""
+        def register(f):
+            tx = name or f.__name__
+            if not tx or tx in self.transactions or tx in self.queries:
+                raise ValueError(f"transaction name {tx!r} is empty or already declared in {self!r}")
+            self.transactions[tx] = f
+            self._signatures[tx] = inspect.signature(f)
+            f.tx_name = tx
+            return f
+        return register(fn) if fn is not None else register
+
+    def query(self, fn: Callable | None = None, *, name: str | None = None):
+        """Declare a query ``fn(root, *args)``. Usable as ``@model.query``."""
+        def register(f):
+            q = name or f.__name__
+            if not q or q in self.queries or q in self.transactions:
+                raise ValueError(f"query name {q!r} is empty or already declared in {self!r}")
+            self.queries[q] = f
+            self._signatures[q] = inspect.signature(f)
+            f.query_name = q
+            return f
+        return register(fn) if fn is not None else register
+
+    # -- requests ------------------------------------------------------------------
+
+    def tx_name(self, tx: str | Callable) -> str:
+        name = tx if isinstance(tx, str) else getattr(tx, "tx_name", None)
+        if name is None or name not in self.transactions:
+            known = ", ".join(sorted(self.transactions)) or "none"
+            raise UnknownTransaction(f"{self!r} has no transaction {tx!r} (known: {known})")
+        return name
+
+    def query_fn(self, q: str | Callable) -> Callable:
+        name = q if isinstance(q, str) else getattr(q, "query_name", None)
+        fn = self.queries.get(name) if name is not None else None
+        if fn is None:
+            known = ", ".join(sorted(self.queries)) or "none"
+            raise UnknownTransaction(f"{self!r} has no query {q!r} (known: {known})")
+        return fn
+
+    def check_arguments(self, name: str, args: tuple | list, *, is_query: bool = False) -> None:
+        """Refuse arguments that do not fit the signature, before anything is written."""
+        sig = self._signatures[name]
+        try:
+            if is_query:
+                sig.bind(None, *args)
+            else:
+                sig.bind(None, None, *args)
+        except TypeError as exc:
+            params = list(sig.parameters)[1 if is_query else 2:]
+            raise BadArguments(f"{name}({', '.join(params)}) called with {len(args)} argument(s) "
+                               f"{list(args)!r}: {exc}") from None
+
+    # -- applying ------------------------------------------------------------------
+
+    def apply(self, root: Any, dedup: dict, record: codec.Record, ctx: Context) -> dict:
+        """Apply one record (not a tick) to the state. Returns its outcome.
+
+        The caller has checked that the transaction is known (version skew is caught at
+        read time, before anything is applied).
+        """
+        rid = record.rid
+        if rid:
+            first = dedup.get(rid)
+            if first is not None:
+                return {"status": first[3], "value": first[4], "error": first[5],
+                        "duplicate_of": f"{first[1]}:{first[2]}"}
+        ctx.record = record
+        ctx._random = None
+        try:
+            value = self.transactions[record.tx](root, ctx, *record.args)
+            result = {"status": OK, "value": value, "error": None}
+        except Rejected as exc:
+            result = {"status": REJECTED, "value": None, "error": str(exc)}
+        # A transaction's own exception is part of its deterministic outcome: replay must
+        # raise it identically and carry on, so this one broad catch is on purpose.
+        except Exception as exc:  # noqa: BLE001
+            result = {"status": ERROR, "value": None, "error": f"{type(exc).__name__}: {exc}"}
+        if rid:
+            value = result["value"]
+            try:
+                codec.canonical(value)
+            except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+                value = f"<unencodable {type(value).__name__}>"
+            dedup[rid] = [record.hlc, record.master, record.seq, result["status"], value, result["error"]]
+        return result
