@@ -48,7 +48,7 @@ def verify(shared_dir: str, model: Model, *, cluster_key: bytes | None = None) -
     """Compute the reference digest of the folder's records (see module docstring).
 
     Returns a dict: ``digest``, ``records`` (real records per master), ``ticks``,
-    ``base``, ``errors`` (per master: where reading stopped and why),
+    ``duplicates`` (records skipped: their request id appeared earlier), ``base``, ``errors`` (per master: where reading stopped and why),
     ``deterministic`` (two replays agreed), ``last_hlc``.
     """
     masters = folder.list_masters(shared_dir)
@@ -88,10 +88,12 @@ def verify(shared_dir: str, model: Model, *, cluster_key: bytes | None = None) -
         root = make_root()
         dedup = codec.round_trip(dedup0)
         ctx = Context()
+        duplicates = 0
         for rec in records:
             if rec.tx != codec.TICK:
-                model.apply(root, dedup, rec, ctx)
+                if "duplicate_of" in model.apply(root, dedup, rec, ctx):
+                    duplicates += 1
         digests.append(codec.digest_of(root, dedup))
     return {"digest": digests[0], "deterministic": digests[0] == digests[1], "records": counts,
-            "total": sum(counts.values()), "ticks": ticks, "base": base, "errors": errors,
+            "total": sum(counts.values()), "duplicates": duplicates, "ticks": ticks, "base": base, "errors": errors,
             "last_hlc": records[-1].hlc if records else 0, "masters": masters, "retired": retired}

@@ -1,0 +1,49 @@
+"""Helpers for multi-master tests: open several masters on one folder, sync to quiescence."""
+
+from __future__ import annotations
+
+from workers.models.ledger import model
+from workers.prevalence import Master, verify
+
+
+class FakeClock:
+    """An injectable wall clock in ms, shared by masters in one test."""
+
+    def __init__(self, start_ms: int = 1_700_000_000_000):
+        self.ms = start_ms
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+def open_master(shared, name, **kw):
+    kw.setdefault("fsync", "never")
+    kw.setdefault("gc_grace_s", 0)
+    return Master.open(model, str(shared), name, **kw)
+
+
+def sync_until_quiet(masters, rounds_max: int = 20) -> int:
+    """Sync every master in turn until a full round applies and ticks nothing."""
+    for rounds in range(1, rounds_max + 1):
+        busy = False
+        for m in masters:
+            r = m.sync()
+            if any(r["applied"].values()) or r["ticked"]:
+                busy = True
+        if not busy:
+            return rounds
+    raise AssertionError(f"cluster not quiet after {rounds_max} rounds: " +
+                         "; ".join(f"{m.name}: {m.status()}" for m in masters))
+
+
+def assert_converged(shared, masters):
+    statuses = [m.status() for m in masters]
+    for s in statuses:
+        assert s["tentative"] == 0, s
+    cursors = [{k: v for k, v in s["cursors"].items() if k in {m.name for m in masters}} for s in statuses]
+    assert all(c == cursors[0] for c in cursors), cursors
+    ref = verify(str(shared), model)
+    assert ref["deterministic"]
+    digests = {s["master"]: s["digest"] for s in statuses}
+    assert set(digests.values()) == {ref["digest"]}, (digests, ref)
+    return ref

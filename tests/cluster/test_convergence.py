@@ -1,0 +1,170 @@
+"""Scenarios where the Lisp original diverged or lost data, and ordering edge cases."""
+
+import pytest
+
+from workers.prevalence import Rejected
+from workers.prevalence.errors import NotReady
+
+from .helpers import FakeClock, assert_converged, open_master, sync_until_quiet
+
+
+def make_pair(tmp_path, clock=None):
+    kw = {"now_ms": clock} if clock else {}
+    a = open_master(tmp_path, "alpha", **kw)
+    a.execute("open_account", "acct", 100, rid="open")
+    b = open_master(tmp_path, "beta", **kw)
+    sync_until_quiet([a, b])
+    assert b.joined and b.query("balance", "acct") == 100
+    return a, b
+
+
+def test_two_withdrawals_that_overdraw_together_agree_on_which_was_refused(tmp_path):
+    clock = FakeClock()
+    a, b = make_pair(tmp_path, clock)
+    clock.ms += 10
+    # Both pass tentatively: each master sees 100.
+    assert a.execute("withdraw", "acct", 80, rid="w80") == 20
+    clock.ms += 1
+    assert b.execute("withdraw", "acct", 50, rid="w50") == 50
+    sync_until_quiet([a, b])
+    ref = assert_converged(tmp_path, [a, b])
+    # In key order alpha's withdrawal came first: it stands, beta's is refused everywhere.
+    for m in (a, b):
+        assert m.query("balance", "acct") == 20
+        assert m.outcome("w80")["status"] == "ok" and m.outcome("w80")["committed"]
+        assert m.outcome("w50")["status"] == "rejected"
+    assert b.outcomes_changed == 1
+    assert ref["records"] == {"alpha": 2, "beta": 1}
+
+
+def test_syncs_in_the_same_millisecond_lose_nothing(tmp_path):
+    clock = FakeClock()
+    a, b = make_pair(tmp_path, clock)
+    for i in range(50):
+        a.execute("deposit", "acct", 1)
+        b.execute("deposit", "acct", 1)
+        a.sync(); a.sync(); b.sync(); b.sync()   # clock never moves: same millisecond
+    sync_until_quiet([a, b])
+    assert_converged(tmp_path, [a, b])
+    assert a.query("balance", "acct") == 200
+
+
+def test_same_request_id_on_two_masters_takes_effect_once(tmp_path):
+    a, b = make_pair(tmp_path)
+    a.execute("deposit", "acct", 10, rid="pay-1")
+    b.execute("deposit", "acct", 10, rid="pay-1")
+    sync_until_quiet([a, b])
+    assert_converged(tmp_path, [a, b])
+    assert a.query("balance", "acct") == 110
+    assert a.outcome("pay-1") == b.outcome("pay-1")
+    # Asked again after sync: answered from the record, nothing journaled.
+    seq = b.seq
+    assert b.execute("deposit", "acct", 10, rid="pay-1") == a.outcome("pay-1")["value"]
+    assert b.seq == seq
+
+
+def test_idle_cluster_goes_quiet_and_writes_nothing(tmp_path):
+    a, b = make_pair(tmp_path)
+    c = open_master(tmp_path, "gamma")
+    sync_until_quiet([a, b, c])
+    a.execute("deposit", "acct", 1)
+    rounds = sync_until_quiet([a, b, c])
+    assert rounds <= 4
+    seqs = [m.seq for m in (a, b, c)]
+    for _ in range(3):
+        for m in (a, b, c):
+            r = m.sync()
+            assert not r["ticked"] and not any(r["applied"].values())
+    assert [m.seq for m in (a, b, c)] == seqs
+    assert_converged(tmp_path, [a, b, c])
+
+
+def test_joiner_takes_no_writes_until_every_member_counts_it(tmp_path):
+    a = open_master(tmp_path, "alpha")
+    a.execute("open_account", "x", 5)
+    b = open_master(tmp_path, "beta")
+    assert not b.joined
+    with pytest.raises(NotReady, match="alpha"):
+        b.execute("deposit", "x", 1)
+    b.sync()
+    assert not b.joined  # alpha has not synced yet
+    a.sync()
+    b.sync()
+    assert b.joined
+    b.execute("deposit", "x", 1)
+    sync_until_quiet([a, b])
+    assert_converged(tmp_path, [a, b])
+
+
+def test_joiner_never_writes_at_or_below_a_committed_frontier(tmp_path):
+    """DESIGN §3's six-step counterexample for a joiner that writes at once."""
+    clock = FakeClock()
+    a = open_master(tmp_path, "alpha", now_ms=clock)
+    b = open_master(tmp_path, "beta", now_ms=clock)
+    sync_until_quiet([a, b])
+    clock.ms += 5
+    a.execute("open_account", "r", 1)        # A writes r
+    b.sync()                                  # B reads it and ticks
+    a.snapshot()                              # A's view has not read B's tick
+    clock.ms -= 3                             # C's wall clock lags
+    c = open_master(tmp_path, "gamma", now_ms=clock)
+    a.sync()                                  # A reads B's tick: frontier moves
+    frontier_a = a.frontier
+    with pytest.raises(NotReady):
+        c.execute("deposit", "r", 1)          # C may not write yet
+    for _ in range(3):
+        for m in (a, b, c):
+            m.sync()
+    assert c.joined
+    c.execute("deposit", "r", 1)
+    assert c.own_horizon > frontier_a
+    sync_until_quiet([a, b, c])
+    for m in (a, b, c):
+        assert not m.status()["peer_errors"], m.status()
+    assert_converged(tmp_path, [a, b, c])
+
+
+def test_down_member_holds_the_frontier_until_retired(tmp_path):
+    from workers.prevalence import retire
+    a, b = make_pair(tmp_path)
+    c = open_master(tmp_path, "gamma")
+    sync_until_quiet([a, b, c])
+    c.execute("deposit", "acct", 7)
+    sync_until_quiet([a, b, c])
+    c.close()                                 # gamma goes down for good
+    a.execute("deposit", "acct", 1)
+    for _ in range(3):
+        a.sync(); b.sync()
+    assert a.status()["tentative"] == 1       # held: gamma has not ticked past it
+    retire(str(tmp_path), "gamma")
+    sync_until_quiet([a, b])
+    assert a.status()["tentative"] == 0 and b.status()["tentative"] == 0
+    assert_converged(tmp_path, [a, b])
+    with pytest.raises(Exception, match="retired"):
+        open_master(tmp_path, "gamma")
+
+
+def test_record_naming_an_unknown_transaction_stops_that_peer_until_code_knows_it(tmp_path):
+    from workers.models.ledger import model
+    a, b = make_pair(tmp_path)
+
+    def bonus(root, ctx, account_id, amount):
+        root["accounts"][account_id] += amount
+
+    model.transaction(bonus)
+    try:
+        a.execute("bonus", "acct", 3)
+        a.execute("deposit", "acct", 1)
+    finally:
+        del model.transactions["bonus"]
+    r = b.sync()
+    assert "bonus" in r["errors"]["alpha"] and b.query("balance", "acct") == 100
+    r = b.sync()
+    assert "bonus" in r["errors"]["alpha"]
+    model.transaction(bonus)                  # the new code is deployed
+    try:
+        sync_until_quiet([a, b])
+        assert b.query("balance", "acct") == 104
+        assert_converged(tmp_path, [a, b])
+    finally:
+        del model.transactions["bonus"]

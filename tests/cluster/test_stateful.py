@@ -1,0 +1,143 @@
+"""Any schedule of writes, syncs, crashes, restarts and torn tails across 3-5 masters
+converges to the reference order (invariants 3, 4 and 5), conserving money."""
+
+import os
+import shutil
+import tempfile
+
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from workers.prevalence import Rejected, journal, verify
+from workers.prevalence.cluster import folder
+from workers.prevalence.errors import NotReady, TransactionFailed
+from workers.models.ledger import model
+
+from .helpers import FakeClock, assert_converged, open_master, sync_until_quiet
+
+ACCOUNTS = ["a", "b", "c"]
+INITIAL = 100
+
+
+class Cluster(RuleBasedStateMachine):
+    @initialize(n=st.integers(min_value=3, max_value=5))
+    def start(self, n):
+        self.dir = tempfile.mkdtemp(prefix="pv-stateful-")
+        self.clock = FakeClock()
+        self.names = ["m0", "m1", "m2", "m3", "m4"][:n]
+        self.masters = {}
+        first = open_master(self.dir, self.names[0], now_ms=self.clock)
+        self.acked = {}   # rid -> (tx, args) acknowledged to a caller
+        for acct in ACCOUNTS:
+            first.execute("open_account", acct, INITIAL, rid=f"open-{acct}")
+            self.acked[f"open-{acct}"] = ("open_account", [acct, INITIAL])
+        self.masters[self.names[0]] = first
+        for name in self.names[1:]:
+            self.masters[name] = open_master(self.dir, name, now_ms=self.clock)
+        sync_until_quiet(list(self.masters.values()))
+        self.counter = 0
+        self.acked_by = {}
+
+    def teardown(self):
+        for m in getattr(self, "masters", {}).values():
+            if m is not None and not m.closed:
+                m.close()
+        if hasattr(self, "dir"):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _alive(self, i):
+        name = self.names[i % len(self.names)]
+        return name, self.masters.get(name)
+
+    @rule(i=st.integers(0, 4), src=st.sampled_from(ACCOUNTS), dst=st.sampled_from(ACCOUNTS),
+          amount=st.integers(1, 150), kind=st.sampled_from(["transfer", "withdraw", "deposit"]),
+          reuse=st.booleans())
+    def write(self, i, src, dst, amount, kind, reuse):
+        name, m = self._alive(i)
+        if m is None:
+            return
+        self.counter += 1
+        rid = f"r{self.counter}"
+        args = {"transfer": [src, dst, amount], "withdraw": [src, amount], "deposit": [dst, amount]}[kind]
+        if reuse and self.acked:
+            # A client retrying a request (on any master): same id, same transaction.
+            rid = sorted(self.acked)[self.counter % len(self.acked)]
+            kind, args = self.acked[rid]
+        try:
+            m.execute(kind, *args, rid=rid)
+        except (Rejected, TransactionFailed):
+            pass
+        except NotReady:
+            return
+        self.acked.setdefault(rid, (kind, args))
+        self.acked_by.setdefault(rid, name)
+
+
+    @rule(i=st.integers(0, 4))
+    def sync(self, i):
+        name, m = self._alive(i)
+        if m is not None:
+            m.sync()
+
+    @rule(ms=st.integers(-5, 50))
+    def clock_moves(self, ms):
+        self.clock.ms += ms  # wall clocks may step backwards a little
+
+    @rule(i=st.integers(0, 4), torn=st.binary(min_size=0, max_size=20))
+    def crash(self, i, torn):
+        name, m = self._alive(i)
+        if m is None:
+            return
+        m.crash()
+        self.masters[name] = None
+        segments = journal.list_segments(folder.journal_dir(self.dir, name))
+        if torn and segments:
+            with open(segments[-1][1], "ab") as f:  # a write the crash cut short
+                f.write(torn[:10])
+
+    @rule(i=st.integers(0, 4))
+    def restart(self, i):
+        name, m = self._alive(i)
+        if m is None:
+            self.masters[name] = open_master(self.dir, name, now_ms=self.clock)
+
+    @rule(i=st.integers(0, 4))
+    def snapshot(self, i):
+        name, m = self._alive(i)
+        if m is not None:
+            m.snapshot()
+
+    @invariant()
+    def live_masters_keep_every_write_they_acknowledged(self):
+        # Through rebases, crashes and restarts, a master never forgets its own writes.
+        for rid, name in self.acked_by.items():
+            m = self.masters.get(name)
+            if m is not None:
+                assert m.outcome(rid) is not None, f"{name} forgot {rid}"
+
+    @rule()
+    def quiesce_and_check(self):
+        for name in self.names:
+            if self.masters[name] is None:
+                self.masters[name] = open_master(self.dir, name, now_ms=self.clock)
+        masters = list(self.masters.values())
+        sync_until_quiet(masters, rounds_max=30)
+        ref = assert_converged(self.dir, masters)
+        assert not ref["errors"], ref["errors"]
+        for m in masters:
+            # Money is conserved by transfers; deposits and withdrawals are accounted for.
+            expected = len(ACCOUNTS) * INITIAL
+            for rid, (kind, args) in self.acked.items():
+                out = m.outcome(rid)
+                assert out is not None, f"{m.name} lost acknowledged request {rid}"
+                assert out["committed"]
+                if out["status"] == "ok":
+                    expected += {"deposit": args[-1], "withdraw": -args[-1]}.get(kind, 0)
+            assert m.query("total") == expected
+        # Every acknowledged request id is in the history exactly once.
+        assert ref["total"] - ref["duplicates"] == len(self.acked), ref
+
+
+Cluster.TestCase.settings = settings(max_examples=int(os.environ.get('PREVALENCE_STATEFUL_EXAMPLES', '60')), stateful_step_count=50, deadline=None,
+                                     suppress_health_check=[HealthCheck.too_slow])
+test_any_schedule_of_writes_syncs_and_crashes_converges_to_the_reference = Cluster.TestCase
