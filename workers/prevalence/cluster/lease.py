@@ -91,8 +91,15 @@ class Lease:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise LeaseHeld(f"master {self.name!r} is already open in another process on this host "
-                            f"(local lock {lock_path} is held). Stop that process first") from None
+            holder = ""
+            raw = folder.read_small(self.path)
+            if raw:
+                try:
+                    holder = f" (pid {json.loads(raw).get('pid')})"
+                except ValueError:
+                    pass
+            raise LeaseHeld(f"master {self.name!r} is already open in another process on this host{holder}; "
+                            f"its local lock {lock_path} is held. Stop that process first") from None
         self._local_lock = fd
         try:
             self._check_existing()
