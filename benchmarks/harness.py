@@ -182,13 +182,19 @@ def meta_line(args: Any) -> dict[str, Any]:
             ["git", "rev-parse", "--short", "HEAD"],
             capture_output=True, text=True, timeout=5, check=False,
         ).stdout.strip() or None
+        # Uncommitted engine changes make the commit id a lie: say so.
+        dirty = bool(subprocess.run(
+            ["git", "status", "--porcelain", "--", "workers"],
+            capture_output=True, text=True, timeout=5, check=False,
+        ).stdout.strip())
     except OSError:
-        commit = None
+        commit, dirty = None, None
     return {
         "bench": "_meta",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
         "git_commit": commit,
+        "engine_uncommitted_changes": dirty,
         "python": platform.python_version(),
         "sqlite": sqlite3.sqlite_version,
         "cpus": os.cpu_count(),
@@ -243,7 +249,9 @@ def markdown_table(lines: list[dict[str, Any]]) -> str:
     if meta:
         out.append(
             f"Produced by `{meta.get('command')}` on {meta.get('date_utc')} "
-            f"(commit {meta.get('git_commit')}, Python {meta.get('python')}, "
+            f"(commit {meta.get('git_commit')}"
+            f"{' + uncommitted engine changes' if meta.get('engine_uncommitted_changes') else ''}, "
+            f"Python {meta.get('python')}, "
             f"SQLite {meta.get('sqlite')}, {meta.get('cpus')} cores"
             f"{', quick run' if meta.get('quick') else ''})."
         )
