@@ -1,0 +1,23 @@
+"""The Celery application: ``celery -A workers worker|beat|flower`` finds `app` here.
+
+Importing this module reads and validates the environment (`config.settings`) and raises
+`config.settings.SettingsError`, naming the variable, on a bad value. It does not import
+the engine: beat, Flower and clients never load a model. Only a worker runs a master, and
+`workers.lifecycle.MasterStep` opens it when the worker starts.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from config.celeryconfig import celery_settings
+from config.settings import load_settings
+from workers.lifecycle import MasterStep
+
+settings = load_settings()
+
+app = Celery("workers", include=["workers.tasks"])
+app.conf.update(celery_settings(settings))
+app.steps["worker"].add(MasterStep)
+
+__all__ = ["app", "settings"]

@@ -1,0 +1,23 @@
+"""Remote-control commands of a master worker: ``celery -A workers inspect prevalence_status``.
+
+Imported by `workers.lifecycle.MasterStep` inside the worker only. A solo worker that is
+busy in a task does not answer until the task ends, so `prevalence status` never depends
+on this command: it reads the status documents in Redis (`workers.monitor`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.worker.control import inspect_command
+
+
+@inspect_command()
+def prevalence_status(state: Any) -> dict[str, Any]:
+    """Return this master's status document (the same one published to Redis)."""
+    from workers import runtime
+
+    current = runtime.get()
+    if current is None:
+        return {"error": "this worker runs no prevalence master (not started, or stopped)"}
+    return current.status_document()

@@ -1,0 +1,319 @@
+"""Monitoring: each master's status document in Redis, and the cluster view built from them.
+
+After every sync (and at start and stop) a master writes its status document, as JSON, to
+the key ``prevalence:status:<master>`` with a TTL of `status_ttl_s`. Redis holds nothing
+that matters (DESIGN invariant 6): if the keys are flushed they come back at the next sync,
+and if Redis is down `cluster_view` reads the masters' ``progress`` files from the shared
+folder instead and says so.
+
+`cluster_view` returns plain data (``source``, ``converged``, ``verdict``, ``reasons``,
+``masters``); `render_table` prints it for people, ``--json`` prints it for machines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+logger = logging.getLogger(__name__)
+
+STATUS_KEY_PREFIX = "prevalence:status:"
+#: Never keep a status document less than this long, whatever the sync interval.
+STATUS_TTL_S_MIN = 60.0
+#: Redis calls from a master are best-effort monitoring: they must not stall a task.
+REDIS_TIMEOUT_S = 2.0
+#: How many masters `read_status_documents` reads at most (bound every loop).
+MASTERS_MAX = 1000
+
+
+class MonitorUnavailable(Exception):
+    """Raised when the Redis that holds status documents cannot be reached or read."""
+
+
+def status_key(master: str) -> str:
+    """The Redis key of `master`'s status document."""
+    return f"{STATUS_KEY_PREFIX}{master}"
+
+
+def status_ttl_s(sync_interval_s: float) -> float:
+    """TTL of a status document: ten sync intervals, and at least a minute.
+
+    A master that stops syncing (down, or stuck in a long task) keeps its last document
+    for that long, with its age shown, and then disappears from Redis.
+    """
+    return max(STATUS_TTL_S_MIN, 10.0 * sync_interval_s)
+
+
+def redis_client(url: str) -> Any:
+    """A redis-py client for `url` with short timeouts, for monitoring only."""
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
+                                socket_connect_timeout=REDIS_TIMEOUT_S)
+
+
+def to_json(document: Any) -> str:
+    """Serialise a status document; values JSON cannot hold become their str()."""
+    return json.dumps(document, default=str, sort_keys=True)
+
+
+class StatusPublisher:
+    """Writes one master's status document to Redis; failures are logged, never raised."""
+
+    def __init__(self, url: str, master: str, ttl_s: float) -> None:
+        self.url = url
+        self.master = master
+        self.ttl_s = ttl_s
+        self._client: Any = None
+        self._failing = False
+
+    def publish(self, document: dict[str, Any]) -> bool:
+        """Store `document` under the master's key with the TTL. Returns True on success."""
+        try:
+            if self._client is None:
+                self._client = redis_client(self.url)
+            self._client.set(status_key(self.master), to_json(document),
+                             px=int(self.ttl_s * 1000))
+        except Exception as exc:  # monitoring must never break a master; log and go on
+            if not self._failing:
+                logger.warning("prevalence: cannot publish status of %s to Redis (%s: %s); "
+                               "will keep trying at each sync", self.master,
+                               type(exc).__name__, exc)
+            self._failing = True
+            self._client = None
+            return False
+        if self._failing:
+            logger.info("prevalence: status of %s published to Redis again", self.master)
+        self._failing = False
+        return True
+
+
+def read_status_documents(url: str) -> dict[str, dict[str, Any]]:
+    """Read every master's status document from Redis.
+
+    Raises `MonitorUnavailable` when Redis cannot be reached. A document that is not valid
+    JSON is returned as ``{"master": name, "unreadable": text}``.
+    """
+    try:
+        client = redis_client(url)
+        keys = []
+        for key in client.scan_iter(match=STATUS_KEY_PREFIX + "*", count=200):
+            keys.append(key)
+            if len(keys) >= MASTERS_MAX:
+                break
+        values = client.mget(keys) if keys else []
+    except Exception as exc:  # any redis/socket failure means "Redis unavailable"
+        raise MonitorUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    documents: dict[str, dict[str, Any]] = {}
+    for key, value in zip(keys, values):
+        if value is None:
+            continue  # expired between SCAN and MGET
+        name = key.decode()[len(STATUS_KEY_PREFIX):]
+        try:
+            documents[name] = json.loads(value)
+        except ValueError:
+            documents[name] = {"master": name, "unreadable": value[:200].decode("replace")}
+    return documents
+
+
+def _short(digest: Any) -> str:
+    return str(digest)[:12] if digest else "-"
+
+
+def add_records_behind(masters: dict[str, dict[str, Any]]) -> None:
+    """Set ``records_behind`` on each document: per peer, how many of the peer's records
+    (its ``seq``) this master has not read yet (its ``cursors``). Unknown peers are left out."""
+    seqs = {name: doc.get("seq") for name, doc in masters.items()}
+    for name, doc in masters.items():
+        cursors = doc.get("cursors")
+        if not isinstance(cursors, dict):
+            continue
+        behind = {}
+        for peer, seq in seqs.items():
+            if peer != name and isinstance(seq, int) and isinstance(cursors.get(peer, 0), int):
+                behind[peer] = max(0, seq - cursors.get(peer, 0))
+        doc["records_behind"] = behind
+
+
+def format_hlc(hlc: Any) -> str:
+    """An hlc reading as the UTC wall-clock time of its physical part (``HH:MM:SS.mmm``),
+    with ``+n`` for a non-zero logical counter; ``-`` for none."""
+    if not isinstance(hlc, int) or hlc <= 0:
+        return "-"
+    physical_ms, counter = hlc >> 16, hlc & 0xFFFF
+    stamp = time.strftime("%H:%M:%S", time.gmtime(physical_ms / 1000)) + f".{physical_ms % 1000:03d}"
+    return stamp + (f"+{counter}" if counter else "")
+
+
+def _lag_text(lag: Any) -> str:
+    if not isinstance(lag, dict) or not lag:
+        return "-"
+    return " ".join(f"{peer}:{value}" for peer, value in sorted(lag.items()))
+
+
+def evaluate(masters: dict[str, dict[str, Any]], *, expected: Iterable[str] = (),
+             stale_after_s: float | None = None, now_s: float | None = None,
+             has_tentative: bool = True) -> tuple[bool, list[str]]:
+    """Decide whether the masters have converged, and why not.
+
+    Converged (DESIGN §6): every expected master reported, none is stale or stopped, every
+    one has ``tentative == 0``, all report the same cursors and the same digest. Returns
+    ``(converged, reasons)``; `reasons` explains each failed condition in a sentence.
+    """
+    reasons: list[str] = []
+    now_s = time.time() if now_s is None else now_s
+    missing = sorted(set(expected) - set(masters))
+    for name in missing:
+        reasons.append(f"{name} has not reported (down, or not started yet)")
+    if not masters:
+        return False, reasons or ["no master has reported"]
+    for name, doc in sorted(masters.items()):
+        if "unreadable" in doc:
+            reasons.append(f"{name}'s status document is unreadable")
+            continue
+        state = doc.get("state")
+        if state and state not in ("ready", "running"):
+            reasons.append(f"{name} is {state}")
+        if stale_after_s is not None and isinstance(doc.get("reported_at"), (int, float)):
+            age_s = now_s - doc["reported_at"]
+            if age_s > stale_after_s:
+                reasons.append(f"{name}'s last report is {age_s:.0f} s old (busy, or down?)")
+        if has_tentative and doc.get("tentative") not in (0, None):
+            reasons.append(f"{name} has {doc.get('tentative')} tentative record(s)")
+        if doc.get("last_error"):
+            reasons.append(f"{name} reports an error: {doc['last_error']}")
+    readable = {n: d for n, d in masters.items() if "unreadable" not in d}
+    cursors = {json.dumps(d.get("cursors"), sort_keys=True) for d in readable.values()}
+    if len(cursors) > 1:
+        reasons.append("the masters have read different records (cursors differ)")
+    # A progress file leaves the digest empty while records are tentative: unknown, not different.
+    digests = {d.get("digest") for d in readable.values() if d.get("digest") != ""}
+    if len(digests) > 1:
+        if len(cursors) == 1 and all(d.get("tentative") == 0 for d in readable.values()):
+            reasons.append("DIVERGED: same records read, different digests; run "
+                           "`prevalence verify` and report a bug (or a non-deterministic "
+                           "transaction)")
+        else:
+            reasons.append("digests differ (expected while records are in flight)")
+    return not reasons, reasons
+
+
+def cluster_view(broker_url: str, shared_dir: Path | None, *, sync_interval_s: float,
+                 read_progress: Callable[[Path], dict[str, dict[str, Any]]] | None = None,
+                 now_s: float | None = None) -> dict[str, Any]:
+    """Build the cluster view from Redis, or from the progress files when Redis is down.
+
+    Args:
+        broker_url: the Redis holding status documents.
+        shared_dir: the shared folder (its membership is the expected set of masters);
+            None or unreadable means "trust Redis alone".
+        sync_interval_s: the configured interval; a report older than three intervals plus
+            30 s counts as stale.
+        read_progress: `workers.prevalence.cluster.read_all_progress`, injected by the caller.
+    """
+    now_s = time.time() if now_s is None else now_s
+    progress: dict[str, dict[str, Any]] | None = None
+    progress_error: str | None = None
+    if shared_dir is not None and read_progress is not None:
+        try:
+            progress = read_progress(shared_dir)
+        except Exception as exc:  # a missing or unreadable folder is shown, not fatal
+            progress_error = f"{type(exc).__name__}: {exc}"
+    expected = [n for n, p in (progress or {}).items() if not (p or {}).get("retired")]
+    stale_after_s = 3 * sync_interval_s + 30.0
+    view: dict[str, Any] = {"generated_at": now_s, "broker_url": _redact(broker_url),
+                            "shared_dir": str(shared_dir) if shared_dir else None}
+    try:
+        masters = read_status_documents(broker_url)
+        view["source"] = "redis"
+        retired = {n for doc in masters.values() for n in (doc.get("retired") or {})}
+        expected = [n for n in expected if n not in retired]
+        converged, reasons = evaluate(masters, expected=expected, stale_after_s=stale_after_s,
+                                      now_s=now_s)
+    except MonitorUnavailable as exc:
+        view["source"] = "progress-files"
+        view["redis_error"] = str(exc)
+        masters = {}
+        for name, doc in (progress or {}).items():
+            doc = dict(doc or {})
+            doc.setdefault("master", name)
+            if "joined" in doc:
+                doc.setdefault("state", "ready" if doc["joined"] else "joining")
+            masters[name] = doc
+        converged, reasons = evaluate(masters, now_s=now_s)
+        if progress is None:
+            reasons.append("the shared folder could not be read either"
+                           + (f" ({progress_error})" if progress_error else ""))
+            converged = False
+    if progress_error:
+        view["shared_dir_error"] = progress_error
+    for name, doc in masters.items():
+        reported_at = doc.get("reported_at", doc.get("updated"))
+        if isinstance(reported_at, (int, float)):
+            doc["age_s"] = round(now_s - reported_at, 1)
+    add_records_behind(masters)
+    view["masters"] = masters
+    view["converged"] = converged
+    view["reasons"] = reasons
+    view["verdict"] = _verdict(view)
+    return view
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a Redis URL before printing it."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url
+
+
+def _verdict(view: dict[str, Any]) -> str:
+    n = len(view["masters"])
+    if view["converged"]:
+        digest = _short(next(iter(view["masters"].values())).get("digest"))
+        return f"CONVERGED: {n} master(s), same records read, same digest {digest}."
+    return "NOT CONVERGED: " + "; ".join(view["reasons"]) + "."
+
+
+def render_table(view: dict[str, Any]) -> str:
+    """Render a cluster view as a table followed by the verdict, for a terminal."""
+    lines: list[str] = []
+    if view["source"] == "redis":
+        lines.append(f"Source: status documents in Redis ({view['broker_url']}).")
+    else:
+        lines.append(f"Redis is unavailable ({view.get('redis_error')}).")
+        lines.append(f"Showing the progress files in {view.get('shared_dir')} instead: "
+                     "written at each sync, no tentative counts or rebases.")
+    header = ["MASTER", "STATE", "SEQ", "FRONTIER", "TENTATIVE", "BEHIND", "DIGEST", "REBASES",
+              "AGE", "LAST ERROR"]
+    rows = [header]
+    for name, doc in sorted(view["masters"].items()):
+        age = doc.get("age_s")
+        rows.append([
+            name,
+            str(doc.get("state", "-")),
+            str(doc.get("seq", "-")),
+            format_hlc(doc.get("frontier")),
+            str(doc.get("tentative", "-")),
+            _lag_text(doc.get("records_behind")),
+            _short(doc.get("digest")),
+            str(doc.get("rebases", "-")),
+            f"{age:.0f}s" if isinstance(age, (int, float)) else "-",
+            str(doc.get("last_error") or "-")[:60],
+        ])
+    if len(rows) == 1:
+        lines.append("(no master has reported)")
+    else:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        for row in rows:
+            lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    lines.append("FRONTIER: hlc up to which records are committed (UTC). BEHIND: per peer, "
+                 "records of that peer not read yet. AGE: seconds since the last report.")
+    lines.append("")
+    lines.append(view["verdict"])
+    return "\n".join(lines)

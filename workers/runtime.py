@@ -1,0 +1,135 @@
+"""The master that this worker process runs: the one `Master` object and its bookkeeping.
+
+A master is one solo Celery worker (DESIGN §5), so a process holds at most one
+`MasterRuntime`, set by `workers.lifecycle.MasterStep` at start and cleared at stop. Tasks
+reach it through `require()`. It also counts syncs and builds the status document that
+`workers.monitor` publishes to Redis and the `prevalence_status` inspect command returns.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from config.settings import Settings
+from workers.monitor import StatusPublisher, status_ttl_s
+
+_current: "MasterRuntime | None" = None
+_lock = threading.Lock()
+
+
+class NoMaster(RuntimeError):
+    """Raised when a prevalence task runs in a process that runs no master.
+
+    That happens only when a worker is started without `workers.lifecycle.MasterStep`
+    (for example a custom app), or after the master was closed at shutdown.
+    """
+
+
+def plain(value: Any) -> Any:
+    """Convert an engine value (msgspec structs, tuples, sets...) to JSON-ready builtins."""
+    import msgspec
+
+    try:
+        return msgspec.to_builtins(value, str_keys=True)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+class MasterRuntime:
+    """One open master plus what the Celery tier knows about it (node, syncs, Redis)."""
+
+    def __init__(self, settings: Settings, master: Any, node: str) -> None:
+        self.settings = settings
+        self.name = settings.require_master()
+        self.master = master
+        self.node = node
+        self.state = "starting"
+        self.started_at = time.time()
+        self.syncs = 0
+        self.last_sync: dict[str, Any] | None = None
+        self.last_sync_at: float | None = None
+        self.last_sync_task_id: str | None = None
+        self.publisher = (StatusPublisher(settings.broker_url, self.name,
+                                          status_ttl_s(settings.sync_interval_s))
+                          if settings.is_redis else None)
+
+    def record_sync(self, report: Any, task_id: str | None) -> dict[str, Any]:
+        """Remember a sync's report (as plain data) and publish the new status."""
+        self.syncs += 1
+        self.last_sync = plain(report)
+        self.last_sync_at = time.time()
+        self.last_sync_task_id = task_id
+        self.publish()
+        return self.last_sync if isinstance(self.last_sync, dict) else {"report": self.last_sync}
+
+    def status_document(self) -> dict[str, Any]:
+        """The engine's status plus node, pid, state, sync count and timestamps (unix s)."""
+        try:
+            engine_status = plain(self.master.status())
+        except Exception as exc:  # status must still answer when the engine is unhappy
+            engine_status = {"master": self.name, "last_error": f"status() failed: "
+                             f"{type(exc).__name__}: {exc}"}
+        document = dict(engine_status) if isinstance(engine_status, dict) else {}
+        document.setdefault("master", self.name)
+        # While running, "joining" (takes no writes yet) or "ready" is the useful state.
+        if self.state == "running":
+            document["state"] = "ready" if document.get("joined", True) else "joining"
+        else:
+            document["state"] = self.state
+        document.update({
+            "node": self.node,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "reported_at": time.time(),
+            "syncs": self.syncs,
+            "last_sync_at": self.last_sync_at,
+            "last_sync_task_id": self.last_sync_task_id,
+            "sync_interval_s": self.settings.sync_interval_s,
+        })
+        return document
+
+    def publish(self) -> None:
+        """Publish the status document to Redis (best effort; see `StatusPublisher`)."""
+        self.publish_document(self.status_document())
+
+    def publish_document(self, document: dict[str, Any]) -> None:
+        """Publish a given status document (used for the final one, after close)."""
+        if self.publisher is not None:
+            self.publisher.publish(document)
+
+
+def install(runtime: MasterRuntime) -> None:
+    """Make `runtime` this process's master. Raises RuntimeError if one is already set."""
+    global _current
+    with _lock:
+        if _current is not None:
+            raise RuntimeError(f"this process already runs master {_current.name!r}; "
+                               "one worker process runs one master")
+        _current = runtime
+
+
+def uninstall() -> MasterRuntime | None:
+    """Forget this process's master and return it (None if there was none)."""
+    global _current
+    with _lock:
+        runtime, _current = _current, None
+    return runtime
+
+
+def get() -> MasterRuntime | None:
+    """This process's master, or None."""
+    return _current
+
+
+def require() -> MasterRuntime:
+    """This process's master; raises `NoMaster` when there is none."""
+    runtime = _current
+    if runtime is None:
+        raise NoMaster("this worker runs no prevalence master: it was started without "
+                       "workers.lifecycle.MasterStep, failed to open it, or is shutting down")
+    return runtime
