@@ -8,6 +8,7 @@ Prints "ack <rid>" (flushed) for every acknowledged transaction, "ready" after o
 import os
 import signal
 import sys
+import time
 
 from workers.models.ledger import model
 from workers.prevalence import Master, Rejected
@@ -40,6 +41,12 @@ def main():
         m.sync()
         if i % 3 == 2:
             m.snapshot()
+    # Linger, syncing, so that steps that need the peers' progress (GC) are reached too.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        m.sync()
+        m.snapshot()
+        time.sleep(0.01)
     m.close()
     print("done", flush=True)
 

@@ -10,7 +10,7 @@ Byte layout of one framed record (all integers little-endian)::
     8       4     CRC-32 of the payload (and of the HMAC when present)
     12      4     CRC-32 of bytes 0..11 (the header checksum)
     16      N     payload: the MessagePack record (see codec.Record)
-    16+N    32    HMAC-SHA256(cluster key, bytes 0..11 + payload), when flag bit 0 is set
+    16+N    32    HMAC-SHA256(cluster key, bytes 0..7 + payload), when flag bit 0 is set
 
 The header has its own checksum so that a flipped length is *detected* instead of being
 read as "the record runs past the end of the file" (which would look like a torn tail
@@ -61,6 +61,8 @@ FORMAT_VERSION = 1
 FLAG_HMAC = 0x01
 HEADER = struct.Struct("<IBBHII")
 HEADER_BYTES = HEADER.size  # 16
+_HEAD12 = struct.Struct("<IBBHI")
+_U32 = struct.Struct("<I")
 HMAC_BYTES = 32
 RECORD_BYTES_MAX = 16 * 1024 * 1024
 SEGMENT_BYTES_MAX_DEFAULT = 64 * 1024 * 1024
@@ -116,15 +118,13 @@ def frame(payload: bytes, key: bytes | None) -> bytes:
     n = len(payload)
     if n == 0 or n > RECORD_BYTES_MAX:
         raise InvariantViolation(f"record payload of {n} bytes is outside 1..{RECORD_BYTES_MAX}")
-    flags = FLAG_HMAC if key else 0
-    if key:
-        head12 = struct.pack("<IBBH", n, FORMAT_VERSION, flags, 0)
-        mac = hmac.new(key, head12 + payload, hashlib.sha256).digest()
-        crc = zlib.crc32(mac, zlib.crc32(payload))
-        head = head12 + struct.pack("<I", crc)
-        return head + struct.pack("<I", zlib.crc32(head)) + payload + mac
-    head = struct.pack("<IBBHI", n, FORMAT_VERSION, flags, 0, zlib.crc32(payload))
-    return head + struct.pack("<I", zlib.crc32(head)) + payload
+    if not key:
+        head = _HEAD12.pack(n, FORMAT_VERSION, 0, 0, zlib.crc32(payload))
+        return head + _U32.pack(zlib.crc32(head)) + payload
+    head8 = struct.pack("<IBBH", n, FORMAT_VERSION, FLAG_HMAC, 0)
+    mac = hmac.new(key, head8 + payload, hashlib.sha256).digest()
+    head = head8 + _U32.pack(zlib.crc32(mac, zlib.crc32(payload)))
+    return head + _U32.pack(zlib.crc32(head)) + payload + mac
 
 
 @dataclass
@@ -162,7 +162,7 @@ def _frame_error(data, off: int, key: bytes | None) -> tuple[str | None, int]:
         if not mac_len:
             return "record has no HMAC but a cluster key is configured", 0
         payload = data[off + HEADER_BYTES:end - mac_len]
-        want = hmac.new(key, bytes(data[off:off + 12]) + bytes(payload), hashlib.sha256).digest()
+        want = hmac.new(key, bytes(data[off:off + 8]) + bytes(payload), hashlib.sha256).digest()
         if not hmac.compare_digest(want, bytes(data[end - mac_len:end])):
             return "HMAC mismatch (wrong cluster key or forged record)", 0
     return None, end
@@ -298,6 +298,7 @@ class JournalWriter:
         self.segment_bytes_max = segment_bytes_max
         self.next_seq = next_seq
         self._fault = fault or (lambda point: None)
+        self._fault_on = fault is not None
         self._lock = threading.Lock()
         self._dirty = False
         self._last_fsync = time.monotonic()
@@ -335,19 +336,22 @@ class JournalWriter:
         """
         if self._closed:
             raise InvariantViolation("append on a closed journal")
-        data = b"".join([frame(p, key) for p in payloads])
+        data = frame(payloads[0], key) if len(payloads) == 1 else b"".join([frame(p, key) for p in payloads])
         with self._lock:
             if self.offset > 0 and self.offset + len(data) > self.segment_bytes_max:
                 self._roll()
             try:
                 written = os.pwrite(self._fd, data, self.offset)
-                check(written == len(data), f"short write: {written} of {len(data)} bytes to {self.path}")
-                self._fault("after-write")
+                if written != len(data):
+                    raise InvariantViolation(f"short write: {written} of {len(data)} bytes to {self.path}")
+                if self._fault_on:
+                    self._fault("after-write")
                 self.offset += written
                 self.next_seq += len(payloads)
                 if self.fsync_mode == "always":
                     os.fsync(self._fd)
-                    self._fault("after-fsync")
+                    if self._fault_on:
+                        self._fault("after-fsync")
                 else:
                     self._dirty = True
                     if self.fsync_mode == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s:

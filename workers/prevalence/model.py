@@ -72,6 +72,22 @@ def outcome(status: str, value: Any = None, error: str | None = None) -> dict:
     return {"status": status, "value": value, "error": error}
 
 
+def _arity(sig: inspect.Signature, skip: int) -> tuple[int, int]:
+    """(min, max) positional arguments after the first `skip`; (1, 0) = always use bind."""
+    params = list(sig.parameters.values())[skip:]
+    lo = hi = 0
+    for p in params:
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            hi += 1
+            if p.default is p.empty:
+                lo += 1
+        elif p.kind is p.VAR_POSITIONAL:
+            hi = 1 << 30
+        elif p.kind is p.KEYWORD_ONLY and p.default is p.empty:
+            return (1, 0)
+    return (lo, hi)
+
+
 class Model:
     """A named set of transactions and queries over a root object.
 
@@ -93,6 +109,7 @@ class Model:
         self.transactions: dict[str, Callable] = {}
         self.queries: dict[str, Callable] = {}
         self._signatures: dict[str, inspect.Signature] = {}
+        self._arity: dict[str, tuple[int, int]] = {}  # name -> (min, max) extra positional args
 
     def __repr__(self) -> str:
         return f"Model({self.name!r})"
@@ -105,6 +122,7 @@ class Model:
                 raise ValueError(f"transaction name {tx!r} is empty or already declared in {self!r}")
             self.transactions[tx] = f
             self._signatures[tx] = inspect.signature(f)
+            self._arity[tx] = _arity(self._signatures[tx], 2)
             f.tx_name = tx
             return f
         return register(fn) if fn is not None else register
@@ -117,6 +135,7 @@ class Model:
                 raise ValueError(f"query name {q!r} is empty or already declared in {self!r}")
             self.queries[q] = f
             self._signatures[q] = inspect.signature(f)
+            self._arity[q] = _arity(self._signatures[q], 1)
             f.query_name = q
             return f
         return register(fn) if fn is not None else register
@@ -140,6 +159,9 @@ class Model:
 
     def check_arguments(self, name: str, args: tuple | list, *, is_query: bool = False) -> None:
         """Refuse arguments that do not fit the signature, before anything is written."""
+        lo, hi = self._arity[name]
+        if lo <= len(args) <= hi:
+            return  # the common case, without inspect's slow bind
         sig = self._signatures[name]
         try:
             if is_query:
@@ -152,6 +174,33 @@ class Model:
                                f"{list(args)!r}: {exc}") from None
 
     # -- applying ------------------------------------------------------------------
+
+    def replay(self, root: Any, dedup: dict, records: list, ctx: Context) -> None:
+        """Apply many records (ticks skipped) without building outcomes: the replay path.
+
+        Same effects as `apply` on each record; kept lean because recovery and sync
+        spend their time here.
+        """
+        txs = self.transactions
+        for record in records:
+            tx = record.tx
+            if not tx:
+                continue
+            rid = record.rid
+            if rid and rid in dedup:
+                continue
+            ctx.record = record
+            ctx._random = None
+            if not rid:
+                try:
+                    txs[tx](root, ctx, *record.args)
+                except Rejected:
+                    pass
+                # Deterministic outcome of the transaction itself (see `apply`).
+                except Exception:  # noqa: BLE001
+                    pass
+            else:
+                self.apply(root, dedup, record, ctx)
 
     def apply(self, root: Any, dedup: dict, record: codec.Record, ctx: Context) -> dict:
         """Apply one record (not a tick) to the state. Returns its outcome.

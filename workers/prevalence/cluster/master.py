@@ -18,7 +18,8 @@ from the newest snapshot over every journal.
 
 from __future__ import annotations
 
-import collections
+import bisect
+import itertools
 import logging
 import os
 import shutil
@@ -120,6 +121,7 @@ class Master:
         self.gc_grace_s = gc_grace_s
         self.snapshots_kept = snapshots_kept
         self._fault = fault or (lambda point: None)
+        self._fault_on = fault is not None
         self.clock = HybridClock(now_ms=now_ms, drift_max_ms=drift_max_ms)
         self._now_ms = now_ms
         self.lease = Lease(self.shared, name, lease_ttl_s=lease_ttl_s)
@@ -138,7 +140,7 @@ class Master:
         self.committed_dedup: dict | None = None
         self.committed_cursors: dict[str, int] = {}
         self.tentative: list[Record] = []
-        self.outcomes: collections.OrderedDict = collections.OrderedDict()
+        self.outcomes: dict = {}         # own request id (or master:seq) -> (hlc, outcome)
         self.rebases = 0
         self.outcomes_changed = 0
         self.last_error: str | None = None
@@ -357,8 +359,44 @@ class Master:
             NotReady: still joining, or the lease was lost.
             StorageError: the disk refused; nothing was applied or acknowledged.
         """
-        out = self.execute_many([(tx, args, rid)])[0]
-        return _result(tx, out)
+        # Kept lean on purpose: this is the write path. `execute_many` is the general form.
+        if self.closed or not self.joined or self.lease.lost:
+            self._check_writable()
+        model = self.model
+        name = tx if tx.__class__ is str and tx in model.transactions else model.tx_name(tx)
+        lo, hi = model._arity[name]
+        if not lo <= len(args) <= hi:
+            model.check_arguments(name, args)
+        if rid is not None:
+            if rid.__class__ is not str:
+                raise BadArguments(f"request id must be a string, got {type(rid).__name__}")
+            first = self.live_dedup.get(rid)
+            if first is not None:
+                # Idempotency: a known request id takes effect once; answer with its outcome.
+                return _result(name, {"status": first[3], "value": first[4], "error": first[5]})
+        seq = self.seq + 1
+        try:
+            payload = codec.encode_record(Record(self.name, seq, self.clock.tick(), rid or "", name, args))
+        except (TypeError, ValueError, OverflowError, codec.msgspec.EncodeError) as exc:
+            raise BadArguments(f"arguments of {name!r} cannot be encoded as plain data: {exc}") from None
+        rec = codec.decode_record(payload)  # apply exactly what replay will read
+        self.writer.append((payload,), self.key)
+        if self._fault_on:
+            self._fault("between-fsync-and-apply")
+        self.seq = seq
+        self.own_horizon = rec.hlc
+        out = model.apply(self.live_root, self.live_dedup, rec, self._ctx)
+        self._version += 1
+        self._remember(rec, out)
+        if self.committed_root is not None:
+            self.tentative.append(rec)
+        else:
+            self.committed_cursors[self.name] = seq
+            self.frontier = self.clock.last
+        status = out["status"]
+        if status == OK:
+            return out["value"]
+        return _result(name, out)
 
     def execute_many(self, requests: Iterable) -> list[dict]:
         """Commit a batch of (tx, args, rid) with one write and one fsync; apply in order.
@@ -383,7 +421,7 @@ class Master:
             else:
                 if p[1]:
                     batch_rids[p[1]] = i
-                plans.append((p[0], list(args), p[1]))
+                plans.append((p[0], tuple(args), p[1]))
         # Encode, then journal the whole batch with one write and one fsync.
         seq = self.seq
         records, payloads = [], []
@@ -395,7 +433,8 @@ class Master:
                 records.append((i, codec.decode_record(payload)))  # apply exactly what replay reads
         if payloads:
             self.writer.append(payloads, self.key)
-            self._fault("between-fsync-and-apply")
+            if self._fault_on:
+                self._fault("between-fsync-and-apply")
             self.seq = seq
             self.own_horizon = records[-1][1].hlc
         # Apply in order, only now that the batch is durable.
@@ -422,13 +461,15 @@ class Master:
     def _remember(self, rec: Record, out: dict) -> None:
         if rec.master != self.name:
             return
-        key = rec.rid or rec.record_id
-        self.outcomes[key] = (rec.hlc, out)
-        if len(self.outcomes) > OUTCOMES_KEPT:
-            self.outcomes.popitem(last=False)
+        outcomes = self.outcomes
+        outcomes[rec.rid or f"{rec.master}:{rec.seq}"] = (rec.hlc, out)
+        if len(outcomes) > 2 * OUTCOMES_KEPT:
+            # Keep the newest OUTCOMES_KEPT (dicts keep insertion order).
+            for key in list(itertools.islice(outcomes, len(outcomes) - OUTCOMES_KEPT)):
+                del outcomes[key]
 
     def _write_tick(self) -> None:
-        rec = Record(self.name, self.seq + 1, self.clock.tick(), "", codec.TICK, [])
+        rec = Record(self.name, self.seq + 1, self.clock.tick(), "", codec.TICK, ())
         self.writer.append([codec.encode_record(rec)], self.key)
         self.seq = rec.seq
         self.own_horizon = rec.hlc
@@ -564,26 +605,24 @@ class Master:
         incoming = [r for recs in new.values() for r in recs]
         if not incoming:
             return applied, False
-        incoming.sort(key=_key)
+        if len(new) > 1:
+            incoming.sort(key=_key)
         self.clock.observe(incoming[-1].hlc)
-        multi = self.committed_root is not None
-        if not multi:
-            # Sole member (or recovering one): everything read commits in order at once.
-            for rec in incoming:
-                if rec.tx != codec.TICK:
-                    self._remember(rec, self.model.apply(self.live_root, self.live_dedup, rec, self._ctx))
-                self.committed_cursors[rec.master] = rec.seq
-            self._version += 1
-            return applied, False
-        if not self.tentative or _key(incoming[0]) > _key(self.tentative[-1]):
-            # Fast path: everything new orders after everything applied.
-            for rec in incoming:
-                if rec.tx != codec.TICK:
-                    self._remember(rec, self.model.apply(self.live_root, self.live_dedup, rec, self._ctx))
-            self.tentative.extend(incoming)
-            self._version += 1
-            return applied, False
-        self._rebase(incoming)
+        self._version += 1
+        with codec.gc_paused():
+            if self.committed_root is None:
+                # Sole member (or recovering one): everything read commits in order at once.
+                self.model.replay(self.live_root, self.live_dedup, incoming, self._ctx)
+                cursors = self.committed_cursors
+                for m, recs in new.items():
+                    cursors[m] = recs[-1].seq
+                return applied, False
+            if not self.tentative or _key(incoming[0]) > _key(self.tentative[-1]):
+                # Fast path: everything new orders after everything applied.
+                self.model.replay(self.live_root, self.live_dedup, incoming, self._ctx)
+                self.tentative.extend(incoming)
+                return applied, False
+            self._rebase(incoming)
         return applied, True
 
     def _rebase(self, incoming: list) -> None:
@@ -647,17 +686,16 @@ class Master:
         if self.committed_root is None:
             return
         # Commit, in key order, every tentative record at or below the frontier.
-        n = 0
-        apply = self.model.apply
-        for rec in self.tentative:
-            if rec.hlc > f:
-                break
-            if rec.tx != codec.TICK:
-                apply(self.committed_root, self.committed_dedup, rec, self._ctx)
-            self.committed_cursors[rec.master] = rec.seq
-            n += 1
+        tentative = self.tentative
+        n = bisect.bisect_right(tentative, f, key=_hlc)
         if n:
-            del self.tentative[:n]
+            done = tentative[:n]
+            with codec.gc_paused():
+                self.model.replay(self.committed_root, self.committed_dedup, done, self._ctx)
+            cursors = self.committed_cursors
+            for rec in done:
+                cursors[rec.master] = rec.seq
+            del tentative[:n]
 
     def _join_waiting_for(self) -> list[str]:
         founder = membership.read_founder(self.shared)
@@ -840,6 +878,10 @@ class Master:
 
 def _key(rec: Record) -> tuple:
     return (rec.hlc, rec.master, rec.seq)
+
+
+def _hlc(rec: Record) -> int:
+    return rec.hlc
 
 
 def _raw(value: Any):

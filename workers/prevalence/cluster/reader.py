@@ -47,7 +47,8 @@ class JournalReader:
         out: list = []
         for _attempt in range(3):
             try:
-                return self._read(out, records_max)
+                with codec.gc_paused():
+                    return self._read(out, records_max)
             except OSError as exc:
                 if exc.errno not in _VANISHED:
                     raise
