@@ -13,6 +13,9 @@ from celery import Celery
 from config.celeryconfig import celery_settings
 from config.settings import load_settings
 from workers.lifecycle import MasterStep
+# Registers the `prevalence_status` inspect command: the worker answers it, and
+# `celery inspect` checks the name against the registry in the calling process too.
+import workers.control  # noqa: E402,F401
 
 settings = load_settings()
 

@@ -144,7 +144,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if view["converged"] else EXIT_NOT_CONVERGED
 
 
-def _report_outcome(outcome: dict, as_json: bool) -> int:
+def _report_outcome(outcome: dict, as_json: bool, *, write: bool = True) -> int:
     from workers.client import raise_for_outcome, TransactionRejected, TransactionFailed
 
     if as_json:
@@ -158,7 +158,8 @@ def _report_outcome(outcome: dict, as_json: bool) -> int:
     except Exception as exc:  # RequestRefused
         if not as_json:
             kind = outcome.get("error_type") or "error"
-            print(f"error ({kind}): {exc}. Nothing was journaled.", file=sys.stderr)
+            print(f"error ({kind}): {exc}" + (". Nothing was journaled." if write else ""),
+                  file=sys.stderr)
         return EXIT_BAD_INPUT
     if not as_json:
         suffix = " (already applied earlier: recorded outcome)" if outcome.get("duplicate") else ""
@@ -178,7 +179,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     values = parse_arguments(args.args, strings=args.strings)
     client = _client(args.timeout)
     outcome = client.query_outcome(args.name, *values, master=args.master)
-    return _report_outcome(outcome, args.json)
+    return _report_outcome(outcome, args.json, write=False)
 
 
 def cmd_sync(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """Remote-control commands of a master worker: ``celery -A workers inspect prevalence_status``.
 
-Imported by `workers.lifecycle.MasterStep` inside the worker only. A solo worker that is
+Imported by `workers.celery` (the registry is checked by `celery inspect` in the calling
+process as well as in the worker). A solo worker that is
 busy in a task does not answer until the task ends, so `prevalence status` never depends
 on this command: it reads the status documents in Redis (`workers.monitor`).
 """

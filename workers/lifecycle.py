@@ -25,6 +25,7 @@ import os
 from typing import Any
 
 from celery import bootsteps
+from celery.signals import worker_ready
 
 logger = logging.getLogger("workers.lifecycle")
 
@@ -43,9 +44,6 @@ class MasterStep(bootsteps.StartStopStep):
         self.runtime: Any = None
 
     def create(self, worker: Any) -> None:
-        # Registering the inspect command here keeps celery.worker.control out of clients.
-        import workers.control  # noqa: F401
-
         from config.celeryconfig import BROADCAST_NAME, master_queue
         from workers.celery import settings
 
@@ -188,6 +186,17 @@ class MasterStep(bootsteps.StartStopStep):
         current.publish_document(final)
         logger.info("prevalence: master %s closed (%s shutdown); lease released", name,
                     "warm" if warm else "cold")
+
+
+@worker_ready.connect
+def _on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
+    """The consumer is up: say so in the status document (tools wait for it)."""
+    from workers import runtime
+
+    current = runtime.get()
+    if current is not None:
+        current.consuming = True
+        current.publish()
 
 
 class _StartRefused(Exception):

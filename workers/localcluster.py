@@ -245,7 +245,7 @@ class LocalCluster:
         return process
 
     def wait_master_up(self, name: str, deadline_s: float = MASTER_START_S) -> dict:
-        """Wait until the running process of `name` has published a status document."""
+        """Wait until the running process of `name` reports that it consumes its queues."""
         from workers.monitor import MonitorUnavailable, read_status_documents
 
         process = self.processes[name]
@@ -258,7 +258,8 @@ class LocalCluster:
                 doc = read_status_documents(self.broker.url).get(name)
             except MonitorUnavailable:
                 return None
-            if doc and doc.get("pid") == process.pid and doc.get("state") in ("ready", "joining"):
+            if (doc and doc.get("pid") == process.pid and doc.get("consuming")
+                    and doc.get("state") in ("ready", "joining")):
                 return doc
             return None
 

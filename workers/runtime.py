@@ -48,6 +48,7 @@ class MasterRuntime:
         self.master = master
         self.node = node
         self.state = "starting"
+        self.consuming = False  # set once the worker's consumer is up (worker_ready)
         self.started_at = time.time()
         self.syncs = 0
         self.last_sync: dict[str, Any] | None = None
@@ -86,6 +87,7 @@ class MasterRuntime:
             "pid": os.getpid(),
             "started_at": self.started_at,
             "reported_at": time.time(),
+            "consuming": self.consuming,
             "syncs": self.syncs,
             "last_sync_at": self.last_sync_at,
             "last_sync_task_id": self.last_sync_task_id,
