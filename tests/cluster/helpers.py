@@ -28,7 +28,7 @@ def sync_until_quiet(masters, rounds_max: int = 20) -> int:
         busy = False
         for m in masters:
             r = m.sync()
-            if any(r["applied"].values()) or r["ticked"]:
+            if any(r["applied"].values()) or r["ticked"] or not r["joined"]:
                 busy = True
         if not busy:
             return rounds

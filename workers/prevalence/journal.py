@@ -7,14 +7,14 @@ Byte layout of one framed record (all integers little-endian)::
     4       1     format version (FORMAT_VERSION)
     5       1     flags: bit 0 = an HMAC-SHA256 follows the payload
     6       2     reserved, zero
-    8       4     CRC-32 of the payload (and of the HMAC when present)
-    12      4     CRC-32 of bytes 0..11 (the header checksum)
-    16      N     payload: the MessagePack record (see codec.Record)
-    16+N    32    HMAC-SHA256(cluster key, bytes 0..7 + payload), when flag bit 0 is set
+    8       N     payload: the MessagePack record (see codec.Record)
+    8+N     32    HMAC-SHA256(cluster key, bytes 0 .. 8+N), when flag bit 0 is set
+    end-4   4     CRC-32 of every byte of the frame before it
 
-The header has its own checksum so that a flipped length is *detected* instead of being
-read as "the record runs past the end of the file" (which would look like a torn tail
-and lose every valid record after it).
+One CRC covers header, payload and HMAC, so a reader checks a frame with a single
+``crc32(frame) == RESIDUE`` (appending a CRC-32 to its message gives a constant).
+A flipped length moves where the CRC is looked for, so it fails; whether the damage is
+a torn tail or corruption is then decided by looking for a valid frame after it.
 
 Segments: ``journal/<first-seq>.log``, 20 digits zero-padded, so text order is seq
 order; a new segment starts when the current one passes ``segment_bytes_max``. Names
@@ -59,9 +59,11 @@ log = logging.getLogger("prevalence.journal")
 
 FORMAT_VERSION = 1
 FLAG_HMAC = 0x01
-HEADER = struct.Struct("<IBBHII")
-HEADER_BYTES = HEADER.size  # 16
-_HEAD12 = struct.Struct("<IBBHI")
+HEADER = struct.Struct("<IBBH")
+HEADER_BYTES = HEADER.size  # 8
+CRC_BYTES = 4
+FRAME_BYTES_MIN = HEADER_BYTES + 1 + CRC_BYTES
+RESIDUE = 0x2144DF1C  # crc32(m + crc32(m).to_bytes(4, "little")) for every m
 _U32 = struct.Struct("<I")
 HMAC_BYTES = 32
 RECORD_BYTES_MAX = 16 * 1024 * 1024
@@ -118,13 +120,10 @@ def frame(payload: bytes, key: bytes | None) -> bytes:
     n = len(payload)
     if n == 0 or n > RECORD_BYTES_MAX:
         raise InvariantViolation(f"record payload of {n} bytes is outside 1..{RECORD_BYTES_MAX}")
-    if not key:
-        head = _HEAD12.pack(n, FORMAT_VERSION, 0, 0, zlib.crc32(payload))
-        return head + _U32.pack(zlib.crc32(head)) + payload
-    head8 = struct.pack("<IBBH", n, FORMAT_VERSION, FLAG_HMAC, 0)
-    mac = hmac.new(key, head8 + payload, hashlib.sha256).digest()
-    head = head8 + _U32.pack(zlib.crc32(mac, zlib.crc32(payload)))
-    return head + _U32.pack(zlib.crc32(head)) + payload + mac
+    body = HEADER.pack(n, FORMAT_VERSION, FLAG_HMAC if key else 0, 0) + payload
+    if key:
+        body += hmac.new(key, body, hashlib.sha256).digest()
+    return body + _U32.pack(zlib.crc32(body))
 
 
 @dataclass
@@ -140,30 +139,28 @@ class ScanResult:
 def _frame_error(data, off: int, key: bytes | None) -> tuple[str | None, int]:
     """Check the frame at `off`. Returns (None, next offset) or (what is wrong, 0)."""
     size = len(data)
-    if size - off < HEADER_BYTES:
-        return f"{size - off} bytes left, fewer than a {HEADER_BYTES}-byte header", 0
-    n, version, flags, reserved, crc, hcrc = HEADER.unpack_from(data, off)
-    if zlib.crc32(data[off:off + 12]) != hcrc:
-        return "header checksum mismatch", 0
+    if size - off < FRAME_BYTES_MIN:
+        return f"{size - off} bytes left, fewer than the smallest frame ({FRAME_BYTES_MIN})", 0
+    n, version, flags, reserved = HEADER.unpack_from(data, off)
+    if n == 0 or n > RECORD_BYTES_MAX:
+        return f"declared length {n} outside 1..{RECORD_BYTES_MAX}", 0
+    mac_len = HMAC_BYTES if flags & FLAG_HMAC else 0
+    end = off + HEADER_BYTES + n + mac_len + CRC_BYTES
+    if end > size:
+        return (f"declared length {n} runs past the end of the file "
+                f"({size - off - HEADER_BYTES} bytes left)"), 0
+    if zlib.crc32(data[off:end]) != RESIDUE:
+        return "checksum mismatch", 0
     if version != FORMAT_VERSION:
         return f"format version {version}, expected {FORMAT_VERSION}", 0
     if reserved != 0 or flags & ~FLAG_HMAC:
         return f"unknown flags {flags:#x}/{reserved:#x}", 0
-    if n == 0 or n > RECORD_BYTES_MAX:
-        return f"declared length {n} outside 1..{RECORD_BYTES_MAX}", 0
-    mac_len = HMAC_BYTES if flags & FLAG_HMAC else 0
-    end = off + HEADER_BYTES + n + mac_len
-    if end > size:
-        return f"declared length {n} runs past the end of the file ({size - off - HEADER_BYTES} bytes left)", 0
-    body = data[off + HEADER_BYTES:end]
-    if zlib.crc32(body) != crc:
-        return "payload checksum mismatch", 0
     if key is not None:
         if not mac_len:
             return "record has no HMAC but a cluster key is configured", 0
-        payload = data[off + HEADER_BYTES:end - mac_len]
-        want = hmac.new(key, bytes(data[off:off + 8]) + bytes(payload), hashlib.sha256).digest()
-        if not hmac.compare_digest(want, bytes(data[end - mac_len:end])):
+        mac_at = end - CRC_BYTES - HMAC_BYTES
+        want = hmac.new(key, bytes(data[off:mac_at]), hashlib.sha256).digest()
+        if not hmac.compare_digest(want, bytes(data[mac_at:mac_at + HMAC_BYTES])):
             return "HMAC mismatch (wrong cluster key or forged record)", 0
     return None, end
 
@@ -172,7 +169,7 @@ def _valid_frame_after(data, start: int, key: bytes | None) -> int | None:
     """Offset of the first valid frame at or after `start`, or None. Error path only."""
     size = len(data)
     off = start
-    while off + HEADER_BYTES <= size:
+    while off + FRAME_BYTES_MIN <= size:
         problem, _ = _frame_error(data, off, key)
         if problem is None:
             return off
@@ -181,13 +178,16 @@ def _valid_frame_after(data, start: int, key: bytes | None) -> int | None:
 
 
 def scan(data: bytes, path: str, offset: int, key: bytes | None, *, last_segment: bool,
-         master: str | None = None, base: int = 0) -> ScanResult:
+         master: str | None = None, base: int = 0, expect_seq: int | None = None,
+         last_hlc: int = 0) -> ScanResult:
     """Decode the framed records of `data` starting at `offset`.
 
     Stops at the first damaged frame and decides whether it is a torn tail (nothing valid
     after it in this, the last, segment) or corruption. Decoding is strict: a payload
-    that is not a well-formed record is corruption too. `base` is the file offset of
-    ``data[0]``, used in error messages; offsets in the result are relative to `data`.
+    that is not a well-formed record is corruption too. With `expect_seq`, records before
+    it are skipped and every later one must carry the next seq, a higher hlc than the
+    last and `master` -- the journal's order, checked again on read. `base` is the file
+    offset of ``data[0]``, for messages; offsets in the result are relative to `data`.
     """
     records = []
     append = records.append
@@ -197,34 +197,44 @@ def scan(data: bytes, path: str, offset: int, key: bytes | None, *, last_segment
     size = len(data)
     mv = memoryview(data)
     off = offset
-    # Fast loop: no HMAC, everything valid. Any irregularity drops to the careful check.
+    problem = None
+
+    def corrupt(why: str, at: int) -> ScanResult:
+        return ScanResult(records, at, corruption=Corruption(why, path=path, offset=base + at, master=master,
+                                                             seq=expect_seq))
+
     while off < size:
-        if key is None and size - off >= HEADER_BYTES:
-            n, version, flags, reserved, crc, hcrc = unpack(data, off)
-            end = off + HEADER_BYTES + n
-            if (version == FORMAT_VERSION and flags == 0 and reserved == 0 and 0 < n <= RECORD_BYTES_MAX
-                    and end <= size and crc32(mv[off:off + 12]) == hcrc
-                    and crc32(mv[off + HEADER_BYTES:end]) == crc):
-                try:
-                    append(decode(mv[off + HEADER_BYTES:end]))
-                except msgspec.DecodeError as exc:
-                    return ScanResult(records, off, corruption=Corruption(
-                        f"checksums match but the payload is not a record: {exc}",
-                        path=path, offset=base + off, master=master))
-                off = end
-                continue
-        problem, end = _frame_error(mv, off, key)
-        if problem is not None:
+        # Fast path: a plain (unsigned) frame whose single CRC checks out.
+        if size - off >= FRAME_BYTES_MIN:
+            n, version, flags, reserved = unpack(data, off)
+            end = off + HEADER_BYTES + n + CRC_BYTES
+            if (flags == 0 and key is None and version == FORMAT_VERSION and reserved == 0 and n
+                    and end <= size and crc32(mv[off:end]) == RESIDUE):
+                payload = mv[off + HEADER_BYTES:end - CRC_BYTES]
+            else:
+                problem, end = _frame_error(mv, off, key)
+                if problem is not None:
+                    break
+                payload = mv[off + HEADER_BYTES:end - CRC_BYTES - (HMAC_BYTES if flags & FLAG_HMAC else 0)]
+        else:
+            problem = f"{size - off} bytes left, fewer than the smallest frame ({FRAME_BYTES_MIN})"
             break
-        mac_len = HMAC_BYTES if data[off + 5] & FLAG_HMAC else 0
         try:
-            append(decode(mv[off + HEADER_BYTES:end - mac_len]))
+            rec = decode(payload)
         except msgspec.DecodeError as exc:
-            return ScanResult(records, off, corruption=Corruption(
-                f"checksums match but the payload is not a record: {exc}",
-                path=path, offset=base + off, master=master))
+            return corrupt(f"checksum matches but the payload is not a record: {exc}", off)
+        if expect_seq is not None:
+            if rec.seq != expect_seq or rec.hlc <= last_hlc or rec.master != master:
+                if rec.seq < expect_seq and rec.master == master and not records:
+                    off = end  # before the cursor, in a segment read from its start
+                    continue
+                return corrupt(f"record out of sequence: expected seq {expect_seq} of {master!r} with hlc "
+                               f"above {last_hlc}, found seq {rec.seq} of {rec.master!r} with hlc {rec.hlc}", off)
+            expect_seq += 1
+            last_hlc = rec.hlc
+        append(rec)
         off = end
-    else:
+    if problem is None:
         return ScanResult(records, off)
     # A damaged frame at `off`: torn tail or corruption?
     rest = mv[off:]
@@ -233,7 +243,7 @@ def scan(data: bytes, path: str, offset: int, key: bytes | None, *, last_segment
     later = _valid_frame_after(mv, off + 1, key)
     if later is None and last_segment:
         return ScanResult(records, off, torn=problem)
-    found = (f"a valid record follows at offset {later}" if later is not None
+    found = (f"a valid record follows at offset {base + later}" if later is not None
              else "later segments exist, so this is not the tail")
     return ScanResult(records, off, corruption=Corruption(
         f"damaged record ({problem}); {found}. Expected a valid record here. "

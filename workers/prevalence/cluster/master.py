@@ -238,7 +238,8 @@ class Master:
                 peer = self._peer(m)
                 peer.counted = True
                 peer.horizon = max(peer.horizon, frontier, self.acks.get(m, 0))
-        if any(p.counted for p in self.peers.values()):
+        others = [m for m in folder.list_masters(self.shared) if m != self.name and m not in self.retired]
+        if others or any(p.counted for p in self.peers.values()):
             self._make_committed_copy()
 
     def _peer(self, m: str) -> Peer:
@@ -518,6 +519,9 @@ class Master:
         for m in folder.list_masters(self.shared):
             if m != self.name:
                 self._peer(m)
+        if self.committed_root is None and any(m not in self.retired for m in self.peers):
+            # Not alone any more: from now on records commit only below the frontier.
+            self._make_committed_copy()
         # 2. Read every peer's new records.
         new: dict[str, list] = {}
         for m, peer in self.peers.items():
@@ -526,20 +530,20 @@ class Master:
                 new[m] = recs
         # 3. Apply them in key order (fast path or rebase).
         applied, rebased = self._ingest(new)
-        # 4. Tick when a peer's real record waits on us.
+        # 4. Count newcomers (ack) and stop counting the retired.
+        self._ack_newcomers()
+        # 5. Joining: done once every member counts us.
+        if not self.joined and self.name not in self.retired:
+            self._try_complete_join()
+        # 6. Tick when a peer's real record waits on us.
         ticked = False
         if self.joined and self.writer is not None and not self.lease.lost:
             waiting = max((p.max_real_hlc for p in self.peers.values() if p.counted), default=0)
             if waiting > self.own_horizon:
                 self._write_tick()
                 ticked = True
-        # 5. Count newcomers (ack) and retire the departed.
-        self._ack_newcomers()
-        # 6. Move the frontier and commit.
+        # 7. Move the frontier and commit.
         self._advance_frontier()
-        # 7. Joining: done once every member counts us.
-        if not self.joined and self.name not in self.retired:
-            self._try_complete_join()
         # 8. Garbage, then publish what we know.
         self._collect_garbage()
         self._publish_progress()

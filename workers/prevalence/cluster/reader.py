@@ -86,22 +86,14 @@ class JournalReader:
             first, path = self._segment
             later = [s for s in segments if s[0] > first]
             data = journal.read_from(path, self._offset)
-            res = journal.scan(data, path, 0, self.key, last_segment=not later, master=self.name, base=self._offset)
-            base = self._offset
-            for rec in res.records:
-                if rec.seq <= self.last_seq:
-                    continue  # before our cursor in a freshly located segment
-                if rec.seq != self.last_seq + 1 or rec.master != self.name or rec.hlc <= self.last_hlc:
-                    return ReadResult(out, error=Corruption(
-                        f"record out of sequence: expected seq {self.last_seq + 1} of {self.name!r} with "
-                        f"hlc above {self.last_hlc}, found seq {rec.seq} of {rec.master!r} with hlc {rec.hlc}",
-                        path=path, master=self.name, seq=rec.seq))
-                out.append(rec)
-                self.last_seq = rec.seq
-                self.last_hlc = rec.hlc
-            self._offset = base + res.end_offset
+            res = journal.scan(data, path, 0, self.key, last_segment=not later, master=self.name,
+                               base=self._offset, expect_seq=self.last_seq + 1, last_hlc=self.last_hlc)
+            if res.records:
+                out += res.records
+                self.last_seq = res.records[-1].seq
+                self.last_hlc = res.records[-1].hlc
+            self._offset += res.end_offset
             if res.corruption is not None:
-                res.corruption.seq = self.last_seq + 1
                 return ReadResult(out, error=res.corruption)
             if res.torn is not None:
                 return ReadResult(out, torn=res.torn, torn_at=(path, self._offset))
