@@ -1,0 +1,144 @@
+"""One master alone: commit, query, snapshot, recover; idempotency; durability modes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from workers.prevalence import verify
+from workers.prevalence.errors import InvariantViolation, LeaseHeld, Rejected
+from workers.models.ledger import model as ledger
+
+from .helpers import journal_bytes, open_master, records_in, segments
+
+
+def _busy_history(m, n=20):
+    m.execute("open_account", "a", 1000)
+    m.execute("open_account", "b", 0)
+    for i in range(n):
+        try:
+            m.execute("transfer", "a", "b", 37 * (i % 5), rid=f"t{i}")
+        except Rejected:
+            pass
+
+
+def test_committed_state_survives_close_and_reopen_with_an_identical_digest(tmp_path):
+    m = open_master(tmp_path, fsync="always")
+    _busy_history(m)
+    m.snapshot()
+    m.execute("deposit", "b", 5, rid="after-snapshot")
+    balances, digest, seq = m.query("balances"), m.digest(), m.seq
+    assert m.query("total") == 1005
+    m.close()
+    m = open_master(tmp_path, fsync="always")
+    assert (m.query("balances"), m.digest(), m.seq) == (balances, digest, seq)
+    assert m.outcome("after-snapshot")["status"] == "ok"
+    assert verify(str(tmp_path), ledger)["digest"] == digest
+    m.close()
+
+
+def test_close_is_idempotent_and_use_after_close_stops_loudly(tmp_path):
+    m = open_master(tmp_path)
+    m.close()
+    m.close()
+    with pytest.raises(InvariantViolation):
+        m.execute("open_account", "a", 1)
+    with pytest.raises(InvariantViolation):
+        m.snapshot()
+
+
+def test_a_second_open_of_a_live_master_name_is_refused(tmp_path):
+    m = open_master(tmp_path)
+    with pytest.raises(LeaseHeld):
+        open_master(tmp_path)
+    m.close()
+    open_master(tmp_path).close()  # released on close
+
+
+def test_execute_many_commits_a_batch_with_one_write_and_one_fsync(tmp_path):
+    hits = []
+    m = open_master(tmp_path, fsync="always", fault=hits.append)
+    m.execute("open_account", "a", 0)
+    hits.clear()
+    outs = m.execute_many([("deposit", ["a", 1], f"d{i}") for i in range(100)])
+    assert [h for h in hits if h in ("after-write", "after-fsync")] == ["after-write", "after-fsync"]
+    assert [o["value"] for o in outs] == list(range(1, 101))
+    assert m.seq == 101
+    m.close()
+    assert [r.seq for r in records_in(segments(tmp_path)[0][1])] == list(range(1, 102))
+
+
+def test_second_execute_with_the_same_request_id_returns_the_first_outcome_and_journals_nothing(tmp_path):
+    m = open_master(tmp_path)
+    m.execute("open_account", "a", 10)
+    assert m.execute("deposit", "a", 5, rid="pay-1") == 15
+    seq, before = m.seq, journal_bytes(tmp_path)
+    assert m.execute("deposit", "a", 5, rid="pay-1") == 15
+    assert m.execute("deposit", "a", 999, rid="pay-1") == 15  # the first outcome, whatever the args
+    outs = m.execute_many([("deposit", ["a", 5], "pay-1")])
+    assert outs[0]["value"] == 15 and outs[0]["duplicate_of"] == "solo:2"
+    assert (m.seq, journal_bytes(tmp_path)) == (seq, before)
+    assert m.query("balance", "a") == 15
+    m.close()
+    m = open_master(tmp_path)  # and after recovery
+    assert m.execute("deposit", "a", 5, rid="pay-1") == 15
+    assert m.seq == seq
+    m.close()
+
+
+def test_the_same_request_id_twice_in_one_batch_takes_effect_once(tmp_path):
+    m = open_master(tmp_path)
+    m.execute("open_account", "a", 0)
+    outs = m.execute_many([("deposit", ["a", 4], "x"), ("deposit", ["a", 4], "x"), ("deposit", ["a", 1], None)])
+    assert [o["value"] for o in outs] == [4, 4, 5]
+    assert m.seq == 3
+    m.close()
+
+
+@pytest.mark.parametrize("mode", ["interval", "never"])
+def test_relaxed_fsync_modes_commit_and_recover_after_close(tmp_path, mode):
+    m = open_master(tmp_path, fsync=mode, fsync_interval_ms=5)
+    _busy_history(m, 50)
+    balances, digest = m.query("balances"), m.digest()
+    m.close()
+    m = open_master(tmp_path, fsync=mode)
+    assert (m.query("balances"), m.digest()) == (balances, digest)
+    m.close()
+
+
+def test_unknown_fsync_mode_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="fsync"):
+        open_master(tmp_path, fsync="sometimes")
+
+
+def test_small_segments_roll_and_recover_in_order(tmp_path):
+    m = open_master(tmp_path, segment_bytes_max=256)
+    _busy_history(m, 40)
+    balances, digest, seq = m.query("balances"), m.digest(), m.seq
+    m.close()
+    segs = segments(tmp_path)
+    assert len(segs) > 3
+    for (first, path), (nxt, _p) in zip(segs, segs[1:]):
+        recs = records_in(path)
+        assert recs[0].seq == first and recs[-1].seq == nxt - 1
+        assert os.path.getsize(path) <= 256 or len(recs) == 1
+    m = open_master(tmp_path, segment_bytes_max=256)
+    assert (m.query("balances"), m.digest(), m.seq) == (balances, digest, seq)
+    m.close()
+
+
+def test_snapshot_and_sync_collect_segments_and_recovery_still_matches_verify(tmp_path):
+    m = open_master(tmp_path, segment_bytes_max=256, gc_grace_s=0)
+    _busy_history(m, 40)
+    m.snapshot()
+    m.sync()
+    m.execute("deposit", "a", 1)
+    assert segments(tmp_path)[0][0] > 1  # covered segments are gone
+    digest = m.digest()
+    m.close()
+    m = open_master(tmp_path, segment_bytes_max=256)
+    assert m.digest() == digest
+    ref = verify(str(tmp_path), ledger)
+    assert ref["digest"] == digest and ref["base"].startswith("snapshot")
+    m.close()

@@ -1,0 +1,194 @@
+"""Properties of recovery (DESIGN §2, invariants 1, 4, 5), stated directly.
+
+* Replay reproduces the live state.
+* Snapshot + tail equals a full replay from the initial state (`verify`).
+* Any truncation or single-byte flip of a journal file either recovers every fully
+  written record before the damage -- and nothing else -- or refuses with Corruption,
+  leaving every file as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings, strategies as st
+
+from workers.models.ledger import model as ledger
+from workers.prevalence import verify
+from workers.prevalence.errors import Corruption, Rejected
+
+from .helpers import frames, journal_bytes, open_master, segments
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+ACCOUNTS = ["a", "b", "c"]
+account = st.sampled_from(ACCOUNTS + ["nobody"])
+rid = st.none() | st.sampled_from([f"req-{i}" for i in range(6)])
+op = st.one_of(
+    st.tuples(st.just("open_account"), st.tuples(st.sampled_from(ACCOUNTS), st.integers(-5, 100)), rid),
+    st.tuples(st.just("deposit"), st.tuples(account, st.integers(-5, 60)), rid),
+    st.tuples(st.just("withdraw"), st.tuples(account, st.integers(0, 150)), rid),
+    st.tuples(st.just("transfer"), st.tuples(account, account, st.integers(0, 150)), rid),
+)
+ops = st.lists(op, max_size=30)
+batch_or_op = st.one_of(op.map(lambda o: [o]), st.lists(op, min_size=2, max_size=6))
+
+
+def run(m, steps) -> None:
+    """Execute each step: a single op with `execute`, several with one `execute_many`."""
+    for step in steps:
+        if len(step) == 1:
+            tx, args, r = step[0]
+            try:
+                m.execute(tx, *args, rid=r)
+            except Rejected:
+                pass
+        else:
+            m.execute_many([(tx, list(args), r) for tx, args, r in step])
+
+
+def live(m) -> tuple:
+    return m.query("balances"), m.digest(), m.seq
+
+
+@SETTINGS
+@given(steps=st.lists(batch_or_op, max_size=25), fsync=st.sampled_from(["never", "always"]),
+       key=st.sampled_from([None, b"k"]), segment_bytes_max=st.sampled_from([200, 64 * 1024]))
+def test_replay_reproduces_the_live_state(steps, fsync, key, segment_bytes_max):
+    with tempfile.TemporaryDirectory() as shared:
+        kw = dict(fsync=fsync, cluster_key=key, segment_bytes_max=segment_bytes_max)
+        m = open_master(shared, **kw)
+        run(m, steps)
+        before = live(m)
+        outcomes = {r: m.outcome(r) for r in (f"req-{i}" for i in range(6))}
+        m.close()
+        m = open_master(shared, **kw)
+        assert live(m) == before
+        assert {r: m.outcome(r) for r in outcomes} == outcomes
+        assert verify(shared, ledger, cluster_key=key)["digest"] == before[1]
+        m.close()
+
+
+@SETTINGS
+@given(first=st.lists(batch_or_op, max_size=15), tail=st.lists(batch_or_op, max_size=15),
+       snapshots=st.integers(1, 2))
+def test_snapshot_plus_tail_equals_a_full_replay(first, tail, snapshots):
+    with tempfile.TemporaryDirectory() as shared:
+        m = open_master(shared, segment_bytes_max=300)
+        run(m, first)
+        for _ in range(snapshots):
+            m.snapshot()
+            run(m, tail[:len(tail) // snapshots])
+        run(m, tail[len(tail) // snapshots * snapshots:])
+        before = live(m)
+        m.close()
+        m = open_master(shared, segment_bytes_max=300)
+        assert m.snapshot_frontier >= 0  # recovery did start from the snapshot
+        assert live(m) == before
+        ref = verify(shared, ledger)
+        assert ref["base"] == "initial state" and ref["deterministic"]
+        assert ref["digest"] == before[1]
+        m.close()
+
+
+# -- damage ------------------------------------------------------------------------
+
+BUILD_STEPS = [
+    ("open_account", ("a", 100), None), ("open_account", ("b", 5), "o-b"), ("deposit", ("a", 7), "d1"),
+    ("withdraw", ("b", 50), "w1"),  # rejected: still a record
+    ("transfer", ("a", "b", 30), "t1"), ("open_account", ("a", 1), None),  # rejected
+    ("deposit", ("nobody", 1), "d2"), ("transfer", ("b", "a", 35), "t2"), ("withdraw", ("a", 3), None),
+    ("deposit", ("b", 11), "d3"), ("transfer", ("a", "b", 1), "t3"), ("withdraw", ("b", 12), "w2"),
+    ("deposit", ("a", 2), None), ("transfer", ("b", "a", 4), "t4"),
+]
+
+
+class Built:
+    """An intact journal in several segments, with the state after every prefix of it."""
+
+    def __init__(self, root: str, key: bytes | None):
+        self.shared = os.path.join(root, "intact")
+        self.key = key
+        m = open_master(self.shared, cluster_key=key, segment_bytes_max=250)
+        self.after = {0: (m.query("balances"), m.digest())}  # seq -> state after it
+        for tx, args, r in BUILD_STEPS:
+            try:
+                m.execute(tx, *args, rid=r)
+            except Rejected:
+                pass
+            self.after[m.seq] = (m.query("balances"), m.digest())
+        m.close()
+        self.segments = []  # (first seq, file name, size, frames)
+        for first, path in segments(self.shared):
+            with open(path, "rb") as f:
+                data = f.read()
+            self.segments.append((first, os.path.basename(path), len(data), frames(data, key)))
+        assert len(self.segments) >= 3 and self.after[len(BUILD_STEPS)]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("damage")
+    return {key: Built(str(root / (key.decode() if key else "plain")), key) for key in (None, b"k")}
+
+
+damage = st.one_of(
+    st.tuples(st.just("truncate"), st.integers(1, 10 ** 6), st.just(0)),
+    st.tuples(st.just("flip"), st.integers(0, 10 ** 6), st.integers(1, 255)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from([None, b"k"]), which=st.integers(0, 10), hit=damage)
+def test_truncation_or_flipped_byte_recovers_exactly_the_intact_prefix_or_refuses(built, key, which, hit):
+    b = built[key]
+    which %= len(b.segments)
+    first, name, size, spans = b.segments[which]
+    is_last = which == len(b.segments) - 1
+    kind, amount, mask = hit
+    with tempfile.TemporaryDirectory() as root:
+        shared = os.path.join(root, "shared")
+        shutil.copytree(b.shared, shared)
+        path = os.path.join(shared, "masters", "solo", "journal", name)
+        # Damage the file, and work out which records are still intact before the damage.
+        if kind == "truncate":
+            new_size = size - 1 - (amount % size)  # 0 .. size-1
+            with open(path, "r+b") as f:
+                f.truncate(new_size)
+            intact = sum(1 for _s, e in spans if e <= new_size)
+            damaged_whole_records_follow = not is_last  # later segments hold valid records
+        else:
+            pos = amount % size
+            with open(path, "r+b") as f:
+                f.seek(pos)
+                byte = f.read(1)[0]
+                f.seek(pos)
+                f.write(bytes([byte ^ mask]))
+            intact = next(i for i, (s, e) in enumerate(spans) if s <= pos < e)
+            damaged_whole_records_follow = intact < len(spans) - 1 or not is_last
+        damaged = journal_bytes(shared)
+        try:
+            m = open_master(shared, cluster_key=key, segment_bytes_max=250)
+        except Corruption as exc:
+            # Refused: nothing truncated, nothing set aside, and the error says where.
+            assert journal_bytes(shared) == damaged
+            assert exc.path is not None
+            # Refusing is wrong only when the damage is a plain torn tail.
+            assert damaged_whole_records_follow, f"refused a torn tail: {exc}"
+            event("refused with Corruption")
+            return
+        # Opened: only a damaged *tail* may be dropped, and exactly the intact prefix is kept.
+        assert not damaged_whole_records_follow, "opened although valid records follow the damage"
+        event("recovered the intact prefix")
+        seq = first - 1 + intact
+        balances, digest = b.after[seq]
+        assert (m.seq, m.query("balances"), m.digest()) == (seq, balances, digest)
+        m.close()
+        boundary = spans[intact - 1][1] if intact else 0
+        assert os.path.getsize(path) == boundary
+        torn = [n for n in os.listdir(os.path.dirname(path)) if ".torn-" in n]
+        assert torn == ([f"{name}.torn-{boundary:020d}"] if len(damaged[name]) > boundary else [])
