@@ -133,3 +133,34 @@ def test_sync_every_10ms_under_load_for_10s_loses_nothing(tmp_path):
     assert a.query("balance", "x") == acked["alpha"] + acked["beta"]
     assert ref["records"]["alpha"] == acked["alpha"] + 1 and ref["records"]["beta"] == acked["beta"]
     assert a.rebases + b.rebases > 0  # the load really interleaved
+
+
+def test_joiner_whose_segments_were_collected_before_it_announced_joins_again(tmp_path):
+    a = open_master(tmp_path, "alpha", segment_bytes_max=300)
+    a.execute("open_account", "x", 0)
+    b = open_master(tmp_path, "beta", segment_bytes_max=300)
+    sync_until_quiet([a, b])
+    a.snapshot(); b.snapshot()
+
+    def members_move_on(point):
+        # gamma has loaded a snapshot but not announced itself yet: alpha writes on and
+        # every member collects the segments gamma would need.
+        # Their listings do not show gamma's folder yet (NFS lookup caching): hide it.
+        if point == "before-announce" and not a.query("balance", "x"):
+            here = folder.master_dir(str(tmp_path), "gamma")
+            os.rename(here, str(tmp_path / "gamma-hidden"))
+            for i in range(40):
+                a.execute("deposit", "x", 1)
+            sync_until_quiet([a, b])
+            a.snapshot(); b.snapshot()
+            sync_until_quiet([a, b])
+            os.rename(str(tmp_path / "gamma-hidden"), here)
+            assert journal.list_segments(folder.journal_dir(str(tmp_path), "alpha"))[0][0] > 1
+
+    c = open_master(tmp_path, "gamma", segment_bytes_max=300, fault=members_move_on)
+    for _ in range(4):
+        for m in (a, b, c):
+            m.sync()
+    assert c.joined and c.query("balance", "x") == 40
+    sync_until_quiet([a, b, c])
+    assert_converged(tmp_path, [a, b, c])

@@ -61,7 +61,7 @@ class Corruption(PrevalenceError):
     """
 
     def __init__(self, message: str, *, path: str | None = None, offset: int | None = None,
-                 master: str | None = None, seq: int | None = None):
+                 master: str | None = None, seq: int | None = None, gap: bool = False):
         where = []
         if path is not None:
             where.append(f"file {path}")
@@ -77,6 +77,7 @@ class Corruption(PrevalenceError):
         self.offset = offset
         self.master = master
         self.seq = seq
+        self.gap = gap  # records are missing (collected), as opposed to damaged
 
 
 class UnknownRecordTransaction(Corruption):

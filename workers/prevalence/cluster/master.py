@@ -152,6 +152,7 @@ class Master:
         self._published: bytes | None = None
         self._gc_seen: dict[str, float] = {}
         self._own_reader: JournalReader | None = None
+        self._rejoin = False
 
     # -- recovery --------------------------------------------------------------------
 
@@ -227,6 +228,7 @@ class Master:
         return None
 
     def _set_base(self, root, dedup, frontier, cursors, clock, members) -> None:
+        self._version += 1
         self.live_root = root
         self.live_dedup = dedup
         self.frontier = frontier
@@ -253,6 +255,7 @@ class Master:
     def _announce_join(self) -> None:
         """Joining, step 1: load the newest snapshot of a member and announce ourselves."""
         body = self._load_base(own_only=False)
+        self._fault("before-announce")
         os.makedirs(folder.master_dir(self.shared, self.name), exist_ok=True)
         if body is not None:
             # Keep the base as our own snapshot: a restart, and peers' GC, rely on it.
@@ -266,6 +269,14 @@ class Master:
         self._publish_progress(force=True)
         log.info("master %s announced itself, joining from %s", self.name,
                  f"snapshot at frontier {body.frontier}" if body else "the initial state")
+
+    def _restart_join(self) -> None:
+        """Forget everything read so far and announce again from the newest snapshot."""
+        self.peers = {}
+        self.tentative = []
+        self.committed_root = self.committed_dedup = None
+        self.committed_cursors = {}
+        self._announce_join()
 
     def _recover_own_journal(self) -> None:
         """Read our own journal after the base; set a torn tail aside and truncate it."""
@@ -301,7 +312,7 @@ class Master:
         for m in folder.list_masters(self.shared):
             if m == self.name:
                 continue
-            p = read_progress(self.shared, m, self.key)
+            p = self._peer_progress(m)
             seen = p.cursors.get(self.name, 0) if p else 0
             if seen > self.seq:
                 raise LostRecords(
@@ -502,7 +513,7 @@ class Master:
 
     # -- sync ------------------------------------------------------------------------
 
-    def sync(self) -> dict:
+    def sync(self, *, _again: bool = False) -> dict:
         """Catch up with every member now. Idempotent: call it as often as you like.
 
         Returns a report: records applied per peer, whether a rebase happened, whether a
@@ -528,6 +539,13 @@ class Master:
             recs = self._read_peer(peer)
             if recs:
                 new[m] = recs
+        if self._rejoin:
+            self._rejoin = False
+            if not _again:
+                log.warning("master %s: records it needs were collected before it was counted; "
+                            "joining again from the newest snapshot", self.name)
+                self._restart_join()
+                return self.sync(_again=True)
         # 3. Apply them in key order (fast path or rebase).
         applied, rebased = self._ingest(new)
         # 4. Count newcomers (ack) and stop counting the retired.
@@ -560,8 +578,10 @@ class Master:
         peer.torn = res.torn
         recs = res.records
         peer.error = str(res.error) if res.error is not None else None
-        if res.error is not None and not self.joined and "gap" in str(res.error):
-            peer.error += " (this joiner will start again from a newer snapshot: restart it)"
+        if res.error is not None and not self.joined and res.error.gap:
+            # Joining, step 1 again: segments we needed were collected before our
+            # announcement reached that member. Nothing is written yet: start over.
+            self._rejoin = True
         peer.held = None
         cut = self.retired.get(peer.name)
         stop = None
@@ -701,13 +721,22 @@ class Master:
                 cursors[rec.master] = rec.seq
             del tentative[:n]
 
+    def _peer_progress(self, m: str) -> Progress | None:
+        """Another master's progress; a damaged one counts as absent (and is reported)."""
+        try:
+            return read_progress(self.shared, m, self.key)
+        except Corruption as exc:
+            self.last_error = str(exc)
+            log.error("%s", exc)
+            return None
+
     def _join_waiting_for(self) -> list[str]:
         founder = membership.read_founder(self.shared)
         others = set(folder.list_masters(self.shared)) | ({founder} if founder else set())
         others.discard(self.name)
         waiting = []
         for m in sorted(others - set(self.retired)):
-            p = read_progress(self.shared, m, self.key)
+            p = self._peer_progress(m)
             if p is None or self.name not in p.acks:
                 waiting.append(m)
         return waiting
@@ -719,7 +748,7 @@ class Master:
         acks = []
         for m in folder.list_masters(self.shared):
             if m != self.name and m not in self.retired:
-                p = read_progress(self.shared, m, self.key)
+                p = self._peer_progress(m)
                 acks.append(p.acks[self.name])
         self.clock.observe(max(acks, default=0))
         self.joined = True
@@ -768,7 +797,7 @@ class Master:
         for m, peer in self.peers.items():
             if m in self.retired:
                 continue
-            p = read_progress(self.shared, m, self.key)
+            p = self._peer_progress(m)
             if p is None:
                 if peer.counted:
                     return  # a member that never published: keep everything

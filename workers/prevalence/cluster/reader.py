@@ -68,7 +68,8 @@ class JournalReader:
                 return Corruption(
                     f"gap: the next record to read is seq {want} but the oldest segment starts at "
                     f"seq {segments[0][0]} (segments were removed before this master read them). "
-                    "Rejoin from a newer snapshot", path=segments[0][1], master=self.name, seq=want)
+                    "Rejoin from a newer snapshot", path=segments[0][1], master=self.name, seq=want,
+                    gap=True)
             return None
         self._offset = 0
         return best
@@ -103,7 +104,7 @@ class JournalReader:
             if nxt[0] != self.last_seq + 1:
                 return ReadResult(out, error=Corruption(
                     f"gap between segments: {path} ends at seq {self.last_seq} but the next segment "
-                    f"starts at seq {nxt[0]}", path=nxt[1], master=self.name, seq=self.last_seq + 1))
+                    f"starts at seq {nxt[0]}", path=nxt[1], master=self.name, seq=self.last_seq + 1, gap=True))
             self._segment = nxt
             self._offset = 0
             if records_max is not None and len(out) >= records_max:
