@@ -141,11 +141,6 @@ def test_transactions_can_be_named_by_their_function(tmp_path):
     m.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: Master._recover_own_journal -> _ingest applies own records without checking the "
-    "transaction is declared; Model.apply's broad except turns the KeyError into an 'error' outcome, "
-    "so after a code rollback the record is silently applied as a failure (and a snapshot then makes "
-    "that permanent) instead of stopping recovery with UnknownRecordTransaction (DESIGN invariant 5)"))
 def test_own_record_of_an_undeclared_transaction_stops_recovery_and_is_not_applied(tmp_path):
     m = open_master(tmp_path, probe)
     m.execute("add", 1)
@@ -158,3 +153,24 @@ def test_own_record_of_an_undeclared_transaction_stops_recovery_and_is_not_appli
         open_master(tmp_path, older)
     assert "draw" in str(err.value) and err.value.seq == 2
     assert journal_bytes(tmp_path) == before
+
+
+def test_outcome_that_returns_part_of_the_state_is_frozen_when_recorded(tmp_path):
+    from workers.prevalence import verify
+    aliasing = Model("aliasing", lambda: {"items": []})
+
+    @aliasing.transaction
+    def push(root, ctx, x):
+        root["items"].append(x)
+        return root["items"]  # the live list itself
+
+    m = open_master(tmp_path, aliasing)
+    m.execute("push", 1, rid="first")
+    m.snapshot()
+    m.execute("push", 2, rid="second")
+    assert m.outcome("first")["value"] == [1]
+    m.close()
+    m = open_master(tmp_path, aliasing)  # from the snapshot, then the tail
+    assert m.outcome("first")["value"] == [1]
+    assert m.digest() == verify(str(tmp_path), aliasing)["digest"]
+    m.close()

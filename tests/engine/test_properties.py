@@ -192,3 +192,36 @@ def test_truncation_or_flipped_byte_recovers_exactly_the_intact_prefix_or_refuse
         assert os.path.getsize(path) == boundary
         torn = [n for n in os.listdir(os.path.dirname(path)) if ".torn-" in n]
         assert torn == ([f"{name}.torn-{boundary:020d}"] if len(damaged[name]) > boundary else [])
+
+
+probe_op = st.one_of(
+    st.tuples(st.just("stamp"), st.just(())),
+    st.tuples(st.just("draw"), st.just(())),
+    st.tuples(st.just("add"), st.tuples(st.integers(-3, 3) | st.just("x"))),  # "x": TypeError after a mutation
+    st.tuples(st.just("refuse"), st.just(("no",))),
+)
+
+
+@SETTINGS
+@given(steps=st.lists(st.tuples(probe_op, rid), max_size=20), cut=st.integers(0, 20),
+       clock_steps=st.lists(st.integers(-2_000, 2_000), min_size=20, max_size=20))
+def test_time_randomness_and_failures_replay_identically(steps, cut, clock_steps):
+    from workers.prevalence.errors import TransactionFailed
+    from .helpers import FakeClock, probe
+    with tempfile.TemporaryDirectory() as shared:
+        wall = FakeClock()
+        m = open_master(shared, probe, now_ms=wall)
+        for i, ((tx, args), r) in enumerate(steps):
+            if i == cut:
+                m.snapshot()
+            wall.ms += clock_steps[i]  # the wall clock wanders, backwards too
+            try:
+                m.execute(tx, *args, rid=r)
+            except (Rejected, TransactionFailed):
+                pass
+        before = (m.query("log"), m.query("n"), m.digest(), m.seq)
+        m.close()
+        m = open_master(shared, probe, now_ms=FakeClock(wall.ms - 10_000))
+        assert (m.query("log"), m.query("n"), m.digest(), m.seq) == before
+        assert verify(shared, probe)["digest"] == before[2]
+        m.close()

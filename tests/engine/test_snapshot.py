@@ -79,7 +79,7 @@ def test_snapshot_names_format_and_parse_as_a_pair(frontier, name):
 
 def test_list_snapshots_is_oldest_first_and_skips_temp_files(tmp_path):
     names = [snapshot.format_snapshot_name(f) for f in (900, 10, 11_000)]
-    for n in names + [".tmp-host-1-" + names[0], "x.snap", names[0] + ".old"]:
+    for n in names + [".tmp-host-1-" + names[0], "x.snap", names[0] + ".old", "0000000000000000000\u00b2.snap"]:
         (tmp_path / n).write_bytes(b"")
     assert [f for f, _p in snapshot.list_snapshots(str(tmp_path))] == [10, 900, 11_000]
 
@@ -141,4 +141,23 @@ def test_a_snapshot_of_another_model_is_not_loaded(tmp_path):
     m = open_master(tmp_path)
     assert m.snapshot_frontier == b.frontier
     assert (m.query("balances"), m.digest()) == (balances, digest)
+    m.close()
+
+
+def test_recovery_falls_back_to_an_older_snapshot_even_after_segments_were_collected(tmp_path):
+    m = open_master(tmp_path, segment_bytes_max=200, gc_grace_s=0)
+    m.execute("open_account", "a", 0)
+    for i in range(10):
+        m.execute("deposit", "a", 1)
+    m.snapshot()
+    for i in range(10):
+        m.execute("deposit", "a", 1)
+    newest = m.snapshot()
+    m.sync()  # collects covered segments
+    m.execute("deposit", "a", 1)
+    digest = m.digest()
+    m.close()
+    flip(newest, os.path.getsize(newest) // 2)
+    m = open_master(tmp_path, segment_bytes_max=200)
+    assert (m.query("balance", "a"), m.digest()) == (21, digest)
     m.close()
