@@ -1,8 +1,8 @@
 """One master in a child process that SIGKILLs itself at the N-th hit of a fault point.
 
-    python -m tests.engine.crash_child SHARED POINT N WRITES
+    python -m tests.engine.crash_child SHARED POINT N WRITES [FSYNC]
 
-Opens master `solo` (fsync=always, tiny segments, no GC grace) and deposits 1 into
+Opens master `solo` (fsync=FSYNC, default always; tiny segments, no GC grace) and deposits 1 into
 account `acct` WRITES times with request ids w0, w1, ...; after each acknowledged one it
 prints "ack <rid>" (flushed), and every third write it snapshots and syncs (which
 collects covered segments and publishes progress). Prints "done" if never killed.
@@ -20,6 +20,7 @@ SEGMENT_BYTES_MAX = 200
 
 def main() -> None:
     shared, point, n, writes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    fsync = sys.argv[5] if len(sys.argv) > 5 else "always"
     hits = 0
 
     def fault(p: str) -> None:
@@ -29,7 +30,7 @@ def main() -> None:
             if hits == n:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    m = Master.open(model, shared, "solo", fsync="always", fault=fault, gc_grace_s=0,
+    m = Master.open(model, shared, "solo", fsync=fsync, fault=fault, gc_grace_s=0,
                     segment_bytes_max=SEGMENT_BYTES_MAX)
     if m.query("balance", "acct") is None:
         m.execute("open_account", "acct", 0, rid="open")
