@@ -287,8 +287,9 @@ def render_table(view: dict[str, Any]) -> str:
         lines.append(f"Source: status documents in Redis ({view['broker_url']}).")
     else:
         lines.append(f"Redis is unavailable ({view.get('redis_error')}).")
-        lines.append(f"Showing the progress files in {view.get('shared_dir')} instead: "
-                     "written at each sync, no tentative counts or rebases.")
+        lines.append(f"Showing the progress files in {view.get('shared_dir')} instead "
+                     "(written by each master when its progress changes; a master that is "
+                     "down shows its last word).")
     header = ["MASTER", "STATE", "SEQ", "FRONTIER", "TENTATIVE", "BEHIND", "DIGEST", "REBASES",
               "AGE", "LAST ERROR"]
     rows = [header]

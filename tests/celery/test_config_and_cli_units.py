@@ -1,0 +1,144 @@
+"""Celery configuration, argument parsing and the status view, without workers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config.celeryconfig import BROADCAST_OPTIONS, celery_settings
+from config.settings import load_settings
+from workers.cli import CliError, parse_argument, parse_arguments
+from workers.monitor import evaluate, format_hlc, render_table
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def settings(**env):
+    return load_settings(env, use_env_file=False)
+
+
+def test_broadcasts_declare_the_fanout_exchange_at_send_time():
+    conf = celery_settings(settings())
+    [exchange] = BROADCAST_OPTIONS["declare"]
+    assert exchange.name == "prevalence.broadcast" and exchange.type == "fanout"
+    assert "routing_key" not in BROADCAST_OPTIONS
+    for entry in conf["beat_schedule"].values():
+        assert entry["options"]["declare"] == [exchange]
+    for task in ("prevalence.sync", "prevalence.snapshot"):
+        assert conf["task_routes"][task]["declare"] == [exchange]
+    # The Redis fanout topic must not depend on routing keys (see celeryconfig).
+    assert conf["broker_transport_options"]["fanout_patterns"] is False
+
+
+def test_writes_are_acknowledged_late_one_at_a_time_and_events_are_on():
+    conf = celery_settings(settings())
+    assert conf["task_acks_late"] is True
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["worker_send_task_events"] is True
+    assert conf["result_backend"] == conf["broker_url"]
+    assert conf["accept_content"] == ["json"]
+
+
+def test_beat_intervals_come_from_the_environment():
+    conf = celery_settings(settings(PREVALENCE_SYNC_INTERVAL="250ms",
+                                    PREVALENCE_SNAPSHOT_INTERVAL="2m"))
+    assert conf["beat_schedule"]["prevalence-sync"]["schedule"] == 0.25
+    assert conf["beat_schedule"]["prevalence-snapshot"]["schedule"] == 120.0
+
+
+@pytest.mark.parametrize("text, value", [
+    ("10", 10), ("-3", -3), ("2.5", 2.5), ("1e3", 1000.0), ("true", True), ("null", None),
+    ('"10"', "10"), ("[1, 2]", [1, 2]), ('{"a": 1}', {"a": 1}), ("acct1", "acct1"),
+    ("hello world", "hello world"), ("1180591620717411303424", 1180591620717411303424),
+])
+def test_cli_arguments_are_json_literals_when_they_look_like_one(text, value):
+    assert parse_argument(text, 1) == value
+
+
+@pytest.mark.parametrize("text", ["[1,", '{"a":', '"open', "NaN", "[NaN]", "1e999"])
+def test_cli_arguments_that_look_like_json_but_are_not_are_refused(text):
+    if text == "NaN":
+        assert parse_argument(text, 1) == "NaN"  # a bare word is a string
+        return
+    with pytest.raises(CliError, match="argument 1"):
+        parse_argument(text, 1)
+
+
+def test_strings_mode_keeps_every_argument_verbatim():
+    assert parse_arguments(["10", "true"], strings=True) == ["10", "true"]
+
+
+def doc(name, **fields):
+    base = {"master": name, "state": "ready", "tentative": 0, "cursors": {"a": 1, "b": 2},
+            "digest": "d1", "reported_at": 100.0, "seq": 1}
+    base.update(fields)
+    return base
+
+
+def test_converged_means_same_cursors_same_digest_nothing_tentative():
+    masters = {"a": doc("a"), "b": doc("b", seq=2)}
+    assert evaluate(masters, expected=["a", "b"], now_s=101.0) == (True, [])
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"tentative": 2}, "has 2 tentative"),
+    ({"cursors": {"a": 1, "b": 1}}, "cursors differ"),
+    ({"state": "joining"}, "is joining"),
+    ({"last_error": "boom"}, "reports an error: boom"),
+    ({"reported_at": 0.0}, "101 s old"),
+])
+def test_not_converged_says_why(change, reason):
+    masters = {"a": doc("a"), "b": doc("b", **change)}
+    converged, reasons = evaluate(masters, expected=["a", "b"], stale_after_s=30, now_s=101.0)
+    assert not converged
+    assert any(reason in r for r in reasons), reasons
+
+
+def test_a_missing_master_and_divergence_are_named():
+    converged, reasons = evaluate({"a": doc("a"), "b": doc("b", digest="d2")},
+                                  expected=["a", "b", "c"], now_s=101.0)
+    assert not converged
+    assert any("c has not reported" in r for r in reasons)
+    assert any(r.startswith("DIVERGED") for r in reasons)
+
+
+def test_the_table_has_a_row_per_master_and_a_plain_verdict():
+    view = {"source": "redis", "broker_url": "redis://x", "converged": True, "reasons": [],
+            "verdict": "CONVERGED: 2 master(s)", "masters": {"a": doc("a", frontier=5 << 16),
+                                                             "b": doc("b")}}
+    text = render_table(view)
+    assert "MASTER" in text and "\na " in text and "\nb " in text
+    assert text.rstrip().endswith("CONVERGED: 2 master(s)")
+    assert format_hlc(0) == "-" and format_hlc((1000 << 16) | 3).endswith(".000+3")
+
+
+def test_importing_the_app_does_not_import_the_engine():
+    code = ("import sys, workers.celery, workers.tasks, workers.client; "
+            "print('workers.prevalence' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=str(ROOT), env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_status_without_redis_reads_the_progress_files_and_says_so(tmp_path):
+    from workers.models.ledger import model
+    from workers.prevalence import Master
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    master = Master.open(model, str(shared), "alpha")
+    master.execute("open_account", "x", 5)
+    master.sync()
+    master.close()
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "PREVALENCE_SHARED_DIR": str(shared),
+           "CELERY_BROKER_URL": "redis://127.0.0.1:1/0"}
+    done = subprocess.run([sys.executable, "-m", "workers.cli", "status"], capture_output=True,
+                          text=True, cwd=str(tmp_path), env=env, timeout=60)
+    assert "Redis is unavailable" in done.stdout, done.stdout + done.stderr
+    assert "progress files" in done.stdout
+    assert "alpha" in done.stdout
+    assert done.returncode in (0, 3)
