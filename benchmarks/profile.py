@@ -141,7 +141,7 @@ def scenario_rebase(accounts: int, window: int) -> None:
 
 
 SCENARIOS: dict[str, Callable[[], None]] = {
-    "never": lambda: scenario_execute("never", 1, 100_000),
+    "never": lambda: scenario_execute("never", 1, 300_000),
     "always": lambda: scenario_execute("always", 1, 5_000),
     "batch": lambda: scenario_execute("always", 1000, 200_000),
     "query": lambda: scenario_query(500_000),
