@@ -74,15 +74,37 @@ def encode_args(tx: str, args: Any) -> bytes:
 
 
 def canonical(value: Any) -> bytes:
-    """The canonical bytes of a value: sorted dict keys, identical on every machine."""
-    return _canonical_encoder.encode(value)
+    """The canonical bytes of a value: sorted dict keys, identical on every machine.
+
+    msgspec sorts only str keys; a value holding dicts with other keys (ints, bytes ...)
+    takes the slower path that turns each such dict into its items sorted by the
+    canonical bytes of their keys.
+    """
+    try:
+        return _canonical_encoder.encode(value)
+    except TypeError:
+        return _canonical_encoder.encode(_canonical_form(value))
+
+
+def _canonical_form(value: Any) -> Any:
+    if isinstance(value, dict):
+        if all(k.__class__ is str for k in value):
+            return {k: _canonical_form(v) for k, v in value.items()}
+        items = [(canonical(k), _canonical_form(v)) for k, v in value.items()]
+        items.sort(key=lambda kv: kv[0])
+        return ["<map>", [[msgspec.Raw(k), v] for k, v in items]]
+    if isinstance(value, (list, tuple)):
+        return [_canonical_form(v) for v in value]
+    if isinstance(value, msgspec.Struct):
+        return _canonical_form(msgspec.to_builtins(value, str_keys=False))
+    return value
 
 
 def digest_of(*parts: Any) -> str:
     """SHA-256 (hex, first 32 chars) of the canonical encoding of the parts, in order."""
     h = hashlib.sha256()
     for part in parts:
-        h.update(_canonical_encoder.encode(part))
+        h.update(canonical(part))
     return h.hexdigest()[:32]
 
 

@@ -87,7 +87,7 @@ def parse_segment_name(name: str) -> int | None:
     if len(name) != SEQ_DIGITS + len(SEGMENT_SUFFIX) or not name.endswith(SEGMENT_SUFFIX):
         return None
     digits = name[:SEQ_DIGITS]
-    if not digits.isdigit():
+    if not (digits.isascii() and digits.isdigit()):
         return None
     return int(digits)
 
@@ -137,7 +137,12 @@ class ScanResult:
 
 
 def _frame_error(data, off: int, key: bytes | None) -> tuple[str | None, int]:
-    """Check the frame at `off`. Returns (None, next offset) or (what is wrong, 0)."""
+    """Check the frame at `off`. Returns (None, next offset) or (what is wrong, 0).
+
+    A problem found *after* the checksum passed (unknown version or flags, missing or
+    wrong HMAC) is returned with end = -1: the bytes were written whole, so this can
+    never be a torn write.
+    """
     size = len(data)
     if size - off < FRAME_BYTES_MIN:
         return f"{size - off} bytes left, fewer than the smallest frame ({FRAME_BYTES_MIN})", 0
@@ -152,16 +157,17 @@ def _frame_error(data, off: int, key: bytes | None) -> tuple[str | None, int]:
     if zlib.crc32(data[off:end]) != RESIDUE:
         return "checksum mismatch", 0
     if version != FORMAT_VERSION:
-        return f"format version {version}, expected {FORMAT_VERSION}", 0
+        return (f"format version {version}, expected {FORMAT_VERSION} (written by a newer release? "
+                "upgrade this master)"), -1
     if reserved != 0 or flags & ~FLAG_HMAC:
-        return f"unknown flags {flags:#x}/{reserved:#x}", 0
+        return f"unknown flags {flags:#x}/{reserved:#x}", -1
     if key is not None:
         if not mac_len:
-            return "record has no HMAC but a cluster key is configured", 0
+            return "record has no HMAC but a cluster key is configured", -1
         mac_at = end - CRC_BYTES - HMAC_BYTES
         want = hmac.new(key, bytes(data[off:mac_at]), hashlib.sha256).digest()
         if not hmac.compare_digest(want, bytes(data[mac_at:mac_at + HMAC_BYTES])):
-            return "HMAC mismatch (wrong cluster key or forged record)", 0
+            return "HMAC mismatch (wrong cluster key or forged record)", -1
     return None, end
 
 
@@ -214,6 +220,10 @@ def scan(data: bytes, path: str, offset: int, key: bytes | None, *, last_segment
             else:
                 problem, end = _frame_error(mv, off, key)
                 if problem is not None:
+                    if end == -1:
+                        return corrupt(f"damaged record ({problem}); its checksum matches, so it was "
+                                       "written whole: this is not a torn tail. Nothing was skipped "
+                                       "or truncated", off)
                     break
                 payload = mv[off + HEADER_BYTES:end - CRC_BYTES - (HMAC_BYTES if flags & FLAG_HMAC else 0)]
         else:
@@ -238,7 +248,7 @@ def scan(data: bytes, path: str, offset: int, key: bytes | None, *, last_segment
         return ScanResult(records, off)
     # A damaged frame at `off`: torn tail or corruption?
     rest = mv[off:]
-    if not any(rest):
+    if last_segment and not any(rest):
         return ScanResult(records, off, torn=f"{len(rest)} zero bytes")
     later = _valid_frame_after(mv, off + 1, key)
     if later is None and last_segment:
@@ -313,6 +323,7 @@ class JournalWriter:
         self._dirty = False
         self._last_fsync = time.monotonic()
         self._closed = False
+        self._failed: str | None = None  # set when a write or fsync failed: no more appends
         os.makedirs(journal_dir, exist_ok=True)
         if tail is None:
             self._open_new_segment(next_seq)
@@ -346,11 +357,14 @@ class JournalWriter:
         """
         if self._closed:
             raise InvariantViolation("append on a closed journal")
+        if self._failed is not None:
+            raise StorageError(f"journal {self.path} refused an earlier write ({self._failed}); it takes no "
+                               "more records until the master restarts and recovers")
         data = frame(payloads[0], key) if len(payloads) == 1 else b"".join([frame(p, key) for p in payloads])
         with self._lock:
-            if self.offset > 0 and self.offset + len(data) > self.segment_bytes_max:
-                self._roll()
             try:
+                if self.offset > 0 and self.offset + len(data) > self.segment_bytes_max:
+                    self._roll()
                 written = os.pwrite(self._fd, data, self.offset)
                 if written != len(data):
                     raise InvariantViolation(f"short write: {written} of {len(data)} bytes to {self.path}")
@@ -367,7 +381,11 @@ class JournalWriter:
                     if self.fsync_mode == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s:
                         self._fsync_locked()
             except OSError as exc:
-                raise _storage_error("appending", self.path, exc) from exc
+                # What reached the disk is unknown now: refuse everything until a restart
+                # recovers the journal (a torn tail is set aside; a whole record stays).
+                err = _storage_error("appending", self.path, exc)
+                self._failed = str(err)
+                raise err from exc
 
     def _roll(self) -> None:
         """Close the current segment durably and start the next one at next_seq."""

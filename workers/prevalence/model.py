@@ -192,8 +192,9 @@ class Model:
             ctx.record = record
             ctx._random = None
             if not rid:
+                fn = txs[tx]  # outside the try: an unknown name is a bug here
                 try:
-                    txs[tx](root, ctx, *record.args)
+                    fn(root, ctx, *record.args)
                 except Rejected:
                     pass
                 # Deterministic outcome of the transaction itself (see `apply`).
@@ -214,10 +215,11 @@ class Model:
             if first is not None:
                 return {"status": first[3], "value": first[4], "error": first[5],
                         "duplicate_of": f"{first[1]}:{first[2]}"}
+        fn = self.transactions[record.tx]  # outside the try: an unknown name is a bug here
         ctx.record = record
         ctx._random = None
         try:
-            value = self.transactions[record.tx](root, ctx, *record.args)
+            value = fn(root, ctx, *record.args)
             result = {"status": OK, "value": value, "error": None}
         except Rejected as exc:
             result = {"status": REJECTED, "value": None, "error": str(exc)}
@@ -226,10 +228,12 @@ class Model:
         except Exception as exc:  # noqa: BLE001
             result = {"status": ERROR, "value": None, "error": f"{type(exc).__name__}: {exc}"}
         if rid:
+            # Keep a copy: the value may be part of the state and change with it later.
             value = result["value"]
-            try:
-                codec.canonical(value)
-            except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
-                value = f"<unencodable {type(value).__name__}>"
+            if value is not None and value.__class__ not in (int, str, float, bool):
+                try:
+                    value = codec.round_trip(value)
+                except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+                    value = f"<unencodable {type(value).__name__}>"
             dedup[rid] = [record.hlc, record.master, record.seq, result["status"], value, result["error"]]
         return result

@@ -68,7 +68,7 @@ def parse_snapshot_name(name: str) -> int | None:
     if len(name) != SEQ_DIGITS + len(SNAPSHOT_SUFFIX) or not name.endswith(SNAPSHOT_SUFFIX):
         return None
     digits = name[:SEQ_DIGITS]
-    return int(digits) if digits.isdigit() else None
+    return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
 def list_snapshots(snap_dir: str) -> list[tuple[int, str]]:

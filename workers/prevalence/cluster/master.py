@@ -145,7 +145,10 @@ class Master:
         self.outcomes_changed = 0
         self.last_error: str | None = None
         self.snapshot_frontier = -1
-        self.snapshot_cursors: dict[str, int] = {}
+        # Own snapshots kept on disk: frontier -> cursors. GC keeps what the *oldest* of
+        # them needs, so that falling back from a damaged newest snapshot still works.
+        self.kept_snapshots: dict[int, dict] = {}
+        self._unknown_snapshots = False
         self._ctx = Context()
         self._version = 0                # bumps at every apply to live
         self._digest_cache: tuple[int, str] | None = None
@@ -172,6 +175,7 @@ class Master:
         own_progress = read_progress(shared, name, self.key)
         if own_progress is not None:
             self.acks = dict(own_progress.acks)
+            self.kept_snapshots = {int(f): dict(c) for f, c in own_progress.kept_snapshots}
         # 3. Found, recover as a member, or (re)join.
         if existing and not joining:
             self.joined = True
@@ -222,7 +226,9 @@ class Master:
                            members=list(body.members))
             if own_only:
                 self.snapshot_frontier = body.frontier
-                self.snapshot_cursors = dict(body.cursors)
+                self.kept_snapshots[body.frontier] = dict(body.cursors)
+                on_disk = {f for f, _p in list_snapshots(folder.snapshots_dir(self.shared, self.name))}
+                self._unknown_snapshots = bool(on_disk - set(self.kept_snapshots))
             return body
         self._set_base(self.model.root_factory(), {}, 0, {}, 0, members=[])
         return None
@@ -264,7 +270,7 @@ class Master:
                                dedup=body.dedup)
             write_snapshot(folder.snapshots_dir(self.shared, self.name), own, self.key, self._fault)
             self.snapshot_frontier = body.frontier
-            self.snapshot_cursors = dict(body.cursors)
+            self.kept_snapshots = {body.frontier: dict(body.cursors)}
         folder.publish(folder.joining_path(self.shared, self.name), b"joining\n")
         self._publish_progress(force=True)
         log.info("master %s announced itself, joining from %s", self.name,
@@ -302,6 +308,19 @@ class Master:
                 os.close(fd)
             log.warning("journal %s: torn tail at offset %d (%s): %d bytes set aside to %s and truncated",
                         path, offset, res.torn, len(tail), aside)
+        if not res.records and self.seq > 0:
+            last = membership.last_written_seq(self.shared, self.name, self.key)
+            if last < self.seq:
+                raise LostRecords(
+                    f"the journal of {self.name!r} ends at seq {last} but its own snapshot already covers "
+                    f"seq {self.seq}: records were lost (machine crash under fsync={self.fsync_mode}, or "
+                    "damage). Writing on would leave a gap. Retire this master and start a new name")
+        for rec in res.records:
+            if rec.tx != codec.TICK and rec.tx not in self.model.transactions:
+                raise UnknownRecordTransaction(
+                    f"this master's own journal names transaction {rec.tx!r}, which model "
+                    f"{self.model.name!r} does not declare (code rolled back?). Deploy the code that "
+                    "declares it; nothing was applied or truncated", master=self.name, seq=rec.seq)
         self._own_reader = reader
         self._ingest({self.name: res.records})
         if res.records:
@@ -765,6 +784,9 @@ class Master:
         """Write the committed state at the frontier to ``snapshots/``. Returns its path."""
         if self.closed:
             raise InvariantViolation(f"snapshot on closed master {self.name!r}")
+        if self.writer is not None and self.fsync_mode != "always":
+            # The snapshot is fsynced: the records it covers must be durable first.
+            self.writer.flush()
         root = self.committed_root if self.committed_root is not None else self.live_root
         dedup = self.committed_dedup if self.committed_root is not None else self.live_dedup
         body = SnapshotBody(master=self.name, model=self.model.name, frontier=self.frontier,
@@ -776,15 +798,32 @@ class Master:
         snap_dir = folder.snapshots_dir(self.shared, self.name)
         path = write_snapshot(snap_dir, body, self.key, self._fault)
         self.snapshot_frontier = body.frontier
-        self.snapshot_cursors = dict(body.cursors)
-        # Keep the newest few; a joiner loading an older one retries on ENOENT.
-        for _f, old in list_snapshots(snap_dir)[:-self.snapshots_kept]:
-            try:
-                os.unlink(old)
-            except FileNotFoundError:
-                pass
+        self.kept_snapshots[body.frontier] = dict(body.cursors)
+        keep = sorted(self.kept_snapshots)[-self.snapshots_kept:]
+        self.kept_snapshots = {f: self.kept_snapshots[f] for f in keep}
+        # Publish what the kept snapshots need before deleting the others, then prune:
+        # the newest few stay (a joiner loading a deleted one retries on ENOENT).
+        self._publish_progress()
+        for f, old in list_snapshots(snap_dir):
+            if f not in self.kept_snapshots:
+                try:
+                    os.unlink(old)
+                except FileNotFoundError:
+                    pass
+        self._unknown_snapshots = False
         self._publish_progress()
         return path
+
+    @property
+    def snapshot_cursors(self) -> dict[str, int]:
+        """Per member, the last seq that every kept own snapshot covers (GC's floor)."""
+        if self._unknown_snapshots or not self.kept_snapshots:
+            return {}
+        floor: dict[str, int] = {}
+        cursor_sets = list(self.kept_snapshots.values())
+        for m in set().union(*cursor_sets):
+            floor[m] = min(c.get(m, 0) for c in cursor_sets)
+        return floor
 
     def _collect_garbage(self) -> None:
         """Delete own segments every member has read and every member's snapshot covers."""
@@ -839,6 +878,7 @@ class Master:
         return Progress(master=self.name, joined=self.joined, seq=self.seq, horizon=self.own_horizon,
                         clock=self.clock.last, frontier=self.frontier, cursors=cursors,
                         snapshot_frontier=self.snapshot_frontier, snapshot_cursors=self.snapshot_cursors,
+                        kept_snapshots=[[f, c] for f, c in sorted(self.kept_snapshots.items())],
                         acks=dict(self.acks), digest=self.digest() if quiet else "",
                         digest_frontier=self.frontier if quiet else -1, tentative=self._tentative_real(),
                         rebases=self.rebases, last_error=self.last_error)
