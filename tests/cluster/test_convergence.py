@@ -168,3 +168,21 @@ def test_record_naming_an_unknown_transaction_stops_that_peer_until_code_knows_i
         assert_converged(tmp_path, [a, b])
     finally:
         del model.transactions["bonus"]
+
+
+def test_peer_whose_clock_runs_far_ahead_is_held_and_reported_not_followed(tmp_path):
+    slow, fast = FakeClock(), FakeClock()
+    a = open_master(tmp_path, "alpha", now_ms=slow, drift_max_ms=1000)
+    a.execute("open_account", "acct", 100)
+    b = open_master(tmp_path, "beta", now_ms=fast, drift_max_ms=1000)
+    sync_until_quiet([a, b])
+    fast.ms += 60_000                         # beta's clock jumps a minute ahead
+    b.execute("deposit", "acct", 5)
+    r = a.sync()
+    assert "ahead" in r["held"]["beta"] and a.query("balance", "acct") == 100
+    assert "beta" in a.status()["held"]
+    assert a.clock.last < (fast.ms << 16)     # alpha's clock did not follow
+    slow.ms += 60_000                         # real time catches up
+    sync_until_quiet([a, b])
+    assert a.query("balance", "acct") == 105
+    assert_converged(tmp_path, [a, b])

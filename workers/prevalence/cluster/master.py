@@ -899,15 +899,21 @@ class Master:
         cursors = {m: p.reader.last_seq for m, p in self.peers.items()}
         cursors[self.name] = self.seq
         now = self._now_ms()
+        lag = {}
+        for m, peer in self.peers.items():
+            p = self._peer_progress(m)
+            lag[m] = max(0, p.seq - peer.reader.last_seq) if p is not None else None
         return {
             "master": self.name, "joined": self.joined, "seq": self.seq, "clock": self.clock.last,
             "frontier": self.frontier, "tentative": self._tentative_real(), "cursors": cursors,
             "horizons": {m: p.horizon for m, p in self.peers.items()} | {self.name: self.own_horizon},
-            "lag_ms": {m: max(0, now - physical_ms(p.horizon)) if p.horizon else None for m, p in self.peers.items()},
+            "lag": lag,  # records each peer has published that this master has not read yet
+            "horizon_age_ms": {m: max(0, now - physical_ms(p.horizon)) if p.horizon else None
+                               for m, p in self.peers.items()},
             "counted": sorted(m for m, p in self.peers.items() if p.counted),
             "retired": dict(self.retired),
             "digest": self.digest(), "rebases": self.rebases, "outcomes_changed": self.outcomes_changed,
-            "state_records": len(self.live_dedup), "fsync": self.fsync_mode,
+            "state_size": _size(self.live_root), "request_ids": len(self.live_dedup), "fsync": self.fsync_mode,
             "snapshot_frontier": self.snapshot_frontier,
             "peer_errors": {m: p.error for m, p in self.peers.items() if p.error},
             "held": {m: p.held for m, p in self.peers.items() if p.held},
@@ -955,6 +961,13 @@ def _key(rec: Record) -> tuple:
 
 def _hlc(rec: Record) -> int:
     return rec.hlc
+
+
+def _size(root: Any) -> int:
+    """A cheap size of the state: total length of its top-level collections."""
+    if isinstance(root, dict):
+        return sum(len(v) if isinstance(v, (dict, list, set, tuple)) else 1 for v in root.values())
+    return len(root) if isinstance(root, (list, tuple, set)) else 1
 
 
 def _raw(value: Any):
