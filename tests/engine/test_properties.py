@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from workers.models.ledger import model as ledger
 from workers.prevalence import verify
-from workers.prevalence.errors import Corruption, Rejected
+from workers.prevalence.errors import Corruption, LostRecords, PrevalenceError, Rejected
 
 from .helpers import frames, journal_bytes, open_master, segments
 
@@ -107,11 +107,12 @@ BUILD_STEPS = [
 
 
 class Built:
-    """An intact journal in several segments, with the state after every prefix of it."""
+    """An intact journal in several segments (and maybe a snapshot), with every prefix's state."""
 
-    def __init__(self, root: str, key: bytes | None):
+    def __init__(self, root: str, key: bytes | None, snap_at: int | None):
         self.shared = os.path.join(root, "intact")
         self.key = key
+        self.snap_at = snap_at or 0  # the last seq the snapshot covers (0: no snapshot)
         m = open_master(self.shared, cluster_key=key, segment_bytes_max=250)
         self.after = {0: (m.query("balances"), m.digest())}  # seq -> state after it
         for tx, args, r in BUILD_STEPS:
@@ -120,19 +121,28 @@ class Built:
             except Rejected:
                 pass
             self.after[m.seq] = (m.query("balances"), m.digest())
+            if m.seq == snap_at:
+                m.snapshot()
+        self.last_seq = m.seq
         m.close()
         self.segments = []  # (first seq, file name, size, frames)
         for first, path in segments(self.shared):
             with open(path, "rb") as f:
                 data = f.read()
             self.segments.append((first, os.path.basename(path), len(data), frames(data, key)))
-        assert len(self.segments) >= 3 and self.after[len(BUILD_STEPS)]
+        assert len(self.segments) >= 3 and self.last_seq == len(BUILD_STEPS)
+        # Recovery reads from the segment holding the first seq the snapshot lacks.
+        self.first_read = max(i for i, s in enumerate(self.segments) if s[0] <= self.snap_at + 1)
+
+
+SNAP_AT = [None, 3, 8, len(BUILD_STEPS)]
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("damage")
-    return {key: Built(str(root / (key.decode() if key else "plain")), key) for key in (None, b"k")}
+    return {(key, snap): Built(str(root / f"{key.decode() if key else 'plain'}-{snap}"), key, snap)
+            for key in (None, b"k") for snap in SNAP_AT}
 
 
 damage = st.one_of(
@@ -141,12 +151,24 @@ damage = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+def _only_torn_tails_moved(now: dict, damaged: dict) -> bool:
+    """Every file is as damaged, except a tail moved to `<segment>.torn-<offset>`."""
+    for name, data in damaged.items():
+        if now.get(name) == data:
+            continue
+        torn = [n for n in now if n.startswith(name + ".torn-")]
+        if len(torn) != 1 or now[name] + now[torn[0]] != data:
+            return False
+    return True
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
-@given(key=st.sampled_from([None, b"k"]), which=st.integers(0, 10), hit=damage)
-def test_truncation_or_flipped_byte_recovers_exactly_the_intact_prefix_or_refuses(built, key, which, hit):
-    b = built[key]
-    which %= len(b.segments)
+@given(key=st.sampled_from([None, b"k"]), snap_at=st.sampled_from(SNAP_AT),
+       which=st.just(-1) | st.integers(0, 10), hit=damage)  # -1: the last segment, often
+def test_truncation_or_flipped_byte_recovers_exactly_the_intact_prefix_or_refuses(built, key, snap_at, which, hit):
+    b = built[key, snap_at]
+    which = len(b.segments) - 1 if which == -1 else which % len(b.segments)
     first, name, size, spans = b.segments[which]
     is_last = which == len(b.segments) - 1
     kind, amount, mask = hit
@@ -154,13 +176,14 @@ def test_truncation_or_flipped_byte_recovers_exactly_the_intact_prefix_or_refuse
         shared = os.path.join(root, "shared")
         shutil.copytree(b.shared, shared)
         path = os.path.join(shared, "masters", "solo", "journal", name)
-        # Damage the file, and work out which records are still intact before the damage.
+        # Damage the file; find the first record it damaged (or removed) and whether it is
+        # a torn tail (nothing valid after it) or valid records follow it.
         if kind == "truncate":
             new_size = size - 1 - (amount % size)  # 0 .. size-1
             with open(path, "r+b") as f:
                 f.truncate(new_size)
             intact = sum(1 for _s, e in spans if e <= new_size)
-            damaged_whole_records_follow = not is_last  # later segments hold valid records
+            tail_only = is_last
         else:
             pos = amount % size
             with open(path, "r+b") as f:
@@ -169,29 +192,35 @@ def test_truncation_or_flipped_byte_recovers_exactly_the_intact_prefix_or_refuse
                 f.seek(pos)
                 f.write(bytes([byte ^ mask]))
             intact = next(i for i, (s, e) in enumerate(spans) if s <= pos < e)
-            damaged_whole_records_follow = intact < len(spans) - 1 or not is_last
+            tail_only = is_last and intact == len(spans) - 1
+        first_damaged = first + intact
+        if which < b.first_read:
+            expected = b.last_seq  # a segment the snapshot covers: never read again
+        elif tail_only and first_damaged > b.snap_at:
+            expected = first_damaged - 1  # a torn tail after the snapshot: the intact prefix
+        else:
+            expected = None  # valid records follow, or the snapshot is ahead: must refuse
         damaged = journal_bytes(shared)
         try:
             m = open_master(shared, cluster_key=key, segment_bytes_max=250)
-        except Corruption as exc:
-            # Refused: nothing truncated, nothing set aside, and the error says where.
-            assert journal_bytes(shared) == damaged
-            assert exc.path is not None
-            # Refusing is wrong only when the damage is a plain torn tail.
-            assert damaged_whole_records_follow, f"refused a torn tail: {exc}"
-            event("refused with Corruption")
+        except PrevalenceError as exc:
+            # Refused: nothing truncated but a torn tail set aside, and the error says where.
+            assert isinstance(exc, (Corruption, LostRecords)), exc
+            assert _only_torn_tails_moved(journal_bytes(shared), damaged)
+            assert expected is None or which < b.first_read, f"refused a recoverable journal: {exc}"
+            event("refused")
             return
         # Opened: only a damaged *tail* may be dropped, and exactly the intact prefix is kept.
-        assert not damaged_whole_records_follow, "opened although valid records follow the damage"
-        event("recovered the intact prefix")
-        seq = first - 1 + intact
-        balances, digest = b.after[seq]
-        assert (m.seq, m.query("balances"), m.digest()) == (seq, balances, digest)
+        assert expected is not None, "opened although valid records follow the damage"
+        event("recovered everything" if expected == b.last_seq else "recovered the intact prefix")
+        balances, digest = b.after[expected]
+        assert (m.seq, m.query("balances"), m.digest()) == (expected, balances, digest)
         m.close()
-        boundary = spans[intact - 1][1] if intact else 0
-        assert os.path.getsize(path) == boundary
-        torn = [n for n in os.listdir(os.path.dirname(path)) if ".torn-" in n]
-        assert torn == ([f"{name}.torn-{boundary:020d}"] if len(damaged[name]) > boundary else [])
+        if which >= b.first_read:
+            boundary = spans[intact - 1][1] if intact else 0
+            assert os.path.getsize(path) == boundary
+            torn = [n for n in os.listdir(os.path.dirname(path)) if ".torn-" in n]
+            assert torn == ([f"{name}.torn-{boundary:020d}"] if len(damaged[name]) > boundary else [])
 
 
 probe_op = st.one_of(

@@ -234,12 +234,6 @@ def test_recovery_from_only_damaged_snapshots_replays_the_journal(tmp_path):
 
 # -- a snapshot ahead of its journal -----------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: when the own journal ends before the newest snapshot's cursor (records lost from the "
-    "journal -- power loss under fsync=never/interval, or damage), Master._recover_own_journal reads "
-    "nothing, _open_writer continues at the journal's end and the next execute writes seq N+1 right "
-    "after the last surviving record: a gap inside a segment that verify and every peer then reject "
-    "as 'record out of sequence'. Recovery should refuse (LostRecords/Corruption)"))
 def test_journal_that_ends_before_its_snapshot_refuses_to_open_instead_of_writing_a_gap(tmp_path):
     from workers.prevalence.errors import LostRecords
     m = open_master(tmp_path)
@@ -259,10 +253,6 @@ def test_journal_that_ends_before_its_snapshot_refuses_to_open_instead_of_writin
     assert journal_bytes(tmp_path) == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: Master.snapshot() does not flush the journal first; under fsync=never/interval the "
-    "snapshot (fsynced) can cover records the journal has not made durable, so after a power loss "
-    "the snapshot is ahead of the journal (see the test above). Call writer.flush() before writing"))
 def test_snapshot_makes_the_journal_durable_before_it_is_published(tmp_path, monkeypatch):
     events = []
     real_fsync = os.fsync
