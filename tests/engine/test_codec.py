@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -106,4 +107,77 @@ def test_state_keyed_by_integers_has_a_digest_and_snapshots(tmp_path):
     m.close()
     m = open_master(tmp_path, by_id)
     assert m.digest() == digest
+    m.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "engine bug: a request whose record exceeds journal.RECORD_BYTES_MAX raises InvariantViolation "
+    "(the programmer-error class, 'stop the process loudly') from journal.frame inside "
+    "JournalWriter.append, instead of BadArguments from the request checks: one oversized client "
+    "argument must be refused like any other bad request. Check the encoded size in "
+    "Master.execute/_prepare"))
+def test_arguments_too_large_for_one_record_are_bad_arguments_and_nothing_is_written(tmp_path):
+    from workers.prevalence import journal
+    m = open_master(tmp_path)
+    m.execute("open_account", "a", 1)
+    seq, before = m.seq, journal_bytes(tmp_path)
+    with pytest.raises(BadArguments):
+        m.execute("open_account", "x" * (journal.RECORD_BYTES_MAX + 1), 0)
+    assert (m.seq, journal_bytes(tmp_path)) == (seq, before)
+    assert m.execute("deposit", "a", 1) == 2
+    m.close()
+
+
+class Account(msgspec.Struct):
+    balance: int = 0
+
+
+class TypedRoot(msgspec.Struct):
+    accounts: dict[str, Account] = {}
+
+
+class UntypedRoot(msgspec.Struct):
+    accounts: dict = {}  # holds Account structs, but says only "dict"
+
+
+def _struct_model(name, root_type):
+    from workers.prevalence import Model
+    model = Model(name, root_type)
+
+    @model.transaction
+    def add(root, ctx, account_id, n):
+        account = root.accounts.setdefault(account_id, Account())
+        account.balance += n
+        return account.balance
+
+    return model
+
+
+def test_struct_state_survives_snapshot_and_recovery(tmp_path):
+    model = _struct_model("typed", TypedRoot)
+    m = open_master(tmp_path, model)
+    m.execute("add", "x", 3)
+    m.snapshot()
+    m.execute("add", "x", 2)
+    digest = m.digest()
+    m.close()
+    m = open_master(tmp_path, model)
+    assert m.live_root == TypedRoot(accounts={"x": Account(5)})
+    assert m.digest() == digest
+    m.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "engine bug (silent divergence): a msgspec Struct state whose containers are untyped "
+    "(accounts: dict holding Structs) does not survive the codec -- a snapshot restores (and a rebase "
+    "restores) the nested Structs as plain dicts, so transactions behave differently after recovery "
+    "than live, with equal digests until they do. Master.snapshot() should check that "
+    "decode_root(body) == root and refuse with a clear error ('type your containers') instead"))
+def test_state_that_does_not_survive_the_codec_is_refused_at_snapshot(tmp_path):
+    from workers.prevalence.errors import PrevalenceError
+    model = _struct_model("untyped", UntypedRoot)
+    m = open_master(tmp_path, model)
+    m.execute("add", "x", 3)
+    with pytest.raises(PrevalenceError):
+        m.snapshot()
     m.close()
