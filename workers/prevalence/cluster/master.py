@@ -581,9 +581,11 @@ class Master:
                 ticked = True
         # 7. Move the frontier and commit.
         self._advance_frontier()
-        # 8. Garbage, then publish what we know.
-        self._collect_garbage()
-        self._publish_progress()
+        # 8. Garbage, then publish what we know -- unless another process owns the name now:
+        # then nothing in that folder is ours to write any more (one writer per file).
+        if not self.lease.lost:
+            self._collect_garbage()
+            self._publish_progress()
         errors = {m: p.error for m, p in self.peers.items() if p.error}
         return {"master": self.name, "applied": applied, "rebased": rebased, "ticked": ticked,
                 "frontier": self.frontier, "tentative": self._tentative_real(), "errors": errors,
@@ -784,6 +786,8 @@ class Master:
         """Write the committed state at the frontier to ``snapshots/``. Returns its path."""
         if self.closed:
             raise InvariantViolation(f"snapshot on closed master {self.name!r}")
+        if self.lease.lost:
+            raise NotReady(self.lease.lost)
         if self.writer is not None and self.fsync_mode != "always":
             # The snapshot is fsynced: the records it covers must be durable first.
             self.writer.flush()
@@ -929,7 +933,8 @@ class Master:
         try:
             if self.writer is not None:
                 self.writer.close()
-            self._publish_progress()
+            if not self.lease.lost:
+                self._publish_progress()
         finally:
             self.closed = True
             self._release()
