@@ -186,3 +186,27 @@ def test_peer_whose_clock_runs_far_ahead_is_held_and_reported_not_followed(tmp_p
     sync_until_quiet([a, b])
     assert a.query("balance", "acct") == 105
     assert_converged(tmp_path, [a, b])
+
+
+def test_check_mode_warns_when_a_refused_transaction_mutated_first(tmp_path, caplog):
+    from workers.models.ledger import model
+
+    def sloppy_withdraw(root, ctx, account_id, amount):
+        root["accounts"][account_id] -= amount          # mutates ...
+        if root["accounts"][account_id] < 0:
+            raise Rejected("overdrawn")                  # ... then refuses
+
+    model.transaction(sloppy_withdraw)
+    try:
+        a = open_master(tmp_path, "alpha", check_transactions=True)
+        a.execute("open_account", "x", 5)
+        with pytest.raises(Rejected):
+            a.execute("sloppy_withdraw", "x", 10)
+        assert a.status()["partial_mutations"] == 1
+        assert "partial mutation" in caplog.text
+        with pytest.raises(Rejected):
+            a.execute("withdraw", "x", 100)              # a clean refusal is not reported
+        assert a.status()["partial_mutations"] == 1
+        a.close()
+    finally:
+        del model.transactions["sloppy_withdraw"]

@@ -73,7 +73,8 @@ class Master:
              segment_bytes_max: int = journal.SEGMENT_BYTES_MAX_DEFAULT,
              lease_ttl_s: float = LEASE_TTL_S_DEFAULT, gc_grace_s: float = 60.0,
              snapshots_kept: int = 2, drift_max_ms: int = 60_000,
-             now_ms: Callable[[], int] = wall_ms, fault: Callable[[str], None] | None = None) -> "Master":
+             now_ms: Callable[[], int] = wall_ms, fault: Callable[[str], None] | None = None,
+             check_transactions: bool = False) -> "Master":
         """Open (recover, or found, or join) the master `name` on `shared_dir`.
 
         Args:
@@ -87,6 +88,9 @@ class Master:
             gc_grace_s: a journal segment is deleted this long after it became collectable.
             now_ms: wall clock in ms (tests inject one).
             fault: test hook called with a point name at each crash-worthy step.
+            check_transactions: development aid (slow: a digest of the state per write):
+                warn when a transaction that refused or raised left a partial mutation
+                behind (`Rejected` must be raised before mutating).
 
         Raises:
             LeaseHeld: another live process holds the name.
@@ -102,6 +106,7 @@ class Master:
                    fsync_interval_ms=fsync_interval_ms, segment_bytes_max=segment_bytes_max,
                    lease_ttl_s=lease_ttl_s, gc_grace_s=gc_grace_s, snapshots_kept=snapshots_kept,
                    drift_max_ms=drift_max_ms, now_ms=now_ms, fault=fault)
+        self.check_transactions = check_transactions
         try:
             self._recover()
         except BaseException:
@@ -156,6 +161,8 @@ class Master:
         self._gc_seen: dict[str, float] = {}
         self._own_reader: JournalReader | None = None
         self._rejoin = False
+        self.check_transactions = False
+        self.partial_mutations = 0
 
     # -- recovery --------------------------------------------------------------------
 
@@ -416,8 +423,14 @@ class Master:
             self._fault("between-fsync-and-apply")
         self.seq = seq
         self.own_horizon = rec.hlc
+        before = codec.digest_of(self.live_root) if self.check_transactions else None
         out = model.apply(self.live_root, self.live_dedup, rec, self._ctx)
         self._version += 1
+        if before is not None and out["status"] != OK and codec.digest_of(self.live_root) != before:
+            self.partial_mutations += 1
+            log.warning("transaction %s%s (%s) was %s but left a partial mutation behind: raise Rejected "
+                        "before mutating. Every master replays it the same way, so they still agree",
+                        name, tuple(args), rec.record_id, out["status"])
         self._remember(rec, out)
         if self.committed_root is not None:
             self.tentative.append(rec)
@@ -917,6 +930,7 @@ class Master:
             "counted": sorted(m for m, p in self.peers.items() if p.counted),
             "retired": dict(self.retired),
             "digest": self.digest(), "rebases": self.rebases, "outcomes_changed": self.outcomes_changed,
+            "partial_mutations": self.partial_mutations,
             "state_size": _size(self.live_root), "request_ids": len(self.live_dedup), "fsync": self.fsync_mode,
             "snapshot_frontier": self.snapshot_frontier,
             "peer_errors": {m: p.error for m, p in self.peers.items() if p.error},
