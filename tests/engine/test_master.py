@@ -233,11 +233,6 @@ def test_master_whose_lease_was_taken_over_stops_taking_writes(tmp_path):
     m.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: once its lease is lost (another process took the name over), Master.sync() still "
-    "runs _collect_garbage and _publish_progress, and close() publishes progress too: the old "
-    "process overwrites the new owner's progress file (and may unlink its segments), breaking "
-    "invariant 2 (one writer per file). Skip GC and publishing when self.lease.lost"))
 def test_master_whose_lease_was_taken_over_writes_nothing_more_in_its_folder(tmp_path):
     from workers.prevalence.cluster import folder
     m = open_master(tmp_path)
