@@ -187,7 +187,7 @@ def meta_line(args: Any) -> dict[str, Any]:
         ).stdout.strip() or None
         # Uncommitted engine changes make the commit id a lie: say so.
         dirty = bool(subprocess.run(
-            ["git", "status", "--porcelain", "--", "workers"],
+            ["git", "status", "--porcelain", "--", "workers/prevalence", "workers/models"],
             capture_output=True, text=True, timeout=5, check=False,
         ).stdout.strip())
     except OSError:
