@@ -174,3 +174,45 @@ def test_outcome_that_returns_part_of_the_state_is_frozen_when_recorded(tmp_path
     assert m.outcome("first")["value"] == [1]
     assert m.digest() == verify(str(tmp_path), aliasing)["digest"]
     m.close()
+
+
+@pytest.mark.parametrize("batch", [
+    pytest.param(False, id="execute"),
+    pytest.param(True, id="execute_many", marks=pytest.mark.xfail(strict=True, reason=(
+        "engine bug (minor): check_transactions is applied only in Master.execute; execute_many "
+        "applies its batch without the before/after digest, so the check mode misses a partial "
+        "mutation there"))),
+])
+def test_check_mode_counts_a_failed_transaction_that_left_a_partial_mutation(tmp_path, caplog, batch):
+    m = open_master(tmp_path, probe, check_transactions=True)
+
+    def run(tx, *args):
+        if batch:
+            return m.execute_many([(tx, list(args), None)])[0]["status"]
+        try:
+            m.execute(tx, *args)
+        except (Rejected, TransactionFailed) as exc:
+            return type(exc).__name__
+        return "ok"
+
+    run("add", 1)
+    run("refuse", "clean refusal, nothing mutated")
+    assert m.status()["partial_mutations"] == 0
+    run("add", "x")  # appends to the log, then raises TypeError
+    assert m.status()["partial_mutations"] == 1
+    assert any("partial mutation" in r.getMessage() for r in caplog.records)
+    m.close()
+
+
+def test_declaring_a_name_twice_is_refused():
+    from workers.prevalence import Model
+    model = Model("twice", dict)
+
+    @model.transaction
+    def once(root, ctx):
+        pass
+
+    with pytest.raises(ValueError):
+        model.transaction(once, name="once")
+    with pytest.raises(ValueError):
+        model.query(lambda root: None, name="once")
