@@ -61,7 +61,7 @@ def test_empty_payload_cannot_be_framed():
         journal.frame(b"", None)
 
 
-def test_header_checksum_catches_a_flipped_length_instead_of_reading_a_torn_tail():
+def test_flipped_length_is_caught_instead_of_read_as_a_torn_tail():
     records = make_records(3)
     data = bytearray(framed(records))
     second = frames(bytes(data))[1][0]
