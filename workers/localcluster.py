@@ -6,6 +6,10 @@ terminal reaches only the supervisor, which then stops the others in order: mast
 SIGTERM (warm shutdown: finish the task in hand, sync, snapshot, release the lease), then
 beat and Flower, then the broker it started.
 
+Like systemd's ``Restart=on-failure`` in a deployment, a supervisor thread restarts any
+process that exits on its own (a worker can die on a broker outage: kombu 5.7 sometimes
+raises while closing a lost Redis connection), except after a configuration refusal.
+
 Broker choice (`start_broker`): the given URL; else a private ``redis-server`` on a free
 loopback port when the binary exists; else the embedded fakeredis server
 (`workers.embedded_redis`), with a warning that it keeps nothing.
@@ -19,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +34,10 @@ BROKER_START_S = 15.0
 MASTER_START_S = 60.0
 STOP_S = 60.0
 POLL_S = 0.1
+#: The supervisor restarts a process that exited on its own after this long (seconds).
+RESTART_DELAY_S = 1.0
+#: Exit status of a refusal to start for bad configuration: never restarted.
+EXIT_CONFIG = 78
 
 
 class ClusterError(Exception):
@@ -195,7 +204,16 @@ class LocalCluster:
         self.snapshot_interval = snapshot_interval
         self.extra_env = dict(env or {})
         self.processes: dict[str, subprocess.Popen] = {}
+        self.commands: dict[str, tuple[list[str], str | None]] = {}
         self.flower_url: str | None = None
+        # Supervision, as systemd's Restart=on-failure does in a deployment: a process
+        # that exits on its own (not stopped or killed through this object) is started
+        # again after RESTART_DELAY_S, except on exit status 78 (bad configuration).
+        self.restarts: dict[str, int] = {}
+        self._intended_stop: set[str] = set()
+        self._supervising = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._lock = threading.RLock()
         for folder in (self.shared_dir, self.log_dir, self.run_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -219,13 +237,46 @@ class LocalCluster:
         return env
 
     def _start(self, label: str, command: list[str], master: str | None = None) -> subprocess.Popen:
-        old = self.processes.get(label)
-        if old is not None and old.poll() is None:
-            raise ClusterError(f"{label} is already running (pid {old.pid})")
-        process = _spawn(command, self.log_dir / f"{label}.log", env=self.env(master),
-                         cwd=self.run_dir)
-        self.processes[label] = process
+        with self._lock:
+            old = self.processes.get(label)
+            if old is not None and old.poll() is None:
+                raise ClusterError(f"{label} is already running (pid {old.pid})")
+            process = _spawn(command, self.log_dir / f"{label}.log", env=self.env(master),
+                             cwd=self.run_dir)
+            self.processes[label] = process
+            self.commands[label] = (command, master)
+            self._intended_stop.discard(label)
+        self._ensure_supervisor()
         return process
+
+    def _ensure_supervisor(self) -> None:
+        if self._supervisor is None:
+            self._supervising.set()
+            self._supervisor = threading.Thread(target=self._supervise, name="supervisor",
+                                                daemon=True)
+            self._supervisor.start()
+
+    def _supervise(self) -> None:
+        exited_at: dict[str, float] = {}
+        while self._supervising.is_set():
+            with self._lock:
+                for label, process in list(self.processes.items()):
+                    code = process.poll()
+                    if code is None or label in self._intended_stop or code == EXIT_CONFIG:
+                        exited_at.pop(label, None)
+                        continue
+                    first = exited_at.setdefault(label, time.monotonic())
+                    if time.monotonic() - first < RESTART_DELAY_S:
+                        continue
+                    exited_at.pop(label, None)
+                    command, master = self.commands[label]
+                    with open(self.log_dir / f"{label}.log", "ab") as log:
+                        log.write(f"\n[supervisor] {label} exited with status {code}; "
+                                  "restarting it\n".encode())
+                    self.processes[label] = _spawn(command, self.log_dir / f"{label}.log",
+                                                   env=self.env(master), cwd=self.run_dir)
+                    self.restarts[label] = self.restarts.get(label, 0) + 1
+            time.sleep(POLL_S)
 
     # -- masters -----------------------------------------------------------------------
 
@@ -277,7 +328,9 @@ class LocalCluster:
                      deadline_s: float = STOP_S) -> int | None:
         """Send `sig` (None: already sent) and wait for the process to exit; SIGKILL after
         the deadline. Never signals twice: a second SIGTERM would cut a warm shutdown."""
-        process = self.processes.get(label)
+        with self._lock:
+            self._intended_stop.add(label)
+            process = self.processes.get(label)
         if process is None or process.poll() is not None:
             return None if process is None else process.returncode
         if sig is not None:
@@ -289,8 +342,11 @@ class LocalCluster:
             return process.wait()
 
     def kill_master(self, name: str) -> None:
-        """kill -9 the master's process (no shutdown at all) and reap it."""
-        process = self.processes[name]
+        """kill -9 the master's process (no shutdown at all) and reap it. The supervisor
+        leaves it down until `start_master` is called again."""
+        with self._lock:
+            self._intended_stop.add(name)
+            process = self.processes[name]
         process.kill()
         process.wait()
 
@@ -370,8 +426,13 @@ class LocalCluster:
         """Stop everything this supervisor started: masters (SIGTERM, in parallel), then
         beat, Flower, and the broker. Returns each process's exit status."""
         statuses: dict[str, int | None] = {}
+        self._supervising.clear()
+        if self._supervisor is not None:
+            self._supervisor.join(5)
+            self._supervisor = None
         masters = [n for n in self.processes if n in self.masters]
         for name in masters:
+            self._intended_stop.add(name)
             process = self.processes[name]
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
