@@ -14,7 +14,7 @@ import json
 import sys
 
 from benchmarks import engine, sync
-from benchmarks.harness import Reporter, markdown_table, meta_line
+from benchmarks.harness import Reporter, end_line, markdown_table, meta_line, perf_counter
 from benchmarks.workload import make_workload
 
 GROUPS = {**engine.BENCHES, **sync.BENCHES}
@@ -52,11 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = engine.Settings.make(args.quick, args.dir, args.rounds, args.round_s)
     workload = make_workload()
     rep = Reporter(print_json=not args.markdown, out_path=args.out)
+    started_s = perf_counter()
     rep.emit(meta_line(args))
     try:
         for g in groups:
             rep.note(f"running {g}")
             GROUPS[g](settings, workload, rep)
+        rep.emit(end_line(started_s))
     finally:
         rep.close()
     if args.markdown:

@@ -194,6 +194,7 @@ def bench_replay(s: Settings, wl: Workload, rep: Reporter) -> None:
     extra = {
         "records": records,
         "recovery_s_per_run": [round(t, 3) for t in times],
+        "recovery_s_min": round(min(times), 3),
         "maxrss_mb": max(r["maxrss_mb"] for r in runs),
         "snapshots_before_open": [r["snapshots_before_open"] for r in runs],
         "build_s": built["build_s"],

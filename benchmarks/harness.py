@@ -203,7 +203,18 @@ def meta_line(args: Any) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "temp_root": args.dir or tempfile.gettempdir(),
+        # Other work on the machine skews every figure: a reader should see how busy it was.
+        "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
         "quick": args.quick,
+    }
+
+
+def end_line(started_s: float) -> dict[str, Any]:
+    """The last line of a run: how long it took and how busy the machine was by then."""
+    return {
+        "bench": "_end",
+        "duration_s": round(perf_counter() - started_s, 1),
+        "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
     }
 
 
@@ -255,7 +266,8 @@ def markdown_table(lines: list[dict[str, Any]]) -> str:
             f"(commit {meta.get('git_commit')}"
             f"{' + uncommitted engine changes' if meta.get('engine_uncommitted_changes') else ''}, "
             f"Python {meta.get('python')}, "
-            f"SQLite {meta.get('sqlite')}, {meta.get('cpus')} cores"
+            f"SQLite {meta.get('sqlite')}, {meta.get('cpus')} cores, "
+            f"load average {meta.get('loadavg_1m_at_start')} at start"
             f"{', quick run' if meta.get('quick') else ''})."
         )
         out.append("")
