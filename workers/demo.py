@@ -71,6 +71,7 @@ def workload(client: Any, masters: list[str], transactions: int, seed: int = 7,
             account = f"{name}-{run}-{i}"
             count(client.execute_outcome("open_account", account, 100, master=name))
             accounts.append(account)
+    counts["_example_account"] = accounts[0]  # type: ignore[assignment]
     if settle is not None:
         settle()
     # Deposits through the shared queue: whichever master is free takes each one.
@@ -110,6 +111,7 @@ def run_demo(args: argparse.Namespace) -> int:
     broker = None
     cluster = None
     converged = False
+    example = "ACCOUNT"
     try:
         broker = start_broker(root / "run", external, prefer="embedded" if args.embedded else None)
         if broker.warning:
@@ -133,6 +135,7 @@ def run_demo(args: argparse.Namespace) -> int:
         _say(f"workload: {args.transactions} transactions on {len(masters)} masters ...")
         counts = workload(client, masters, args.transactions,
                           settle=lambda: cluster.wait_converged(CONVERGE_S))
+        example = counts.pop("_example_account")
         _say("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
              + " (a rejection is the model refusing an overdraft; it is recorded too)")
         _say("waiting for convergence ...")
@@ -158,7 +161,8 @@ def run_demo(args: argparse.Namespace) -> int:
         if not args.unattended and not stopping["flag"]:
             _say("cluster running. Try, in another shell with the same environment:")
             print(f"    export CELERY_BROKER_URL={broker.url} PREVALENCE_SHARED_DIR={cluster.shared_dir}")
-            print(f"    prevalence tx deposit {masters[0]}-... 10 --master {masters[1]}")
+            print(f"    prevalence tx deposit {example} 10 --master {masters[1]}")
+            print(f"    prevalence query balance {example} --master {masters[0]}")
             print("    prevalence status")
             _say("press Ctrl-C to stop")
             while True:
