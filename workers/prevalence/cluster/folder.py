@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 
-from ..journal import fsync_dir
+from ..journal import publish_file
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -87,21 +86,8 @@ def list_masters(shared: str) -> list[str]:
 
 
 def publish(path: str, data: bytes, fault=None) -> None:
-    """Atomically replace `path` with `data`: temp + fsync + rename + directory fsync."""
-    directory = os.path.dirname(path)
-    tmp = os.path.join(directory, f".tmp-{socket.gethostname()}-{os.getpid()}-{os.path.basename(path)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if fault:
-        fault("before-publish-rename")
-    os.replace(tmp, path)
-    fsync_dir(directory)
+    """Atomically replace `path` with `data` (see `journal.publish_file`)."""
+    publish_file(path, data, fault)
 
 
 def read_small(path: str) -> bytes | None:

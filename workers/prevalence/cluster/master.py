@@ -869,10 +869,11 @@ class Master:
             seen = self._gc_seen.setdefault(path, now)
             if now - seen >= self.gc_grace_s:
                 self._fault("before-gc-unlink")
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+                for gone in (path, journal.seal_path(path)):
+                    try:
+                        os.unlink(gone)
+                    except FileNotFoundError:
+                        pass
                 self._gc_seen.pop(path, None)
                 log.info("collected segment %s (every member has read and snapshotted up to seq %d)",
                          path, covered)

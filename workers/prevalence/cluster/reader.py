@@ -87,8 +87,10 @@ class JournalReader:
             first, path = self._segment
             later = [s for s in segments if s[0] > first]
             data = journal.read_from(path, self._offset)
+            trusted = journal.trusted_prefix(data, path) if self._offset == 0 and self.key is None else 0
             res = journal.scan(data, path, 0, self.key, last_segment=not later, master=self.name,
-                               base=self._offset, expect_seq=self.last_seq + 1, last_hlc=self.last_hlc)
+                               base=self._offset, expect_seq=self.last_seq + 1, last_hlc=self.last_hlc,
+                               trusted=trusted)
             if res.records:
                 out += res.records
                 self.last_seq = res.records[-1].seq
