@@ -193,7 +193,8 @@ class LocalCluster:
 
     def __init__(self, root: Path, broker: Broker, *, masters: tuple[str, ...] = ("alpha", "beta", "gamma"),
                  shared_dir: Path | None = None, sync_interval: str = "1s",
-                 snapshot_interval: str = "1m", env: dict[str, str] | None = None) -> None:
+                 snapshot_interval: str = "1m", env: dict[str, str] | None = None,
+                 loglevel: str = "info") -> None:
         self.root = Path(root).resolve()
         self.broker = broker
         self.masters = tuple(masters)
@@ -203,6 +204,7 @@ class LocalCluster:
         self.sync_interval = sync_interval
         self.snapshot_interval = snapshot_interval
         self.extra_env = dict(env or {})
+        self.loglevel = loglevel
         self.processes: dict[str, subprocess.Popen] = {}
         self.commands: dict[str, tuple[list[str], str | None]] = {}
         self.flower_url: str | None = None
@@ -284,7 +286,7 @@ class LocalCluster:
         # --without-mingle/--without-gossip: a master needs neither (state is in the
         # folder), and mingle delays every start by a second of waiting for replies.
         return [sys.executable, "-m", "celery", "-A", "workers", "worker", "-P", "solo",
-                "-n", f"{name}@%h", "-l", "info", "--without-mingle", "--without-gossip",
+                "-n", f"{name}@%h", "-l", self.loglevel, "--without-mingle", "--without-gossip",
                 *extra]
 
     def start_master(self, name: str, *, wait: bool = True, extra: tuple[str, ...] = ()

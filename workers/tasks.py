@@ -251,3 +251,11 @@ def snapshot(self: Any) -> dict:
 def status() -> dict:
     """This master's status document (send it to ``master.<name>``)."""
     return runtime.require().status_document()
+
+
+@app.task(name="prevalence.ping", acks_late=True)
+def ping() -> dict:
+    """Answer at once without touching the state: a round trip through the broker to
+    this master (health checks, and the no-op baseline of benchmarks/bench_celery.py)."""
+    current = runtime.get()
+    return {"master": current.name if current else None}

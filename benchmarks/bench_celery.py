@@ -1,0 +1,208 @@
+"""Celery-tier benchmarks: what the engine costs on top of Celery's own round trip.
+
+    python -m benchmarks.bench_celery            # about a minute on 2 cores
+    python -m benchmarks.bench_celery --quick    # smoke run
+
+Prints one JSON line per result on stdout (progress on stderr):
+
+- ``celery_execute_vs_noop``: durable transactions per second through Celery to one
+  master (``prevalence.execute`` of a deposit, ``fsync=always``, acks_late, prefetch 1)
+  against ``prevalence.ping`` (touches nothing) on the same broker, queue, worker and
+  settings. Requests are sent in waves of ``window`` and each wave is collected with
+  one native join, so the figure is the worker's throughput, not one client's latency. Rounds alternate which kind goes first; ``ratio`` is the
+  median of per-round ratios (target >= 0.8).
+- ``celery_execute_many``: items per second of ``prevalence.execute_many`` batches of
+  ``batch`` deposits (one fsync per batch), pipelined the same way.
+- ``celery_replication_lag``: a deposit committed on alpha until a query on beta sees it,
+  with beat sending sync every 1 s; random gaps between samples spread them over the sync
+  phase. p50/p99 in ms. Beta is polled through Celery every 10 ms, which adds a few ms.
+
+Broker: a private redis-server on a free loopback port (the embedded fakeredis server if
+the binary is missing, flagged in the lines). Workers log at WARNING, so logging does not
+flatter the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def log(text: str) -> None:
+    print(f"[bench_celery] {text}", file=sys.stderr, flush=True)
+
+
+def emit(line: dict[str, Any]) -> None:
+    print(json.dumps(line), flush=True)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def make_app(cluster: Any) -> Any:
+    from celery import Celery
+
+    from config.celeryconfig import celery_settings
+    from config.settings import load_settings
+
+    env = {k: v for k, v in cluster.env().items() if k.startswith(("PREVALENCE_", "CELERY_"))}
+    app = Celery("bench-client", set_as_current=False)
+    app.conf.update(celery_settings(load_settings(env, use_env_file=False)))
+    return app
+
+
+def pipelined(app: Any, task: str, args_of: Any, count: int, window: int, queue: str) -> float:
+    """Send `count` tasks in waves of `window`, each wave collected with one native join
+    (one pub/sub drain for the wave); return tasks per second, first send to last reply."""
+    from celery.result import ResultSet
+
+    started = time.perf_counter()
+    for first in range(0, count, window):
+        wave = [app.send_task(task, args=args_of(i), queue=queue)
+                for i in range(first, min(count, first + window))]
+        for reply in ResultSet(wave).join_native(timeout=120, interval=0.001):
+            _check(reply)
+    return count / (time.perf_counter() - started)
+
+
+def _check(reply: Any) -> None:
+    if isinstance(reply, dict) and reply.get("status") not in (None, "ok"):
+        raise RuntimeError(f"benchmark request failed: {reply}")
+    if isinstance(reply, dict) and "outcomes" in reply:
+        bad = [o for o in reply["outcomes"] if o["status"] != "ok"]
+        if bad:
+            raise RuntimeError(f"benchmark batch item failed: {bad[0]}")
+
+
+def bench_throughput(cluster: Any, app: Any, *, rounds: int, count: int, window: int,
+                     broker_kind: str) -> None:
+    queue = "master.alpha"
+    open_reply = app.send_task("prevalence.execute", args=["open_account", ["bench", 0]],
+                               queue=queue).get(timeout=60)
+    _check(open_reply)
+    # Warm both paths (connections, result subscriptions, the worker's caches).
+    pipelined(app, "prevalence.ping", lambda i: [], 200, window, queue)
+    pipelined(app, "prevalence.execute", lambda i: ["deposit", ["bench", 1]], 200, window, queue)
+    noop, execute, ratios = [], [], []
+    for r in range(rounds):
+        order = ["noop", "execute"] if r % 2 == 0 else ["execute", "noop"]
+        rates = {}
+        for kind in order:
+            if kind == "noop":
+                rates[kind] = pipelined(app, "prevalence.ping", lambda i: [], count, window, queue)
+            else:
+                rates[kind] = pipelined(app, "prevalence.execute",
+                                        lambda i: ["deposit", ["bench", 1]], count, window, queue)
+        noop.append(rates["noop"])
+        execute.append(rates["execute"])
+        ratios.append(rates["execute"] / rates["noop"])
+        log(f"round {r + 1}/{rounds}: execute {rates['execute']:.0f}/s, "
+            f"no-op {rates['noop']:.0f}/s, ratio {ratios[-1]:.2f}")
+    ratio = statistics.median(ratios)
+    emit({"bench": "celery_execute_vs_noop", "unit": "tasks/s",
+          "execute_per_s": round(statistics.median(execute)),
+          "noop_per_s": round(statistics.median(noop)), "ratio": round(ratio, 3),
+          "ratio_per_round": [round(x, 3) for x in ratios], "target": 0.8,
+          "meets_target": ratio >= 0.8, "fsync": "always", "window": window,
+          "tasks_per_round": count, "rounds": rounds, "broker": broker_kind,
+          "worker": "1 solo worker, prefetch 1, acks_late, loglevel WARNING"})
+
+
+def bench_execute_many(app: Any, *, batches: int, batch: int, window: int,
+                       broker_kind: str) -> None:
+    items = [["deposit", ["bench", 1]] for _ in range(batch)]
+    rates = []
+    for _ in range(3):
+        per_s = pipelined(app, "prevalence.execute_many", lambda i: [items], batches, window,
+                          "master.alpha")
+        rates.append(per_s * batch)
+    emit({"bench": "celery_execute_many", "unit": "items/s",
+          "items_per_s": round(statistics.median(rates)), "runs": [round(r) for r in rates],
+          "batch": batch, "batches_per_run": batches, "fsync": "always", "window": window,
+          "broker": broker_kind})
+
+
+def bench_lag(cluster: Any, app: Any, *, samples: int, broker_kind: str) -> None:
+    rng = random.Random(11)
+    _check(app.send_task("prevalence.execute", args=["open_account", ["lag", 0]],
+                         queue="master.alpha").get(timeout=60))
+    cluster.wait_converged(60)
+    lags_ms = []
+    for i in range(samples):
+        time.sleep(rng.uniform(0, 1.0))  # spread commits over the sync phase
+        reply = app.send_task("prevalence.execute", args=["deposit", ["lag", 1]],
+                              queue="master.alpha").get(timeout=60, interval=0.001)
+        _check(reply)
+        committed = time.perf_counter()
+        expected = reply["value"]
+        while True:
+            seen = app.send_task("prevalence.query", args=["balance", ["lag"]],
+                                 queue="master.beta").get(timeout=60, interval=0.001)
+            if seen["value"] is not None and seen["value"] >= expected:
+                break
+            time.sleep(0.01)
+        lags_ms.append((time.perf_counter() - committed) * 1000)
+    emit({"bench": "celery_replication_lag", "unit": "ms", "sync_interval_s": 1.0,
+          "p50_ms": round(percentile(lags_ms, 0.5), 1),
+          "p99_ms": round(percentile(lags_ms, 0.99), 1),
+          "max_ms": round(max(lags_ms), 1), "samples": samples, "broker": broker_kind})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from workers.localcluster import LocalCluster, start_broker
+
+    parser = argparse.ArgumentParser(description="Celery-tier benchmarks (JSON lines)")
+    parser.add_argument("--quick", action="store_true", help="smoke run")
+    parser.add_argument("--dir", help="working folder (default: a temp dir)")
+    args = parser.parse_args(argv)
+    rounds, count, window = (2, 400, 200) if args.quick else (6, 2000, 200)
+    batches, batch = (5, 1000) if args.quick else (20, 1000)
+    samples = 8 if args.quick else 40
+
+    root = Path(args.dir or tempfile.mkdtemp(prefix="bench-celery-"))
+    broker = start_broker(root / "run")
+    if broker.warning:
+        log(broker.warning)
+    emit({"bench": "_meta", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+          "python": sys.version.split()[0], "broker": broker.kind, "quick": args.quick})
+    try:
+        # One master for throughput: the shared queue is not involved, nothing syncs.
+        cluster = LocalCluster(root / "one", broker, masters=("alpha",), loglevel="warning",
+                               sync_interval="1h", snapshot_interval="7d")
+        cluster.start_masters()
+        app = make_app(cluster)
+        log("throughput: execute vs no-op through Celery ...")
+        bench_throughput(cluster, app, rounds=rounds, count=count, window=window,
+                         broker_kind=broker.kind)
+        log("execute_many ...")
+        bench_execute_many(app, batches=batches, batch=batch, window=4, broker_kind=broker.kind)
+        cluster.stop(stop_broker=False)
+
+        log("replication lag through beat (sync every 1 s) ...")
+        lag_broker_url = broker.url.rsplit("/", 1)[0] + "/1"
+        from workers.localcluster import Broker
+
+        lag_cluster = LocalCluster(root / "two", Broker(lag_broker_url, broker.kind),
+                                   masters=("alpha", "beta"), loglevel="warning",
+                                   sync_interval="1s", snapshot_interval="7d")
+        lag_cluster.start_masters()
+        lag_cluster.start_beat(loglevel="warning")
+        bench_lag(lag_cluster, make_app(lag_cluster), samples=samples, broker_kind=broker.kind)
+        lag_cluster.stop(stop_broker=False)
+    finally:
+        broker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
