@@ -233,6 +233,11 @@ def test_master_whose_lease_was_taken_over_stops_taking_writes(tmp_path):
     m.close()
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "engine bug (since 22ecfc9, segment seals): Master.close() calls self.writer.close() even when "
+    "the lease was lost, and JournalWriter.close() publishes journal/<first-seq>.seal (journal.py "
+    "close -> _seal -> publish_file): the old process writes into the folder the new owner holds "
+    "(invariant 2). Skip sealing when the lease is lost (e.g. writer.close(seal=False))"))
 def test_master_whose_lease_was_taken_over_writes_nothing_more_in_its_folder(tmp_path):
     from workers.prevalence.cluster import folder
     m = open_master(tmp_path)
