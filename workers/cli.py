@@ -128,12 +128,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     def read_progress(shared: Any) -> dict:
         return read_all_progress(str(shared), key)
 
+    def read_retired(shared: Any) -> dict:
+        from workers.prevalence.cluster.membership import read_retired as read
+
+        return read(str(shared))
+
     deadline = time.monotonic() + (args.wait or 0.0)
     while True:
         view = cluster_view(settings.broker_url if settings.is_redis else "redis://invalid:0",
                             settings.shared_dir if settings.shared_dir.is_dir() else None,
                             sync_interval_s=settings.sync_interval_s,
-                            read_progress=read_progress)
+                            read_progress=read_progress, read_retired=read_retired)
         if view["converged"] or time.monotonic() >= deadline:
             break
         time.sleep(min(1.0, max(0.1, settings.sync_interval_s)))

@@ -141,7 +141,9 @@ class Client:
                      ) -> list[dict[str, Any]]:
         """Run a batch (items ``(tx, args)`` or ``(tx, args, key)``) with one fsync.
 
-        Returns one outcome document per item. Raises `RequestRefused` if the batch is
+        Returns one outcome per item, in order: ``status`` and ``value``, plus ``error`` and
+        ``error_type`` when not ok and ``duplicate`` when the item's id had already been
+        applied. Raises `RequestRefused` if the batch is
         refused as a whole (then nothing was applied), `NoReply` on timeout.
         """
         payload = []

@@ -10,174 +10,34 @@ Like systemd's ``Restart=on-failure`` in a deployment, a supervisor thread resta
 process that exits on its own (a worker can die on a broker outage: kombu 5.7 sometimes
 raises while closing a lost Redis connection), except after a configuration refusal.
 
-Broker choice (`start_broker`): the given URL; else a private ``redis-server`` on a free
-loopback port when the binary exists; else the embedded fakeredis server
-(`workers.embedded_redis`), with a warning that it keeps nothing.
+The broker comes from `workers.localbroker.start_broker` (re-exported here).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from workers.localbroker import Broker, start_broker
+from workers.processes import (POLL_S, ClusterError, free_port, pythonpath, spawn, tail,
+                               wait_until)
+
+__all__ = ["LocalCluster", "Broker", "start_broker", "ClusterError", "wait_until", "tail",
+           "free_port"]
+
 #: Deadlines (seconds) for the supervisor's waits; every wait polls, none sleeps blindly.
-BROKER_START_S = 15.0
 MASTER_START_S = 60.0
 STOP_S = 60.0
-POLL_S = 0.1
 #: The supervisor restarts a process that exited on its own after this long (seconds).
 RESTART_DELAY_S = 1.0
 #: Exit status of a refusal to start for bad configuration: never restarted.
 EXIT_CONFIG = 78
-
-
-class ClusterError(Exception):
-    """Raised when a local process fails to start or a wait passes its deadline."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on `host` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], Any], deadline_s: float, what: str,
-               poll_s: float = POLL_S, on_timeout: Callable[[], str] | None = None) -> Any:
-    """Poll `predicate` until it returns a truthy value or `deadline_s` seconds pass.
-
-    Returns the value; raises `ClusterError` naming `what` (plus `on_timeout()`) otherwise.
-    """
-    end = time.monotonic() + deadline_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= end:
-            extra = on_timeout() if on_timeout else ""
-            raise ClusterError(f"timed out after {deadline_s:g} s waiting for {what}"
-                               + (f"\n{extra}" if extra else ""))
-        time.sleep(poll_s)
-
-
-def _ping(url: str) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(url, socket_timeout=0.5,
-                                         socket_connect_timeout=0.5).ping())
-    except Exception:  # not up yet
-        return False
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    """The last `lines` lines of a log file (for error messages)."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return f"(no log at {path})"
-    return f"--- last lines of {path} ---\n" + "\n".join(text.splitlines()[-lines:])
-
-
-class Broker:
-    """The Redis the local cluster uses: external, a private redis-server, or embedded."""
-
-    def __init__(self, url: str, kind: str, process: subprocess.Popen | None = None,
-                 command: list[str] | None = None, log_path: Path | None = None) -> None:
-        self.url = url
-        self.kind = kind  # "external" | "redis-server" | "embedded"
-        self.process = process
-        self.command = command
-        self.log_path = log_path
-
-    @property
-    def warning(self) -> str | None:
-        if self.kind == "embedded":
-            return ("WARNING: no CELERY_BROKER_URL and no redis-server binary: using the "
-                    "embedded fakeredis server. It keeps nothing on disk and is slower; "
-                    "fine for this demo, never for a deployment.")
-        return None
-
-    def stop(self) -> None:
-        """Stop the broker if this supervisor started it."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def restart(self) -> None:
-        """Stop and start a broker this supervisor owns, on the same port (tests)."""
-        if self.command is None:
-            raise ClusterError("cannot restart an external broker")
-        self.stop()
-        self.process = _spawn(self.command, self.log_path, env=os.environ.copy(),
-                              cwd=self.log_path.parent if self.log_path else None)
-        wait_until(lambda: _ping(self.url), BROKER_START_S, f"{self.kind} at {self.url}",
-                   on_timeout=lambda: tail(self.log_path) if self.log_path else "")
-
-
-def _spawn(command: list[str], log_path: Path | None, *, env: dict[str, str],
-           cwd: Path | None) -> subprocess.Popen:
-    out: Any = subprocess.DEVNULL
-    if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        out = open(log_path, "ab")
-    try:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                cwd=str(cwd) if cwd else None, start_new_session=True)
-    finally:
-        if log_path is not None:
-            out.close()
-
-
-def start_broker(run_dir: Path, url: str | None = None, *, prefer: str | None = None) -> Broker:
-    """Start (or adopt) the broker; see the module doc for the order of preference.
-
-    `prefer` forces "redis-server" or "embedded" (tests). Raises `ClusterError` when the
-    broker does not answer PING before the deadline.
-    """
-    if url and prefer is None:
-        if not _ping(url):
-            raise ClusterError(f"CELERY_BROKER_URL={url} does not answer PING")
-        return Broker(url, "external")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    binary = shutil.which("redis-server")
-    kind = prefer or ("redis-server" if binary else "embedded")
-    if kind == "redis-server":
-        if not binary:
-            raise ClusterError("redis-server is not on PATH")
-        command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                   "--appendonly", "no", "--dir", str(run_dir), "--loglevel", "warning"]
-    else:
-        command = [sys.executable, "-m", "workers.embedded_redis", "--port", str(port)]
-    log_path = run_dir / f"{kind}.log"
-    env = os.environ.copy()
-    env["PYTHONPATH"] = _pythonpath(env)
-    process = _spawn(command, log_path, env=env, cwd=run_dir)
-    broker = Broker(f"redis://127.0.0.1:{port}/0", kind, process, command, log_path)
-    wait_until(lambda: _ping(broker.url) or process.poll() is not None, BROKER_START_S,
-               f"{kind} on port {port}", on_timeout=lambda: tail(log_path))
-    if process.poll() is not None:
-        raise ClusterError(f"{kind} exited at start\n{tail(log_path)}")
-    return broker
-
-
-def _pythonpath(env: dict[str, str]) -> str:
-    parts = [str(PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return os.pathsep.join(dict.fromkeys(parts))
 
 
 class LocalCluster:
@@ -229,7 +89,7 @@ class LocalCluster:
             "PREVALENCE_SHARED_DIR": str(self.shared_dir),
             "PREVALENCE_SYNC_INTERVAL": self.sync_interval,
             "PREVALENCE_SNAPSHOT_INTERVAL": self.snapshot_interval,
-            "PYTHONPATH": _pythonpath(env),
+            "PYTHONPATH": pythonpath(env),
             "PYTHONUNBUFFERED": "1",
         })
         env.update(self.extra_env)
@@ -243,7 +103,7 @@ class LocalCluster:
             old = self.processes.get(label)
             if old is not None and old.poll() is None:
                 raise ClusterError(f"{label} is already running (pid {old.pid})")
-            process = _spawn(command, self.log_dir / f"{label}.log", env=self.env(master),
+            process = spawn(command, self.log_dir / f"{label}.log", env=self.env(master),
                              cwd=self.run_dir)
             self.processes[label] = process
             self.commands[label] = (command, master)
@@ -275,7 +135,7 @@ class LocalCluster:
                     with open(self.log_dir / f"{label}.log", "ab") as log:
                         log.write(f"\n[supervisor] {label} exited with status {code}; "
                                   "restarting it\n".encode())
-                    self.processes[label] = _spawn(command, self.log_dir / f"{label}.log",
+                    self.processes[label] = spawn(command, self.log_dir / f"{label}.log",
                                                    env=self.env(master), cwd=self.run_dir)
                     self.restarts[label] = self.restarts.get(label, 0) + 1
             time.sleep(POLL_S)
@@ -388,12 +248,14 @@ class LocalCluster:
         from config.settings import parse_duration_s
         from workers.monitor import cluster_view
         from workers.prevalence import read_all_progress
+        from workers.prevalence.cluster.membership import read_retired
 
         return cluster_view(self.broker.url, self.shared_dir,
                             sync_interval_s=parse_duration_s("PREVALENCE_SYNC_INTERVAL",
                                                              self.sync_interval,
                                                              minimum_s=0, maximum_s=1e9),
-                            read_progress=lambda shared: read_all_progress(str(shared)))
+                            read_progress=lambda shared: read_all_progress(str(shared)),
+                            read_retired=lambda shared: read_retired(str(shared)))
 
     def wait_converged(self, deadline_s: float = 60.0, model: Any = None) -> dict:
         """Wait until every master reports converged and, when `model` is given, their

@@ -203,6 +203,7 @@ def evaluate(masters: dict[str, dict[str, Any]], *, expected: Iterable[str] = ()
 
 def cluster_view(broker_url: str, shared_dir: Path | None, *, sync_interval_s: float,
                  read_progress: Callable[[Path], dict[str, dict[str, Any]]] | None = None,
+                 read_retired: Callable[[Path], dict[str, int]] | None = None,
                  now_s: float | None = None) -> dict[str, Any]:
     """Build the cluster view from Redis, or from the progress files when Redis is down.
 
@@ -212,7 +213,8 @@ def cluster_view(broker_url: str, shared_dir: Path | None, *, sync_interval_s: f
             None or unreadable means "trust Redis alone".
         sync_interval_s: the configured interval; a report older than three intervals plus
             30 s counts as stale.
-        read_progress: `workers.prevalence.cluster.read_all_progress`, injected by the caller.
+        read_progress: `workers.prevalence.read_all_progress`, injected by the caller.
+        read_retired: the retired names in the folder (name -> cut), injected likewise.
     """
     now_s = time.time() if now_s is None else now_s
     progress: dict[str, dict[str, Any]] | None = None
@@ -222,15 +224,23 @@ def cluster_view(broker_url: str, shared_dir: Path | None, *, sync_interval_s: f
             progress = read_progress(shared_dir)
         except Exception as exc:  # a missing or unreadable folder is shown, not fatal
             progress_error = f"{type(exc).__name__}: {exc}"
-    expected = [n for n, p in (progress or {}).items() if not (p or {}).get("retired")]
+    retired: set[str] = set()
+    if shared_dir is not None and read_retired is not None:
+        try:
+            retired = set(read_retired(shared_dir))
+        except Exception as exc:  # shown below with the folder's other troubles
+            progress_error = progress_error or f"{type(exc).__name__}: {exc}"
+    expected = [n for n in (progress or {}) if n not in retired]
     stale_after_s = 3 * sync_interval_s + 30.0
     view: dict[str, Any] = {"generated_at": now_s, "broker_url": _redact(broker_url),
                             "shared_dir": str(shared_dir) if shared_dir else None}
     try:
         masters = read_status_documents(broker_url)
         view["source"] = "redis"
-        retired = {n for doc in masters.values() for n in (doc.get("retired") or {})}
+        # A retired master is out of the cluster for good: not expected, not evaluated.
+        retired |= {n for doc in masters.values() for n in (doc.get("retired") or {})}
         expected = [n for n in expected if n not in retired]
+        masters = {n: d for n, d in masters.items() if n not in retired}
         converged, reasons = evaluate(masters, expected=expected, stale_after_s=stale_after_s,
                                       now_s=now_s)
     except MonitorUnavailable as exc:
@@ -238,6 +248,8 @@ def cluster_view(broker_url: str, shared_dir: Path | None, *, sync_interval_s: f
         view["redis_error"] = str(exc)
         masters = {}
         for name, doc in (progress or {}).items():
+            if name in retired:
+                continue
             doc = dict(doc or {})
             doc.setdefault("master", name)
             if "joined" in doc:
@@ -248,6 +260,7 @@ def cluster_view(broker_url: str, shared_dir: Path | None, *, sync_interval_s: f
             reasons.append("the shared folder could not be read either"
                            + (f" ({progress_error})" if progress_error else ""))
             converged = False
+    view["retired"] = sorted(retired)
     if progress_error:
         view["shared_dir_error"] = progress_error
     for name, doc in masters.items():
@@ -307,6 +320,8 @@ def render_table(view: dict[str, Any]) -> str:
             f"{age:.0f}s" if isinstance(age, (int, float)) else "-",
             str(doc.get("last_error") or "-")[:60],
         ])
+    if view.get("retired"):
+        lines.append(f"Retired (no longer counted): {', '.join(view['retired'])}.")
     if len(rows) == 1:
         lines.append("(no master has reported)")
     else:

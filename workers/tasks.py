@@ -140,7 +140,8 @@ def execute_many(self: Any, items: list, key: str | None = None) -> dict:
 
     Args: ``items`` a list of ``[tx, args]`` or ``[tx, args, rid]``; ``key`` an optional
     batch key (item ids default to ``<key or task id>:<index>``). Returns
-    ``{"master": name, "outcomes": [outcome, ...]}`` in item order, or a single outcome
+    ``{"master": name, "outcomes": [item outcome, ...]}`` in item order (see `_compact`),
+    or a single outcome
     document with ``status: error`` when the batch is refused as a whole (malformed, an
     unknown transaction, arguments that do not fit): then nothing is applied.
     """
@@ -177,8 +178,24 @@ def execute_many(self: Any, items: list, key: str | None = None) -> dict:
             logger.error("prevalence.execute_many[%s] on %s failed: %s", self.request.id,
                          current.name, exc)
         return _refused(exc, None)
-    outcomes = [_from_engine(out, tx, rid) for out, (tx, _args, rid) in zip(results, calls)]
-    return {"master": current.name, "outcomes": outcomes}
+    return {"master": current.name,
+            "outcomes": [_compact(out, tx) for out, (tx, _args, _rid) in zip(results, calls)]}
+
+
+def _compact(out: Any, tx: Any) -> dict[str, Any]:
+    """A batch item's outcome: ``status`` and ``value``; ``error`` and ``error_type`` only
+    when not ok; ``duplicate: true`` only when it is one. (A 1000-item reply stays small:
+    master and request ids are implied by the batch and the item's position.)"""
+    status = out.get("status")
+    item: dict[str, Any] = {"status": status, "value": runtime.plain(out.get("value"))}
+    if status == "rejected":
+        item.update(error=out.get("error"), error_type="Rejected")
+    elif status != "ok":
+        item.update(error=f"transaction {tx!r} raised {out.get('error')}",
+                    error_type="TransactionFailed")
+    if "duplicate_of" in out:
+        item["duplicate"] = True
+    return item
 
 
 @app.task(name="prevalence.query", bind=True, acks_late=True,

@@ -11,10 +11,8 @@ hopes.
 from __future__ import annotations
 
 import itertools
-import os
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 

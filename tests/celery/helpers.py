@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from typing import Any
 
 from workers.models.ledger import model
 
