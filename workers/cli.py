@@ -106,6 +106,27 @@ def _client(timeout_s: float) -> Any:
         raise CliError(f"bad setting: {exc}") from exc
 
 
+def _check_master(name: str | None) -> None:
+    """Refuse a --master that no folder or status document knows: a message to an unknown
+    master.<name> queue would wait there for ever and the command would time out."""
+    if name is None:
+        return
+    from workers.monitor import MonitorUnavailable, read_status_documents
+
+    settings = _settings()
+    known: set[str] = set()
+    masters_dir = settings.shared_dir / "masters"
+    if masters_dir.is_dir():
+        known |= {p.name for p in masters_dir.iterdir() if not p.name.startswith(".")}
+    if settings.is_redis:
+        try:
+            known |= set(read_status_documents(settings.broker_url))
+        except MonitorUnavailable:
+            pass
+    if known and name not in known:
+        raise CliError(f"no master named {name!r} (known: {', '.join(sorted(known))})")
+
+
 def _print_json(document: Any) -> None:
     print(json.dumps(document, indent=2, sort_keys=True, default=str))
 
@@ -174,6 +195,7 @@ def _report_outcome(outcome: dict, as_json: bool, *, write: bool = True) -> int:
 
 
 def cmd_tx(args: argparse.Namespace) -> int:
+    _check_master(args.master)
     values = parse_arguments(args.args, strings=args.strings)
     client = _client(args.timeout)
     outcome = client.execute_outcome(args.name, *values, master=args.master, key=args.key)
@@ -181,6 +203,7 @@ def cmd_tx(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    _check_master(args.master)
     values = parse_arguments(args.args, strings=args.strings)
     client = _client(args.timeout)
     outcome = client.query_outcome(args.name, *values, master=args.master)
@@ -188,6 +211,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
+    _check_master(args.master)
     client = _client(args.timeout)
     report = client.sync(args.master)
     if report is None:
@@ -198,6 +222,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    _check_master(args.master)
     client = _client(args.timeout)
     report = client.snapshot(args.master)
     if report is None:
@@ -284,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                        help="how long to wait for the reply (default 30)")
         if name == "tx":
-            p.add_argument("--key", help="request key: a retry with the same key applies once")
+            p.add_argument("--key", help="request key: a retry with the same key applies once "
+                           "(retry on the same --master to get the recorded outcome back "
+                           "at once; elsewhere it is applied once after the next sync)")
         p.set_defaults(func=func)
 
     for name, func, what in (("sync", cmd_sync, "sync"), ("snapshot", cmd_snapshot, "snapshot")):

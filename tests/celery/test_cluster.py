@@ -147,6 +147,7 @@ def test_bad_input_via_the_cli_exits_non_zero_with_a_clear_message(cluster, clie
         (("tx", "deposit", "c1", "1180591620717411303424"), 2, "cannot be encoded"),
         (("tx", "deposit", "c1", "[1,"), 2, "looks like JSON but is not"),
         (("query", "nosuch"), 2, "no query 'nosuch'"),
+        (("tx", "deposit", "c1", "1", "--master", "nosuch"), 2, "no master named 'nosuch'"),
     ]
     for args, status, text in cases:
         done = cli(*args)
