@@ -38,3 +38,27 @@ def test_every_master_runs_every_beat_tick(make_cluster):
 
     wait_until(lambda: not missing(), 30, "every master to run every tick",
                on_timeout=lambda: f"ticks not run: {missing()}")
+
+
+def test_a_manual_sync_and_snapshot_broadcast_reach_every_master(make_cluster):
+    from tests.celery.conftest import make_client
+    from workers.monitor import read_status_documents
+
+    cluster = make_cluster()
+    cluster.start_masters()  # no beat: only our broadcasts make them sync
+    client = make_client(cluster)
+
+    def syncs() -> dict[str, int]:
+        docs = read_status_documents(cluster.broker.url)
+        return {name: docs[name]["syncs"] for name in cluster.masters if name in docs}
+
+    before = syncs()
+    assert client.sync() is None  # a broadcast has no reply
+    wait_until(lambda: all(syncs().get(m, 0) > before.get(m, 0) for m in cluster.masters),
+               30, "every master to run the broadcast sync",
+               on_timeout=lambda: f"syncs before {before}, now {syncs()}")
+    assert client.snapshot() is None
+    wait_until(lambda: all(list((cluster.shared_dir / "masters" / m / "snapshots").glob("*.snap"))
+                           for m in cluster.masters), 30, "every master to snapshot")
+    report = client.sync(master="beta")
+    assert report["master"] == "beta" and "applied" in report
