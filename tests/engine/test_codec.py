@@ -110,12 +110,6 @@ def test_state_keyed_by_integers_has_a_digest_and_snapshots(tmp_path):
     m.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: a request whose record exceeds journal.RECORD_BYTES_MAX raises InvariantViolation "
-    "(the programmer-error class, 'stop the process loudly') from journal.frame inside "
-    "JournalWriter.append, instead of BadArguments from the request checks: one oversized client "
-    "argument must be refused like any other bad request. Check the encoded size in "
-    "Master.execute/_prepare"))
 def test_arguments_too_large_for_one_record_are_bad_arguments_and_nothing_is_written(tmp_path):
     from workers.prevalence import journal
     m = open_master(tmp_path)
@@ -167,12 +161,6 @@ def test_struct_state_survives_snapshot_and_recovery(tmp_path):
     m.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug (silent divergence): a msgspec Struct state whose containers are untyped "
-    "(accounts: dict holding Structs) does not survive the codec -- a snapshot restores (and a rebase "
-    "restores) the nested Structs as plain dicts, so transactions behave differently after recovery "
-    "than live, with equal digests until they do. Master.snapshot() should check that "
-    "decode_root(body) == root and refuse with a clear error ('type your containers') instead"))
 def test_state_that_does_not_survive_the_codec_is_refused_at_snapshot(tmp_path):
     from workers.prevalence.errors import PrevalenceError
     model = _struct_model("untyped", UntypedRoot)

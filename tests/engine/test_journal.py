@@ -258,13 +258,6 @@ def test_list_segments_of_a_missing_folder_is_empty(tmp_path):
     assert journal.list_segments(str(tmp_path / "nope")) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug (unbounded work on the error path): journal._valid_frame_after tries every byte "
-    "offset after a damaged frame and, whenever the 4 bytes there read as a length <= "
-    "RECORD_BYTES_MAX that fits in the file, CRCs up to 16 MiB -- before looking at the version, "
-    "flags and reserved bytes. A garbage region of a few MB costs seconds, a 64 MiB segment of "
-    "garbage ~2 TB of CRC (recovery hangs; a peer's reader repeats it at every sync). Check the "
-    "cheap header fields first (and find candidates with bytes.find)"))
 def test_looking_for_a_valid_record_after_damage_does_bounded_work(monkeypatch):
     import random
     import zlib

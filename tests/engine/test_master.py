@@ -233,11 +233,6 @@ def test_master_whose_lease_was_taken_over_stops_taking_writes(tmp_path):
     m.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug (since 22ecfc9, segment seals): Master.close() calls self.writer.close() even when "
-    "the lease was lost, and JournalWriter.close() publishes journal/<first-seq>.seal (journal.py "
-    "close -> _seal -> publish_file): the old process writes into the folder the new owner holds "
-    "(invariant 2). Skip sealing when the lease is lost (e.g. writer.close(seal=False))"))
 def test_master_whose_lease_was_taken_over_writes_nothing_more_in_its_folder(tmp_path):
     from workers.prevalence.cluster import folder
     m = open_master(tmp_path)
@@ -255,12 +250,6 @@ def test_master_whose_lease_was_taken_over_writes_nothing_more_in_its_folder(tmp
     assert journal_bytes(tmp_path) == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: when JournalWriter._roll has closed the old segment and _open_new_segment then "
-    "fails, it raises StorageError, which append's `except OSError` does not catch: the writer is not "
-    "marked failed and keeps the closed fd number in self._fd. The next append fsyncs and closes "
-    "whatever file has reused that number since. Mark the writer failed on any error in append "
-    "and forget the fd once closed"))
 def test_segment_that_cannot_be_created_stops_the_journal_without_touching_other_files(tmp_path, monkeypatch):
     from workers.prevalence.errors import StorageError
     m = open_master(tmp_path, fsync="always", segment_bytes_max=150)
@@ -292,11 +281,6 @@ def test_segment_that_cannot_be_created_stops_the_journal_without_touching_other
     m.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: under fsync=interval a failed background fsync (JournalWriter._flush_loop) is only "
-    "logged; the writer keeps acknowledging records and the next fsync may succeed although the "
-    "earlier pages were lost (Linux reports a writeback error once). Mark the writer failed, as "
-    "append does, so every later record is refused until a restart recovers the journal"))
 def test_failed_background_fsync_stops_further_writes(tmp_path, monkeypatch):
     import errno
     import threading

@@ -178,10 +178,7 @@ def test_outcome_that_returns_part_of_the_state_is_frozen_when_recorded(tmp_path
 
 @pytest.mark.parametrize("batch", [
     pytest.param(False, id="execute"),
-    pytest.param(True, id="execute_many", marks=pytest.mark.xfail(strict=True, reason=(
-        "engine bug (minor): check_transactions is applied only in Master.execute; execute_many "
-        "applies its batch without the before/after digest, so the check mode misses a partial "
-        "mutation there"))),
+    pytest.param(True, id="execute_many"),
 ])
 def test_check_mode_counts_a_failed_transaction_that_left_a_partial_mutation(tmp_path, caplog, batch):
     m = open_master(tmp_path, probe, check_transactions=True)

@@ -273,11 +273,6 @@ def test_snapshot_makes_the_journal_durable_before_it_is_published(tmp_path, mon
     m.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug (minor): Master._recover_own_journal names the set-aside file only by segment and "
-    "offset and opens it with 'wb', so a second torn tail at the same offset (the first write after a "
-    "recovery torn again) overwrites the bytes set aside the first time. Pick a name that does not "
-    "exist yet (e.g. add a counter) and create it with O_EXCL"))
 def test_a_second_torn_tail_at_the_same_offset_does_not_overwrite_the_first(tmp_path):
     m = open_master(tmp_path)
     m.execute("open_account", "a", 1)

@@ -104,6 +104,11 @@ class LostRecords(PrevalenceError):
     """
 
 
+class UnsupportedState(PrevalenceError):
+    """Raised when the state does not read back equal from the codec, so it cannot be
+    snapshotted faithfully (e.g. Structs inside a loosely typed container)."""
+
+
 class InvariantViolation(PrevalenceError):
     """Raised when an engine invariant is broken: a bug, never an operating condition."""
 

@@ -209,15 +209,24 @@ def _frame_error(data, off: int, key: bytes | None) -> tuple[str | None, int]:
 
 
 def _valid_frame_after(data, start: int, key: bytes | None) -> int | None:
-    """Offset of the first valid frame at or after `start`, or None. Error path only."""
-    size = len(data)
-    off = start
-    while off + FRAME_BYTES_MIN <= size:
-        problem, _ = _frame_error(data, off, key)
-        if problem is None:
-            return off
-        off += 1
-    return None
+    """Offset of the first valid frame at or after `start`, or None. Error path only.
+
+    Bounded work: candidates are found by a C-speed search for the fixed header bytes
+    4..7 (version, flags 0 or 1, reserved zero); only those are checksummed.
+    """
+    raw = bytes(data)
+    size = len(raw)
+    best = None
+    for flags in (0, FLAG_HMAC):
+        pattern = bytes([FORMAT_VERSION, flags, 0, 0])
+        at = raw.find(pattern, start + 4)
+        while at != -1 and (best is None or at - 4 < best):
+            off = at - 4
+            if off + FRAME_BYTES_MIN <= size and _frame_error(raw, off, key)[0] is None:
+                best = off
+                break
+            at = raw.find(pattern, at + 1)
+    return best
 
 
 def scan(data: bytes, path: str, offset: int, key: bytes | None, *, last_segment: bool,
@@ -449,12 +458,16 @@ class JournalWriter:
                 err = _storage_error("appending", self.path, exc)
                 self._failed = str(err)
                 raise err from exc
+            except StorageError as exc:  # a segment could not be created while rolling
+                self._failed = str(exc)
+                raise
 
     def _roll(self) -> None:
         """Close the current segment durably and start the next one at next_seq."""
         self._fault("before-roll")
         os.fsync(self._fd)
-        os.close(self._fd)
+        fd, self._fd = self._fd, -1  # never touch a closed descriptor number again
+        os.close(fd)
         self._seal()
         self._fault("mid-roll")
         self._open_new_segment(self.next_seq)
@@ -473,7 +486,11 @@ class JournalWriter:
                     try:
                         self._fsync_locked()
                     except OSError as exc:
-                        log.error("%s", _storage_error("background fsync", self.path, exc))
+                        # Records acknowledged since the last good fsync may be lost: say so,
+                        # and take no more until a restart recovers the journal.
+                        err = _storage_error("background fsync", self.path, exc)
+                        self._failed = str(err)
+                        log.error("%s", err)
 
     def flush(self) -> None:
         """Force everything written so far to stable storage, whatever the mode."""
@@ -483,15 +500,21 @@ class JournalWriter:
             except OSError as exc:
                 raise _storage_error("fsync", self.path, exc) from exc
 
-    def close(self) -> None:
+    def close(self, *, seal: bool = True) -> None:
+        """Flush and close; publish the segment's seal unless `seal` is False."""
         if self._closed:
             return
         with self._lock:
             self._closed = True
             try:
-                os.fsync(self._fd)  # even under fsync=never: a clean close leaves nothing pending
-                os.close(self._fd)
-                if self._failed is None and self.offset:
+                if self._fd >= 0:
+                    fd, self._fd = self._fd, -1
+                    try:
+                        if self._failed is None:
+                            os.fsync(fd)  # even under fsync=never: a clean close leaves nothing pending
+                    finally:
+                        os.close(fd)
+                if seal and self._failed is None and self.offset:
                     self._seal()
             except OSError as exc:
                 raise _storage_error("closing", self.path, exc) from exc

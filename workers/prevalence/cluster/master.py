@@ -31,7 +31,7 @@ from ..clock import HybridClock, physical_ms, wall_ms
 from ..codec import Record
 from ..errors import (BadArguments, Corruption, InvariantViolation, LostRecords, NotReady,
                       PrevalenceError, Rejected, RetiredMaster, TransactionFailed,
-                      UnknownRecordTransaction, check)
+                      UnknownRecordTransaction, UnsupportedState, check)
 from ..model import ERROR, OK, REJECTED, Context, Model
 from ..snapshot import SnapshotBody, decode_root, list_snapshots, load_snapshot, write_snapshot
 from . import folder, membership
@@ -300,6 +300,10 @@ class Master:
         if res.torn is not None:
             path, offset = res.torn_at
             aside = f"{path}.torn-{offset:020d}"
+            n = 1
+            while os.path.exists(aside):  # an earlier torn tail set aside at the same offset
+                aside = f"{path}.torn-{offset:020d}.{n}"
+                n += 1
             with open(path, "rb") as f:
                 f.seek(offset)
                 tail = f.read()
@@ -417,6 +421,9 @@ class Master:
             payload = codec.encode_record(Record(self.name, seq, self.clock.tick(), rid or "", name, args))
         except (TypeError, ValueError, OverflowError, codec.msgspec.EncodeError) as exc:
             raise BadArguments(f"arguments of {name!r} cannot be encoded as plain data: {exc}") from None
+        if len(payload) > journal.RECORD_BYTES_MAX:
+            raise BadArguments(f"arguments of {name!r} encode to {len(payload)} bytes, more than the "
+                               f"{journal.RECORD_BYTES_MAX} a record may hold")
         rec = codec.decode_record(payload)  # apply exactly what replay will read
         self.writer.append((payload,), self.key)
         if self._fault_on:
@@ -426,11 +433,8 @@ class Master:
         before = codec.digest_of(self.live_root) if self.check_transactions else None
         out = model.apply(self.live_root, self.live_dedup, rec, self._ctx)
         self._version += 1
-        if before is not None and out["status"] != OK and codec.digest_of(self.live_root) != before:
-            self.partial_mutations += 1
-            log.warning("transaction %s%s (%s) was %s but left a partial mutation behind: raise Rejected "
-                        "before mutating. Every master replays it the same way, so they still agree",
-                        name, tuple(args), rec.record_id, out["status"])
+        if before is not None:
+            self._check_partial(rec, out, before)
         self._remember(rec, out)
         if self.committed_root is not None:
             self.tentative.append(rec)
@@ -473,6 +477,9 @@ class Master:
             if isinstance(plan, tuple):
                 seq += 1
                 payload = codec.encode_record(Record(self.name, seq, self.clock.tick(), plan[2], plan[0], plan[1]))
+                if len(payload) > journal.RECORD_BYTES_MAX:
+                    raise BadArguments(f"arguments of {plan[0]!r} encode to {len(payload)} bytes, more than "
+                                       f"the {journal.RECORD_BYTES_MAX} a record may hold")
                 payloads.append(payload)
                 records.append((i, codec.decode_record(payload)))  # apply exactly what replay reads
         if payloads:
@@ -485,7 +492,10 @@ class Master:
         multi = self.committed_root is not None
         outs: list = plans
         for i, rec in records:
+            before = codec.digest_of(self.live_root) if self.check_transactions else None
             out = self.model.apply(self.live_root, self.live_dedup, rec, self._ctx)
+            if before is not None:
+                self._check_partial(rec, out, before)
             outs[i] = out
             self._remember(rec, out)
             if multi:
@@ -501,6 +511,13 @@ class Master:
                 first = dict(records)[plan]
                 outs[i] = dict(outs[plan], duplicate_of=first.record_id)
         return outs
+
+    def _check_partial(self, rec: Record, out: dict, before: str) -> None:
+        if out["status"] != OK and codec.digest_of(self.live_root) != before:
+            self.partial_mutations += 1
+            log.warning("transaction %s%s (%s) was %s but left a partial mutation behind: raise Rejected "
+                        "before mutating. Every master replays it the same way, so they still agree",
+                        rec.tx, tuple(rec.args), rec.record_id, out["status"])
 
     def _remember(self, rec: Record, out: dict) -> None:
         if rec.master != self.name:
@@ -812,6 +829,14 @@ class Master:
                             digest=codec.digest_of(root, dedup),
                             root=_raw(root),
                             dedup=dedup)
+        # Check the state survives the codec: a restart or a rebase would otherwise run
+        # transactions on something else than what they ran on live.
+        if decode_root(body, self.model.state_type) != root:
+            raise UnsupportedState(
+                f"the state of model {self.model.name!r} does not read back equal from the codec (a "
+                "container typed loosely, e.g. `dict` or `list`, holding msgspec Structs, tuples or "
+                "sets, decodes as plain data). Annotate the field types of the state; no snapshot "
+                "was written")
         snap_dir = folder.snapshots_dir(self.shared, self.name)
         path = write_snapshot(snap_dir, body, self.key, self._fault)
         self.snapshot_frontier = body.frontier
@@ -947,7 +972,8 @@ class Master:
             return
         try:
             if self.writer is not None:
-                self.writer.close()
+                # A master whose name was taken over writes nothing more in its folder.
+                self.writer.close(seal=not self.lease.lost)
             if not self.lease.lost:
                 self._publish_progress()
         finally:

@@ -33,8 +33,16 @@ def claim_founder(shared: str, name: str) -> str:
             if raw:
                 return raw.decode().strip()
             time.sleep(0.02)  # created but not yet written by the winner
-        raise PrevalenceError(f"{path} exists but is empty: a founder died while founding; "
-                              "remove it if no master has started yet") from None
+        # Still empty after a second: its creator died between create and write. Nobody
+        # can have started as founder from it, so it is safe to found again.
+        if not folder.list_masters(shared) or folder.list_masters(shared) == [name]:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            return claim_founder(shared, name)
+        raise PrevalenceError(f"{path} exists but is empty while other masters exist: a founder died "
+                              "while founding. Write the founder's name into it") from None
     try:
         os.write(fd, name.encode() + b"\n")
         os.fsync(fd)
