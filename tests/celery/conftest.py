@@ -5,12 +5,13 @@ tests fall back to the embedded fakeredis server and say so plainly. Each test g
 own Redis database number (queues, fanout channels and status keys do not leak between
 tests), its own shared folder, three masters (real `celery worker -P solo` subprocesses)
 and one beat syncing every 0.5 s. Every wait polls with a deadline; nothing sleeps and
-hopes.
+hopes. PREVALENCE_TEST_BROKER=embedded forces the fakeredis fallback.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import sys
 
@@ -19,19 +20,26 @@ import pytest
 from workers.localcluster import Broker, LocalCluster, start_broker
 
 _databases = itertools.cycle(range(1, 16))
+EMBEDDED_NOTE = pytest.StashKey[str]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    note = config.stash.get(EMBEDDED_NOTE, None)
+    if note:
+        terminalreporter.write_line(note, yellow=True, bold=True)
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory, request):
-    kind = "redis-server" if shutil.which("redis-server") else "embedded"
+    # PREVALENCE_TEST_BROKER=embedded forces the fallback (to check it still works).
+    kind = os.environ.get("PREVALENCE_TEST_BROKER") or (
+        "redis-server" if shutil.which("redis-server") else "embedded")
     broker = start_broker(tmp_path_factory.mktemp("redis"), prefer=kind)
     if kind == "embedded":
-        message = ("NOTE: redis-server not found: the Celery tier ran against the embedded "
-                   "fakeredis server, not a real Redis.")
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(message, yellow=True)
-        print(message, file=sys.stderr)
+        request.config.stash[EMBEDDED_NOTE] = (
+            "NOTE: the Celery tier ran against the embedded fakeredis server, not a real "
+            "Redis" + ("" if shutil.which("redis-server") else " (redis-server not found)")
+            + ".")
     yield broker
     broker.stop()
 
