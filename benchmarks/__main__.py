@@ -38,7 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    args.argv = argv
     if args.from_file:
         with open(args.from_file, encoding="utf-8") as f:
             lines = [json.loads(l) for l in f if l.strip()]

@@ -195,7 +195,7 @@ def meta_line(args: Any) -> dict[str, Any]:
     return {
         "bench": "_meta",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m benchmarks", *getattr(args, "argv", sys.argv[1:])]),
         "git_commit": commit,
         "engine_uncommitted_changes": dirty,
         "python": platform.python_version(),
