@@ -1,7 +1,8 @@
 """Celery-tier benchmarks: what the engine costs on top of Celery's own round trip.
 
-    python -m benchmarks.bench_celery            # about a minute on 2 cores
-    python -m benchmarks.bench_celery --quick    # smoke run
+    python benchmarks/bench_celery.py            # a few minutes on 2 cores
+    python benchmarks/bench_celery.py --quick    # smoke run, under a minute
+    (or python -m benchmarks.bench_celery)
 
 Prints one JSON line per result on stdout (progress on stderr):
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -33,6 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script: python benchmarks/bench_celery.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def log(text: str) -> None:
@@ -174,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     if broker.warning:
         log(broker.warning)
     emit({"bench": "_meta", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-          "python": sys.version.split()[0], "broker": broker.kind, "quick": args.quick})
+          "python": sys.version.split()[0], "broker": broker.kind, "quick": args.quick,
+          "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+          "cpus": os.cpu_count()})
     try:
         # One master for throughput: the shared queue is not involved, nothing syncs.
         cluster = LocalCluster(root / "one", broker, masters=("alpha",), loglevel="warning",
@@ -201,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         lag_cluster.stop(stop_broker=False)
     finally:
         broker.stop()
+    # A busy machine depresses both sides of a ratio alike, but not the absolute figures.
+    emit({"bench": "_meta_end", "loadavg_end": [round(x, 2) for x in os.getloadavg()]})
     return 0
 
 
