@@ -47,6 +47,17 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use the embedded fakeredis broker even if Redis is available")
 
 
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
 
@@ -125,7 +136,11 @@ def run_demo(args: argparse.Namespace) -> int:
         cluster.start_beat()
         _say("beat started: sync every %s to every master (broadcast)" % args.sync_interval)
         if not args.no_flower:
-            url = cluster.start_flower(args.flower_port or None)
+            port = args.flower_port or None
+            if port and not _port_free(port):
+                _say(f"port {port} is taken on 127.0.0.1; Flower gets a free port instead")
+                port = None
+            url = cluster.start_flower(port)
             _say(f"Flower: {url}")
         os.environ.update(cluster.env())
         from workers.client import Client
