@@ -96,9 +96,11 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "broker_url": settings.broker_url,
         "result_backend": result_backend_url(settings.broker_url),
         "result_expires": RESULT_EXPIRES_S,
-        # Keep broker outages visible but survivable: retry connecting for ever at start
-        # (a master that gives up would miss every broadcast until restarted by hand).
+        # Broker outages are survivable: retry connecting at start and after a loss, for
+        # ever (Celery's default gives up after 100 attempts and the worker exits; a master
+        # holds its state and its lease and should simply wait for Redis to come back).
         "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
         "broker_transport_options": {
             "visibility_timeout": VISIBILITY_TIMEOUT_S,
             # Fanout PUB/SUB channel names carry the db number (fanout_prefix), and must
@@ -109,7 +111,6 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
             "fanout_prefix": True,
             "fanout_patterns": False,
         },
-        "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
         "redis_socket_connect_timeout": 5,
         # Data only, never pickle: nothing that arrives through Redis is executed.
         "task_serializer": "json",
