@@ -243,6 +243,12 @@ def cluster_view(broker_url: str, shared_dir: Path | None, *, sync_interval_s: f
         masters = {n: d for n, d in masters.items() if n not in retired}
         converged, reasons = evaluate(masters, expected=expected, stale_after_s=stale_after_s,
                                       now_s=now_s)
+        # Show a member that has not reported with what its progress file says.
+        for name in expected:
+            if name not in masters and (progress or {}).get(name):
+                doc = dict(progress[name])
+                doc["state"] = "no report"
+                masters[name] = doc
     except MonitorUnavailable as exc:
         view["source"] = "progress-files"
         view["redis_error"] = str(exc)

@@ -142,3 +142,30 @@ def test_status_without_redis_reads_the_progress_files_and_says_so(tmp_path):
     assert "progress files" in done.stdout
     assert "alpha" in done.stdout
     assert done.returncode in (0, 3)
+
+
+def test_a_member_without_a_report_is_shown_from_its_progress_file(monkeypatch, tmp_path):
+    import workers.monitor as monitor
+
+    monkeypatch.setattr(monitor, "read_status_documents", lambda url: {"a": doc("a")})
+    progress = {"a": doc("a"), "b": dict(doc("b"), updated=90.0)}
+    view = monitor.cluster_view("redis://x", tmp_path, sync_interval_s=1.0,
+                                read_progress=lambda shared: progress,
+                                read_retired=lambda shared: {}, now_s=100.0)
+    assert not view["converged"]
+    assert "b has not reported (down, or not started yet)" in view["verdict"]
+    assert view["masters"]["b"]["state"] == "no report"
+    assert view["masters"]["b"]["age_s"] == 10.0
+    assert "\nb " in render_table(view)
+
+
+def test_a_retired_master_is_neither_expected_nor_evaluated(monkeypatch, tmp_path):
+    import workers.monitor as monitor
+
+    monkeypatch.setattr(monitor, "read_status_documents",
+                        lambda url: {"a": doc("a"), "c": doc("c", state="stopped")})
+    view = monitor.cluster_view("redis://x", tmp_path, sync_interval_s=1.0,
+                                read_progress=lambda shared: {"a": doc("a"), "c": doc("c")},
+                                read_retired=lambda shared: {"c": 3}, now_s=100.0)
+    assert view["converged"], view["reasons"]
+    assert view["retired"] == ["c"] and set(view["masters"]) == {"a"}
