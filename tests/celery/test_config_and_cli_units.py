@@ -148,7 +148,8 @@ def test_a_member_without_a_report_is_shown_from_its_progress_file(monkeypatch, 
     import workers.monitor as monitor
 
     monkeypatch.setattr(monitor, "read_status_documents", lambda url: {"a": doc("a")})
-    progress = {"a": doc("a"), "b": dict(doc("b"), updated=90.0)}
+    b_progress = {k: v for k, v in doc("b").items() if k != "reported_at"}
+    progress = {"a": doc("a"), "b": dict(b_progress, updated=90.0)}
     view = monitor.cluster_view("redis://x", tmp_path, sync_interval_s=1.0,
                                 read_progress=lambda shared: progress,
                                 read_retired=lambda shared: {}, now_s=100.0)
