@@ -123,8 +123,8 @@ def _short(digest: Any) -> str:
     return str(digest)[:12] if digest else "-"
 
 
-def add_records_behind(masters: dict[str, dict[str, Any]]) -> None:
-    """Set ``records_behind`` on each document: per peer, how many of the peer's records
+def add_lag_records(masters: dict[str, dict[str, Any]]) -> None:
+    """Set ``lag_records`` on each document: per peer, how many of the peer's records
     (its ``seq``) this master has not read yet (its ``cursors``). Unknown peers are left out."""
     seqs = {name: doc.get("seq") for name, doc in masters.items()}
     for name, doc in masters.items():
@@ -135,7 +135,7 @@ def add_records_behind(masters: dict[str, dict[str, Any]]) -> None:
         for peer, seq in seqs.items():
             if peer != name and isinstance(seq, int) and isinstance(cursors.get(peer, 0), int):
                 behind[peer] = max(0, seq - cursors.get(peer, 0))
-        doc["records_behind"] = behind
+        doc["lag_records"] = behind
 
 
 def format_hlc(hlc: Any) -> str:
@@ -273,7 +273,7 @@ def cluster_view(broker_url: str, shared_dir: Path | None, *, sync_interval_s: f
         reported_at = doc.get("reported_at", doc.get("updated"))
         if isinstance(reported_at, (int, float)):
             doc["age_s"] = round(now_s - reported_at, 1)
-    add_records_behind(masters)
+    add_lag_records(masters)
     view["masters"] = masters
     view["converged"] = converged
     view["reasons"] = reasons
@@ -309,7 +309,7 @@ def render_table(view: dict[str, Any]) -> str:
         lines.append(f"Showing the progress files in {view.get('shared_dir')} instead "
                      "(written by each master when its progress changes; a master that is "
                      "down shows its last word).")
-    header = ["MASTER", "STATE", "SEQ", "FRONTIER", "TENTATIVE", "BEHIND", "DIGEST", "REBASES",
+    header = ["MASTER", "STATE", "SEQ", "FRONTIER", "TENTATIVE", "LAG", "DIGEST", "REBASES",
               "AGE", "LAST ERROR"]
     rows = [header]
     for name, doc in sorted(view["masters"].items()):
@@ -320,7 +320,7 @@ def render_table(view: dict[str, Any]) -> str:
             str(doc.get("seq", "-")),
             format_hlc(doc.get("frontier")),
             str(doc.get("tentative", "-")),
-            _lag_text(doc.get("records_behind")),
+            _lag_text(doc.get("lag_records")),
             _short(doc.get("digest")),
             str(doc.get("rebases", "-")),
             f"{age:.0f}s" if isinstance(age, (int, float)) else "-",
@@ -334,7 +334,7 @@ def render_table(view: dict[str, Any]) -> str:
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         for row in rows:
             lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    lines.append("FRONTIER: hlc up to which records are committed (UTC). BEHIND: per peer, "
+    lines.append("FRONTIER: hlc up to which records are committed (UTC). LAG: per peer, "
                  "records of that peer not read yet. AGE: seconds since the last report.")
     lines.append("")
     lines.append(view["verdict"])
