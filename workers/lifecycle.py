@@ -13,9 +13,10 @@ Cold shutdown (SIGQUIT) only closes: the task in hand was interrupted, and recov
 next start replays what reached the journal.
 
 A start-up failure is logged as one clear line and ends the worker with exit status 78
-(EX_CONFIG: bad settings, wrong pool, a retired name) or 75 (EX_TEMPFAIL: the lease is
-held by a live process, or the folder is unreachable), so a supervisor can tell "fix the
-configuration" from "try again later".
+(EX_CONFIG: bad settings, wrong pool, a retired name, a damaged own journal or lost
+records: restarting cannot help, an operator must act) or 75 (EX_TEMPFAIL: the lease is
+held by a live process, or the folder is unreachable: try again later), so a supervisor
+can tell the two apart.
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ class MasterStep(bootsteps.StartStopStep):
         except errors.RetiredMaster as exc:
             raise _StartRefused(f"master {name} is retired and cannot start under that "
                                 f"name: {exc}", EXIT_CONFIG) from exc
+        except (errors.LostRecords, errors.Corruption) as exc:
+            # Restarting cannot help: an operator must look (see the message).
+            raise _StartRefused(f"master {name} cannot start until an operator acts: {exc}",
+                                EXIT_CONFIG) from exc
         except errors.LeaseHeld as exc:
             raise _StartRefused(f"master {name} is already running elsewhere: {exc}",
                                 EXIT_TEMPFAIL) from exc
