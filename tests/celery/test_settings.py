@@ -103,3 +103,16 @@ def test_the_cluster_key_is_read_stripped_and_checked_for_length(tmp_path):
     key_file.write_text("short\n")
     with pytest.raises(SettingsError, match="PREVALENCE_CLUSTER_KEY_FILE: .* is 5 bytes"):
         settings.read_cluster_key()
+
+
+def test_settings_accept_exactly_the_engines_fsync_modes_and_master_names(tmp_path):
+    # config/ must not import the engine, so it keeps its own copies: keep them in step.
+    from config import settings as config_settings
+    from workers.prevalence import journal
+    from workers.prevalence.cluster import folder
+
+    assert tuple(config_settings.FSYNC_MODES) == tuple(journal.FSYNC_MODES)
+    for name in ["alpha", "a", "A1", "x.y-z_1", "9lives", "-bad", ".bad", "bad name",
+                 "x" * 64, "x" * 65, "é"]:
+        engine_ok = bool(folder.NAME_RE.match(name))
+        assert bool(config_settings._MASTER_NAME.match(name)) == engine_ok, name
