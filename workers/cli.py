@@ -284,12 +284,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- parser ------------------------------------------------------------------------------
 
+ARGUMENT_RULES = """\
+Each ARG is read as a JSON literal when it looks like one, else taken as a string:
+  10 -> int   -2.5, 1e3 -> float   true, false, null -> JSON
+  '"10"' -> the string 10   '[1, 2]' -> list   '{"a": 1}' -> object
+  acct1, hello world -> strings        (--strings: every ARG verbatim)
+
+Exit status: 0 ok; 1 the model refused (Rejected) or the transaction raised (recorded);
+2 bad input: unknown name, wrong arguments, unencodable values (nothing journaled);
+4 no reply or no broker (outcome unknown: retry with the same --key)."""
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prevalence", description="Operate a prevalence-multimaster cluster.",
-        epilog="Arguments of tx/query: JSON literals when they look like one (10, 2.5, true, "
-               "null, '\"10\"', '[1,2]'), strings otherwise. Settings come from the "
-               "environment or .env (PREVALENCE_*, CELERY_BROKER_URL).")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Settings come from the environment or .env (PREVALENCE_*, CELERY_BROKER_URL).\n"
+               "`prevalence tx --help` explains how arguments are read.\n"
+               "Exit status: 0 ok; 1 refused by the model; 2 bad input or configuration;\n"
+               "3 status: not converged, verify: errors; 4 no reply or no broker.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("status", help="show every master and whether the cluster converged")
@@ -299,10 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     for name, func, what in (("tx", cmd_tx, "transaction"), ("query", cmd_query, "query")):
-        p = sub.add_parser(name, help=f"run a {what} through Celery")
+        p = sub.add_parser(name, help=f"run a {what} through Celery",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description=f"Run a {what} on one master (--master) or on whichever\n"
+                           "master takes it from the shared queue.\n\n" + ARGUMENT_RULES)
         p.add_argument("name", help=f"the {what} name, e.g. "
                        + ("deposit" if name == "tx" else "balance"))
-        p.add_argument("args", nargs="*", metavar="ARG", help="its arguments (see above)")
+        p.add_argument("args", nargs="*", metavar="ARG", help="its arguments (rules above)")
         p.add_argument("--master", "-m", help="send it to this master (default: any)")
         p.add_argument("--strings", action="store_true", help="take every ARG as a string")
         p.add_argument("--json", action="store_true", help="print the outcome document")
