@@ -40,6 +40,7 @@ def assert_converged(shared, masters):
     statuses = [m.status() for m in masters]
     for s in statuses:
         assert s["tentative"] == 0, s
+        assert not s["peer_errors"] and not s["held"], s
     cursors = [{k: v for k, v in s["cursors"].items() if k in {m.name for m in masters}} for s in statuses]
     assert all(c == cursors[0] for c in cursors), cursors
     ref = verify(str(shared), model)

@@ -25,6 +25,7 @@ class Cluster(RuleBasedStateMachine):
         self.dir = tempfile.mkdtemp(prefix="pv-stateful-")
         self.clock = FakeClock()
         self.names = ["m0", "m1", "m2", "m3", "m4"][:n]
+        self.frontiers = {}
         self.masters = {}
         first = open_master(self.dir, self.names[0], now_ms=self.clock)
         self.acked = {}   # rid -> (tx, args) acknowledged to a caller
@@ -100,6 +101,25 @@ class Cluster(RuleBasedStateMachine):
         name, m = self._alive(i)
         if m is None:
             self.masters[name] = open_master(self.dir, name, now_ms=self.clock)
+
+    @precondition(lambda self: len(self.names) < 6)
+    @rule()
+    def newcomer_joins(self):
+        # A new master joins mid-run, from the newest snapshot (or the initial state).
+        name = f"m{len(self.names)}"
+        self.names.append(name)
+        self.masters[name] = open_master(self.dir, name, now_ms=self.clock)
+
+    @invariant()
+    def frontiers_never_move_backwards_and_nothing_arrives_below_them(self):
+        for name, m in self.masters.items():
+            if m is None:
+                self.frontiers.pop(name, None)  # a restart recomputes from its snapshot
+                continue
+            key = (name, id(m))
+            assert m.frontier >= self.frontiers.get(key, 0), f"{name}'s frontier moved backwards"
+            self.frontiers[key] = m.frontier
+            assert not any("ordering protocol" in (e or "") for e in m.status()["peer_errors"].values())
 
     @rule(i=st.integers(0, 4))
     def snapshot(self, i):

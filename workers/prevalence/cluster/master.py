@@ -606,7 +606,11 @@ class Master:
         ticked = False
         if self.joined and self.writer is not None and not self.lease.lost:
             waiting = max((p.max_real_hlc for p in self.peers.values() if p.counted), default=0)
-            if waiting > self.own_horizon:
+            # A master that never wrote is counted by others at their acknowledgement,
+            # which may lie below records it already holds (a joiner's snapshot): its
+            # first tick lifts its horizon past all of them.
+            first = self.seq == 0 and any(p.counted for p in self.peers.values())
+            if waiting > self.own_horizon or first:
                 self._write_tick()
                 ticked = True
         # 7. Move the frontier and commit.
