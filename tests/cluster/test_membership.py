@@ -167,3 +167,38 @@ def test_joiner_whose_segments_were_collected_before_it_announced_joins_again(tm
     assert c.joined and c.query("balance", "x") == 40
     sync_until_quiet([a, b, c])
     assert_converged(tmp_path, [a, b, c])
+
+
+def test_a_batch_is_one_frame_and_a_reader_can_start_inside_it(tmp_path):
+    from workers.prevalence.cluster.reader import JournalReader
+    a = open_master(tmp_path, "alpha")
+    a.execute("open_account", "x", 0)
+    a.execute_many([("deposit", ["x", 1], None) for _ in range(10)])
+    seg = journal.list_segments(folder.journal_dir(str(tmp_path), "alpha"))[0][1]
+    data = open(seg, "rb").read()
+    frames = 0
+    off = 0
+    while off < len(data):
+        n, _v, flags, _r = journal.HEADER.unpack_from(data, off)
+        frames += 1
+        off += journal.HEADER_BYTES + n + journal.CRC_BYTES
+    assert frames == 2 and flags & journal.FLAG_BATCH
+    res = JournalReader(str(tmp_path), "alpha", 5, 0, None).read_new()
+    assert [r.seq for r in res.records] == list(range(6, 12))
+    # A torn batch is lost whole: it was never acknowledged.
+    a.crash()
+    with open(seg, "r+b") as f:
+        f.truncate(len(data) - 3)
+    b = open_master(tmp_path, "alpha")
+    assert b.seq == 1 and b.query("balance", "x") == 0
+
+
+def test_batch_too_large_for_one_frame_is_split_and_replays(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal, "RECORD_BYTES_MAX", 400)
+    a = open_master(tmp_path, "alpha")
+    a.execute("open_account", "x", 0)
+    outs = a.execute_many([("deposit", ["x", 1], None) for _ in range(50)])
+    assert [o["status"] for o in outs] == ["ok"] * 50
+    a.close()
+    b = open_master(tmp_path, "alpha")
+    assert b.query("balance", "x") == 50 and b.seq == 51

@@ -52,11 +52,13 @@ class Record(msgspec.Struct, array_like=True, frozen=True, gc=False):
 
 _record_encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(Record)
+_batch_decoder = msgspec.msgpack.Decoder(list[Record])
 _canonical_encoder = msgspec.msgpack.Encoder(order="deterministic")
 _any_decoder = msgspec.msgpack.Decoder()
 
 encode_record = _record_encoder.encode
 decode_record = _record_decoder.decode
+decode_batch = _batch_decoder.decode  # a batch frame: many records in one payload
 decode_any = _any_decoder.decode
 
 

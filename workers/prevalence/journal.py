@@ -5,7 +5,8 @@ Byte layout of one framed record (all integers little-endian)::
     offset  size  field
     0       4     payload length N (1 .. RECORD_BYTES_MAX)
     4       1     format version (FORMAT_VERSION)
-    5       1     flags: bit 0 = an HMAC-SHA256 follows the payload
+    5       1     flags: bit 0 = an HMAC-SHA256 follows the payload;
+                  bit 1 = a batch: the payload is an array of records (one execute_many)
     6       2     reserved, zero
     8       N     payload: the MessagePack record (see codec.Record)
     8+N     32    HMAC-SHA256(cluster key, bytes 0 .. 8+N), when flag bit 0 is set
@@ -68,6 +69,8 @@ log = logging.getLogger("prevalence.journal")
 
 FORMAT_VERSION = 1
 FLAG_HMAC = 0x01
+FLAG_BATCH = 0x02
+FLAGS_KNOWN = FLAG_HMAC | FLAG_BATCH
 HEADER = struct.Struct("<IBBH")
 HEADER_BYTES = HEADER.size  # 8
 CRC_BYTES = 4
@@ -152,12 +155,13 @@ def list_segments(journal_dir: str) -> list[tuple[int, str]]:
 
 # -- framing ------------------------------------------------------------------------
 
-def frame(payload: bytes, key: bytes | None) -> bytes:
-    """Frame one encoded record (see the module docstring for the layout)."""
+def frame(payload: bytes, key: bytes | None, batch: bool = False) -> bytes:
+    """Frame one encoded record, or a batch of them (see the module docstring)."""
     n = len(payload)
     if n == 0 or n > RECORD_BYTES_MAX:
         raise InvariantViolation(f"record payload of {n} bytes is outside 1..{RECORD_BYTES_MAX}")
-    body = HEADER.pack(n, FORMAT_VERSION, FLAG_HMAC if key else 0, 0) + payload
+    flags = (FLAG_HMAC if key else 0) | (FLAG_BATCH if batch else 0)
+    body = HEADER.pack(n, FORMAT_VERSION, flags, 0) + payload
     if key:
         body += hmac.new(key, body, hashlib.sha256).digest()
     return body + _U32.pack(zlib.crc32(body))
@@ -196,7 +200,7 @@ def _frame_error(data, off: int, key: bytes | None) -> tuple[str | None, int]:
     if version != FORMAT_VERSION:
         return (f"format version {version}, expected {FORMAT_VERSION} (written by a newer release? "
                 "upgrade this master)"), -1
-    if reserved != 0 or flags & ~FLAG_HMAC:
+    if reserved != 0 or flags & ~FLAGS_KNOWN:
         return f"unknown flags {flags:#x}/{reserved:#x}", -1
     if key is not None:
         if not mac_len:
@@ -217,7 +221,7 @@ def _valid_frame_after(data, start: int, key: bytes | None) -> int | None:
     raw = bytes(data)
     size = len(raw)
     best = None
-    for flags in (0, FLAG_HMAC):
+    for flags in range(FLAGS_KNOWN + 1):
         pattern = bytes([FORMAT_VERSION, flags, 0, 0])
         at = raw.find(pattern, start + 4)
         while at != -1 and (best is None or at - 4 < best):
@@ -244,6 +248,7 @@ def scan(data: bytes, path: str, offset: int, key: bytes | None, *, last_segment
     records = []
     append = records.append
     decode = codec.decode_record
+    decode_batch = codec.decode_batch
     unpack = HEADER.unpack_from
     crc32 = zlib.crc32
     size = len(data)
@@ -260,7 +265,7 @@ def scan(data: bytes, path: str, offset: int, key: bytes | None, *, last_segment
         if size - off >= FRAME_BYTES_MIN:
             n, version, flags, reserved = unpack(data, off)
             end = off + HEADER_BYTES + n + CRC_BYTES
-            if (flags == 0 and key is None and version == FORMAT_VERSION and reserved == 0 and n
+            if (not flags & ~FLAG_BATCH and key is None and version == FORMAT_VERSION and reserved == 0 and n
                     and end <= size and (end <= trusted or crc32(mv[off:end]) == RESIDUE)):
                 payload = mv[off + HEADER_BYTES:end - CRC_BYTES]
             else:
@@ -275,6 +280,29 @@ def scan(data: bytes, path: str, offset: int, key: bytes | None, *, last_segment
         else:
             problem = f"{size - off} bytes left, fewer than the smallest frame ({FRAME_BYTES_MIN})"
             break
+        if flags & FLAG_BATCH:
+            # A batch (one execute_many): decoded in one call, checked record by record.
+            try:
+                batch = decode_batch(payload)
+            except msgspec.DecodeError as exc:
+                return corrupt(f"checksum matches but the payload is not a batch of records: {exc}", off)
+            if not batch:
+                return corrupt("checksum matches but the batch holds no record", off)
+            if expect_seq is not None:
+                for rec in batch:
+                    if rec.seq != expect_seq or rec.hlc <= last_hlc or rec.master != master:
+                        if rec.seq < expect_seq and rec.master == master and not records:
+                            continue  # before the cursor, in a segment read from its start
+                        return corrupt(f"record out of sequence: expected seq {expect_seq} of {master!r} with "
+                                       f"hlc above {last_hlc}, found seq {rec.seq} of {rec.master!r} with "
+                                       f"hlc {rec.hlc}", off)
+                    expect_seq += 1
+                    last_hlc = rec.hlc
+                    append(rec)
+            else:
+                records += batch
+            off = end
+            continue
         try:
             rec = decode(payload)
         except msgspec.DecodeError as exc:
@@ -420,8 +448,12 @@ class JournalWriter:
         self.offset = 0
         self._crc = 0  # running CRC-32 of the segment's bytes, for its seal
 
-    def append(self, payloads: list[bytes], key: bytes | None) -> None:
+    def append(self, payloads: list[bytes], key: bytes | None, count: int | None = None,
+               batch: bool = False) -> None:
         """Write framed payloads (already encoded records, in seq order) durably per mode.
+
+        With `batch`, each payload is an encoded array of records (framed as a batch);
+        `count` is then the number of records they hold.
 
         Raises StorageError when the disk refuses; the records are then not acknowledged
         and the master must not apply them.
@@ -431,7 +463,10 @@ class JournalWriter:
         if self._failed is not None:
             raise StorageError(f"journal {self.path} refused an earlier write ({self._failed}); it takes no "
                                "more records until the master restarts and recovers")
-        data = frame(payloads[0], key) if len(payloads) == 1 else b"".join([frame(p, key) for p in payloads])
+        if len(payloads) == 1:
+            data = frame(payloads[0], key, batch)
+        else:
+            data = b"".join([frame(p, key, batch) for p in payloads])
         with self._lock:
             try:
                 if self.offset > 0 and self.offset + len(data) > self.segment_bytes_max:
@@ -443,7 +478,7 @@ class JournalWriter:
                     self._fault("after-write")
                 self.offset += written
                 self._crc = zlib.crc32(data, self._crc)
-                self.next_seq += len(payloads)
+                self.next_seq += count if count is not None else len(payloads)
                 if self.fsync_mode == "always":
                     os.fsync(self._fd)
                     if self._fault_on:

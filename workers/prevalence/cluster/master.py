@@ -472,22 +472,27 @@ class Master:
                 plans.append((p[0], tuple(args), p[1]))
         # Encode, then journal the whole batch with one write and one fsync.
         seq = self.seq
-        records, payloads = [], []
+        index, fresh = [], []
         for i, plan in enumerate(plans):
             if isinstance(plan, tuple):
                 seq += 1
-                payload = codec.encode_record(Record(self.name, seq, self.clock.tick(), plan[2], plan[0], plan[1]))
-                if len(payload) > journal.RECORD_BYTES_MAX:
-                    raise BadArguments(f"arguments of {plan[0]!r} encode to {len(payload)} bytes, more than "
-                                       f"the {journal.RECORD_BYTES_MAX} a record may hold")
-                payloads.append(payload)
-                records.append((i, codec.decode_record(payload)))  # apply exactly what replay reads
-        if payloads:
-            self.writer.append(payloads, self.key)
+                index.append(i)
+                fresh.append(Record(self.name, seq, self.clock.tick(), plan[2], plan[0], plan[1]))
+        records = []
+        if fresh:
+            try:
+                chunks = _encode_batches(fresh, batch=len(fresh) > 1)
+            except (TypeError, ValueError, OverflowError, codec.msgspec.EncodeError) as exc:
+                raise BadArguments(f"arguments cannot be encoded as plain data: {exc}") from None
+            # Apply exactly what replay will read.
+            decoded = [rec for payload in chunks for rec in
+                       (codec.decode_batch(payload) if len(fresh) > 1 else [codec.decode_record(payload)])]
+            self.writer.append(chunks, self.key, count=len(fresh), batch=len(fresh) > 1)
             if self._fault_on:
                 self._fault("between-fsync-and-apply")
             self.seq = seq
-            self.own_horizon = records[-1][1].hlc
+            self.own_horizon = decoded[-1].hlc
+            records = list(zip(index, decoded))
         # Apply in order, only now that the batch is durable.
         multi = self.committed_root is not None
         outs: list = plans
@@ -1011,6 +1016,22 @@ def _key(rec: Record) -> tuple:
 
 def _hlc(rec: Record) -> int:
     return rec.hlc
+
+
+def _encode_batches(records: list, *, batch: bool) -> list[bytes]:
+    """Encode records as payloads of at most RECORD_BYTES_MAX each: one plain record, or
+    (with `batch`) arrays of records, split in halves until each fits.
+
+    Raises BadArguments when a single record is too large for any frame.
+    """
+    payload = codec.encode_record(records if batch else records[0])
+    if len(payload) <= journal.RECORD_BYTES_MAX:
+        return [payload]
+    if len(records) == 1:
+        raise BadArguments(f"arguments of {records[0].tx!r} encode to {len(payload)} bytes, more than the "
+                           f"{journal.RECORD_BYTES_MAX} a record may hold")
+    half = len(records) // 2
+    return _encode_batches(records[:half], batch=True) + _encode_batches(records[half:], batch=True)
 
 
 def _size(root: Any) -> int:
