@@ -262,23 +262,31 @@ class LocalCluster:
         digest equals `verify`'s. Returns the view (with ``verify`` added)."""
         from workers.prevalence import verify
 
-        last: dict = {}
+        last: dict = {"why": "not evaluated yet"}
 
         def converged() -> Any:
             view = self.view()
             last["view"] = view
-            if not view["converged"] or set(view["masters"]) != set(self.masters_running()):
+            running = set(self.masters_running())
+            if not view["converged"]:
+                last["why"] = view["verdict"]
+                return None
+            if set(view["masters"]) != running:
+                last["why"] = (f"reporting masters {sorted(view['masters'])} are not the "
+                               f"running ones {sorted(running)}")
                 return None
             if model is not None:
                 report = verify(str(self.shared_dir), model)
                 view["verify"] = report
                 digests = {doc.get("digest") for doc in view["masters"].values()}
                 if digests != {report["digest"]}:
+                    last["why"] = (f"masters' digests {sorted(digests)} differ from verify's "
+                                   f"{report['digest']} (verify errors: {report['errors']})")
                     return None
             return view
 
         return wait_until(converged, deadline_s, "convergence", poll_s=0.25,
-                          on_timeout=lambda: str(last.get("view", {}).get("verdict")))
+                          on_timeout=lambda: last["why"])
 
     def masters_running(self) -> list[str]:
         return [n for n in self.masters

@@ -47,9 +47,14 @@ def redis_server(tmp_path_factory, request):
 @pytest.fixture
 def broker(redis_server):
     """The session's Redis, on a database of this test's own."""
+    import redis
+
     base = redis_server.url.rsplit("/", 1)[0]
     db = next(_databases)
     scoped = Broker(f"{base}/{db}", redis_server.kind, None, None, None)
+    # Databases are reused after fifteen tests: start from an empty one, so no queued
+    # message or status document of an earlier test leaks into this one.
+    redis.Redis.from_url(scoped.url).flushdb()
     scoped.server = redis_server  # type: ignore[attr-defined]
     return scoped
 
