@@ -19,6 +19,7 @@ from the newest snapshot over every journal.
 from __future__ import annotations
 
 import bisect
+import gc
 import itertools
 import logging
 import os
@@ -204,6 +205,9 @@ class Master:
         if self.joined:
             self._open_writer()
         self.sync()
+        # The recovered state lives as long as the process: move it out of the cyclic
+        # GC's sight, so later collections do not walk millions of long-lived objects.
+        gc.freeze()
         log.info("master %s open: seq %d, frontier %d, %d tentative, joined=%s",
                  name, self.seq, self.frontier, self._tentative_real(), self.joined)
 
@@ -326,8 +330,9 @@ class Master:
                     f"the journal of {self.name!r} ends at seq {last} but its own snapshot already covers "
                     f"seq {self.seq}: records were lost (machine crash under fsync={self.fsync_mode}, or "
                     "damage). Writing on would leave a gap. Retire this master and start a new name")
-        for rec in res.records:
-            if rec.tx != codec.TICK and rec.tx not in self.model.transactions:
+        unknown = {rec.tx for rec in res.records} - self.model.transactions.keys() - {codec.TICK}
+        for rec in res.records if unknown else ():
+            if rec.tx in unknown:
                 raise UnknownRecordTransaction(
                     f"this master's own journal names transaction {rec.tx!r}, which model "
                     f"{self.model.name!r} does not declare (code rolled back?). Deploy the code that "
