@@ -15,7 +15,13 @@ def _new_state() -> dict:
     return {"accounts": {}}
 
 
-model = Model("ledger", _new_state)
+def _copy_state(root: dict) -> dict:
+    # Balances are ints (immutable): a copy of the one dict is a deep copy, ~100x faster
+    # than the codec's round trip, which makes a rebase cheap (DESIGN §3).
+    return {"accounts": dict(root["accounts"])}
+
+
+model = Model("ledger", _new_state, copy=_copy_state)
 
 
 def _amount(amount) -> int:

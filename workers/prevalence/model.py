@@ -97,10 +97,15 @@ class Model:
             carries (dicts, lists, str, int, float, bytes, msgspec Structs).
         state_type: the type snapshots decode the root into; defaults to the type of
             ``root_factory()`` when that is a msgspec Struct, else plain data.
+        copy: optional fast deep copy of the state, used to restore the committed state
+            at a rebase (default: through the codec, which is general but slower). It must
+            return a state equal to its argument sharing nothing mutable with it.
     """
 
-    def __init__(self, name: str, root_factory: Callable[[], Any], *, state_type: Any = None):
+    def __init__(self, name: str, root_factory: Callable[[], Any], *, state_type: Any = None,
+                 copy: Callable[[Any], Any] | None = None):
         self.name = name
+        self._copy = copy
         self.root_factory = root_factory
         if state_type is None:
             sample = root_factory()
@@ -139,6 +144,12 @@ class Model:
             f.query_name = q
             return f
         return register(fn) if fn is not None else register
+
+    def copy_state(self, root: Any) -> Any:
+        """An independent copy of a state (the model's `copy`, else through the codec)."""
+        if self._copy is not None:
+            return self._copy(root)
+        return codec.round_trip(root, self.state_type)
 
     # -- requests ------------------------------------------------------------------
 

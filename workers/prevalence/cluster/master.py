@@ -393,7 +393,6 @@ class Master:
                 # Idempotency: a known request id takes effect once; answer with its outcome.
                 return {"status": first[3], "value": first[4], "error": first[5],
                         "duplicate_of": f"{first[1]}:{first[2]}"}
-        codec.encode_args(name, args)  # refuses unencodable values with BadArguments
         return name, rid or ""
 
     def execute(self, tx, *args, rid: str | None = None) -> Any:
@@ -532,6 +531,8 @@ class Master:
     def _remember(self, rec: Record, out: dict) -> None:
         if rec.master != self.name:
             return
+        if not rec.rid and self.committed_root is None:
+            return  # alone, an outcome never changes: the caller already has it
         outcomes = self.outcomes
         outcomes[rec.rid or f"{rec.master}:{rec.seq}"] = (rec.hlc, out)
         if len(outcomes) > 2 * OUTCOMES_KEPT:
@@ -649,30 +650,36 @@ class Master:
             self._rejoin = True
         peer.held = None
         cut = self.retired.get(peer.name)
-        stop = None
-        for i, rec in enumerate(recs):
-            if cut is not None and rec.seq > cut:
-                stop, peer.held = i, f"retired at seq {cut}"
-                break
-            if rec.tx != codec.TICK and rec.tx not in self.model.transactions:
-                stop = i
-                peer.error = str(UnknownRecordTransaction(
-                    f"record names transaction {rec.tx!r}, which model {self.model.name!r} does not declare "
-                    "(version skew: deploy the code that declares it; reading resumes by itself)",
-                    master=peer.name, seq=rec.seq))
-                break
-            ahead = self.clock.too_far_ahead(rec.hlc)
-            if ahead:
-                stop, peer.held = i, (f"clock of {peer.name!r} is {ahead + self.clock.drift_max_ms} ms ahead of "
-                                      f"ours (more than the {self.clock.drift_max_ms} ms allowed); waiting")
-                break
-            if rec.hlc <= self.frontier and peer.counted:
-                stop = i
+        # Where reading must stop, if anywhere. A journal's seq and hlc only increase, so
+        # each check looks at one end or bisects; only the transaction names need a pass.
+        stop = len(recs)
+        if recs:
+            if recs[0].hlc <= self.frontier and peer.counted:
+                stop = 0
                 peer.error = str(InvariantViolation(
-                    f"record of {peer.name!r} seq {rec.seq} has hlc {rec.hlc} at or below the committed "
-                    f"frontier {self.frontier}: ordering protocol broken; not applied"))
+                    f"record of {peer.name!r} seq {recs[0].seq} has hlc {recs[0].hlc} at or below the "
+                    f"committed frontier {self.frontier}: ordering protocol broken; not applied"))
                 log.error("%s", peer.error)
-                break
+            unknown = {r.tx for r in recs} - self.model.transactions.keys() - {codec.TICK}
+            if unknown:
+                i = next(i for i, r in enumerate(recs) if r.tx in unknown)
+                if i < stop:
+                    stop = i
+                    peer.error = str(UnknownRecordTransaction(
+                        f"record names transaction {recs[i].tx!r}, which model {self.model.name!r} does not "
+                        "declare (version skew: deploy the code that declares it; reading resumes by itself)",
+                        master=peer.name, seq=recs[i].seq))
+            if self.clock.too_far_ahead(recs[-1].hlc):
+                i = bisect.bisect_left(recs, True, key=lambda r: self.clock.too_far_ahead(r.hlc) > 0)
+                if i < stop:
+                    ahead = self.clock.too_far_ahead(recs[i].hlc)
+                    stop, peer.held = i, (f"clock of {peer.name!r} is {ahead + self.clock.drift_max_ms} ms ahead "
+                                          f"of ours (more than the {self.clock.drift_max_ms} ms allowed); waiting")
+            if cut is not None and recs[-1].seq > cut:
+                i = bisect.bisect_right(recs, cut, key=_seq)
+                if i < stop:
+                    stop, peer.held = i, f"retired at seq {cut}"
+        stop = None if stop == len(recs) else stop
         if stop is not None:
             recs = recs[:stop]
             last = recs[-1] if recs else None
@@ -718,7 +725,7 @@ class Master:
         """Restore the committed state and replay every tentative record in key order."""
         merged = self.tentative + incoming
         merged.sort(key=_key)
-        self.live_root = codec.round_trip(self.committed_root, self.model.state_type)
+        self.live_root = self.model.copy_state(self.committed_root)
         self.live_dedup = codec.round_trip(self.committed_dedup)
         apply = self.model.apply
         for rec in merged:
@@ -759,7 +766,7 @@ class Master:
 
     def _make_committed_copy(self) -> None:
         check(not self.tentative, "committed copy made while tentative records exist")
-        self.committed_root = codec.round_trip(self.live_root, self.model.state_type)
+        self.committed_root = self.model.copy_state(self.live_root)
         self.committed_dedup = codec.round_trip(self.live_dedup)
 
     def _advance_frontier(self) -> None:
@@ -920,7 +927,7 @@ class Master:
     # -- reporting -------------------------------------------------------------------
 
     def _tentative_real(self) -> int:
-        return sum(1 for r in self.tentative if r.tx != codec.TICK)
+        return sum(1 for r in self.tentative if r.tx)
 
     def digest(self) -> str:
         """Canonical digest of the live state (cached until the next apply)."""
@@ -1021,6 +1028,10 @@ def _key(rec: Record) -> tuple:
 
 def _hlc(rec: Record) -> int:
     return rec.hlc
+
+
+def _seq(rec: Record) -> int:
+    return rec.seq
 
 
 def _encode_batches(records: list, *, batch: bool) -> list[bytes]:
