@@ -162,6 +162,7 @@ class Master:
         self._gc_seen: dict[str, float] = {}
         self._own_reader: JournalReader | None = None
         self._rejoin = False
+        self._version_at_last_publish = -1
         self.check_transactions = False
         self.partial_mutations = 0
 
@@ -938,13 +939,18 @@ class Master:
     def _progress(self) -> Progress:
         cursors = {m: p.reader.last_seq for m, p in self.peers.items()}
         cursors[self.name] = self.seq
-        quiet = self._tentative_real() == 0
+        # The digest costs a pass over the whole state: publish it once the state has held
+        # still for a whole sync (nothing tentative, nothing applied since the last one),
+        # which is when operators compare digests, not at every sync under load.
+        tentative = self._tentative_real()
+        quiet = tentative == 0 and self._version == self._version_at_last_publish
+        self._version_at_last_publish = self._version
         return Progress(master=self.name, joined=self.joined, seq=self.seq, horizon=self.own_horizon,
                         clock=self.clock.last, frontier=self.frontier, cursors=cursors,
                         snapshot_frontier=self.snapshot_frontier, snapshot_cursors=self.snapshot_cursors,
                         kept_snapshots=[[f, c] for f, c in sorted(self.kept_snapshots.items())],
                         acks=dict(self.acks), digest=self.digest() if quiet else "",
-                        digest_frontier=self.frontier if quiet else -1, tentative=self._tentative_real(),
+                        digest_frontier=self.frontier if quiet else -1, tentative=tentative,
                         rebases=self.rebases, last_error=self.last_error)
 
     def _publish_progress(self, force: bool = False) -> None:
