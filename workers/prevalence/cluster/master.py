@@ -458,31 +458,59 @@ class Master:
         whole batch. Returns one outcome dict per request: {"status": "ok"|"rejected"|
         "error", "value", "error"} (+ "duplicate_of" for a request id already known).
         """
-        self._check_writable()
+        if self.closed or not self.joined or self.lease.lost:
+            self._check_writable()
+        model = self.model
+        transactions = model.transactions
+        arity = model._arity
+        dedup = self.live_dedup
         plans: list = []  # per request: a known outcome (dict), an earlier index (int) or (tx, args, rid)
         batch_rids: dict[str, int] = {}
+        # Check every request before anything is written (kept lean: this is the batch path).
         for i, item in enumerate(requests):
             try:
                 tx, args, rid = item
             except (TypeError, ValueError):
                 raise BadArguments(f"each request must be (tx, args, rid), got {item!r}") from None
-            p = self._prepare(tx, args, rid)
-            if isinstance(p, dict):
-                plans.append(p)
-            elif p[1] and p[1] in batch_rids:
-                plans.append(batch_rids[p[1]])  # the same request id twice in one batch
-            else:
-                if p[1]:
-                    batch_rids[p[1]] = i
-                plans.append((p[0], tuple(args), p[1]))
-        # Encode, then journal the whole batch with one write and one fsync.
+            name = tx if tx.__class__ is str and tx in transactions else model.tx_name(tx)
+            if args.__class__ is not tuple:
+                if not isinstance(args, (list, tuple)):
+                    raise BadArguments(f"arguments of {name!r} must be a list, got {type(args).__name__}")
+                args = tuple(args)
+            lo, hi = arity[name]
+            if not lo <= len(args) <= hi:
+                model.check_arguments(name, args)
+            if rid:
+                if rid.__class__ is not str:
+                    raise BadArguments(f"request id must be a string, got {type(rid).__name__}")
+                first = dedup.get(rid)
+                if first is not None:
+                    # Idempotency: a known request id takes effect once; answer with its outcome.
+                    plans.append({"status": first[3], "value": first[4], "error": first[5],
+                                  "duplicate_of": f"{first[1]}:{first[2]}"})
+                    continue
+                if rid in batch_rids:
+                    plans.append(batch_rids[rid])  # the same request id twice in one batch
+                    continue
+                batch_rids[rid] = i
+            elif rid is not None and rid.__class__ is not str:
+                raise BadArguments(f"request id must be a string, got {type(rid).__name__}")
+            plans.append((name, args, rid or ""))
+        # Encode, then journal the whole batch with one write and one fsync. Records of one
+        # batch take consecutive clock readings: one clock call for the batch.
         seq = self.seq
         index, fresh = [], []
-        for i, plan in enumerate(plans):
-            if isinstance(plan, tuple):
-                seq += 1
-                index.append(i)
-                fresh.append(Record(self.name, seq, self.clock.tick(), plan[2], plan[0], plan[1]))
+        n_new = sum(1 for plan in plans if plan.__class__ is tuple)
+        if n_new:
+            hlc = self.clock.tick() - 1
+            self.clock.last = hlc + n_new
+            me = self.name
+            for i, plan in enumerate(plans):
+                if plan.__class__ is tuple:
+                    seq += 1
+                    hlc += 1
+                    index.append(i)
+                    fresh.append(Record(me, seq, hlc, plan[2], plan[0], plan[1]))
         records = []
         if fresh:
             try:
@@ -501,17 +529,21 @@ class Master:
         # Apply in order, only now that the batch is durable.
         multi = self.committed_root is not None
         outs: list = plans
+        apply = model.apply
+        root, ctx, check = self.live_root, self._ctx, self.check_transactions
         for i, rec in records:
-            before = codec.digest_of(self.live_root) if self.check_transactions else None
-            out = self.model.apply(self.live_root, self.live_dedup, rec, self._ctx)
+            before = codec.digest_of(root) if check else None
+            out = apply(root, dedup, rec, ctx)
             if before is not None:
                 self._check_partial(rec, out, before)
             outs[i] = out
-            self._remember(rec, out)
+            if multi or rec.rid:
+                self._remember(rec, out)
+        if records:
             if multi:
-                self.tentative.append(rec)
+                self.tentative.extend(rec for _i, rec in records)
             else:
-                self.committed_cursors[self.name] = rec.seq
+                self.committed_cursors[self.name] = records[-1][1].seq
         if records:
             self._version += 1
             if not multi:
