@@ -320,7 +320,9 @@ def render_table(view: dict[str, Any]) -> str:
             str(doc.get("seq", "-")),
             format_hlc(doc.get("frontier")),
             str(doc.get("tentative", "-")),
-            _lag_text(doc.get("lag_records")),
+            # The engine's own per-peer lag (records published but not read) when it
+            # reports one; else the lag computed here from the reported seqs and cursors.
+            _lag_text(doc["lag"] if isinstance(doc.get("lag"), dict) else doc.get("lag_records")),
             _short(doc.get("digest")),
             str(doc.get("rebases", "-")),
             f"{age:.0f}s" if isinstance(age, (int, float)) else "-",
