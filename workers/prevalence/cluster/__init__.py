@@ -5,8 +5,8 @@ know nothing of this layer.
 """
 
 from .master import Master
-from .membership import retire
+from .membership import read_retired, retire
 from .progress import read_all_progress
 from .verify import verify
 
-__all__ = ["Master", "retire", "read_all_progress", "verify"]
+__all__ = ["Master", "retire", "read_retired", "read_all_progress", "verify"]
