@@ -275,3 +275,20 @@ def test_looking_for_a_valid_record_after_damage_does_bounded_work(monkeypatch):
     assert res.torn is not None and len(res.records) == 20
     size = len(data)
     assert crc_bytes <= 4 * size, f"{crc_bytes} bytes checksummed to scan {size}"
+
+
+def test_batch_frame_with_a_gap_in_seqs_is_corruption_naming_the_record():
+    from workers.prevalence import codec, journal as j
+    recs = [codec.Record("m", s, 100 + s, "", "deposit", ("a", 1)) for s in (1, 2, 4)]
+    data = j.frame(codec.encode_record(recs), None, batch=True)
+    res = j.scan(data, "seg", 0, None, last_segment=True, master="m", expect_seq=1)
+    assert res.corruption is not None and not res.records
+    assert "expected seq 3" in str(res.corruption) and "found seq 4" in str(res.corruption)
+
+
+def test_batch_frame_read_from_inside_starts_at_the_cursor():
+    from workers.prevalence import codec, journal as j
+    recs = [codec.Record("m", s, 100 + s, "", "deposit", ("a", 1)) for s in range(1, 6)]
+    data = j.frame(codec.encode_record(recs), None, batch=True)
+    res = j.scan(data, "seg", 0, None, last_segment=True, master="m", expect_seq=4)
+    assert [r.seq for r in res.records] == [4, 5] and res.corruption is None
