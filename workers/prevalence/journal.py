@@ -236,7 +236,7 @@ def _valid_frame_after(data, start: int, key: bytes | None) -> int | None:
 
 def scan(data: bytes, path: str, offset: int, key: bytes | None, *, last_segment: bool,
          master: str | None = None, base: int = 0, expect_seq: int | None = None,
-         last_hlc: int = 0, trusted: int = 0) -> ScanResult:
+         last_hlc: int = 0, trusted: int = 0, records_max: int | None = None) -> ScanResult:
     """Decode the framed records of `data` starting at `offset`.
 
     Stops at the first damaged frame and decides whether it is a torn tail (nothing valid
@@ -261,7 +261,8 @@ def scan(data: bytes, path: str, offset: int, key: bytes | None, *, last_segment
         return ScanResult(records, at, corruption=Corruption(why, path=path, offset=base + at, master=master,
                                                              seq=expect_seq))
 
-    while off < size:
+    limit = records_max if records_max is not None else -1
+    while off < size and len(records) != limit and (limit < 0 or len(records) < limit):
         # Fast path: a plain (unsigned) frame whose single CRC checks out.
         if size - off >= FRAME_BYTES_MIN:
             n, version, flags, reserved = unpack(data, off)

@@ -43,6 +43,7 @@ from .reader import JournalReader
 log = logging.getLogger("prevalence.master")
 
 OUTCOMES_KEPT = 100_000
+RECOVERY_CHUNK_RECORDS = 100_000
 
 
 class Peer:
@@ -299,9 +300,20 @@ class Master:
     def _recover_own_journal(self) -> None:
         """Read our own journal after the base; set a torn tail aside and truncate it."""
         reader = JournalReader(self.shared, self.name, self.seq, 0, self.key)
-        res = reader.read_new()
-        if res.error is not None:
-            raise res.error
+        read_any = False
+        while True:
+            # In chunks: a long journal never sits in memory whole (records are ~0.5 KB).
+            res = reader.read_new(records_max=RECOVERY_CHUNK_RECORDS)
+            if res.error is not None:
+                raise res.error
+            self._check_own_transactions(res.records)
+            if res.records:
+                read_any = True
+                self._ingest({self.name: res.records})
+                self.seq = res.records[-1].seq
+                self.own_horizon = res.records[-1].hlc
+            if not res.records or res.torn is not None:
+                break
         if res.torn is not None:
             path, offset = res.torn_at
             aside = f"{path}.torn-{offset:020d}"
@@ -324,25 +336,23 @@ class Master:
                 os.close(fd)
             log.warning("journal %s: torn tail at offset %d (%s): %d bytes set aside to %s and truncated",
                         path, offset, res.torn, len(tail), aside)
-        if not res.records and self.seq > 0:
+        if not read_any and self.seq > 0:
             last = membership.last_written_seq(self.shared, self.name, self.key)
             if last < self.seq:
                 raise LostRecords(
                     f"the journal of {self.name!r} ends at seq {last} but its own snapshot already covers "
                     f"seq {self.seq}: records were lost (machine crash under fsync={self.fsync_mode}, or "
                     "damage). Writing on would leave a gap. Retire this master and start a new name")
-        unknown = {rec.tx for rec in res.records} - self.model.transactions.keys() - {codec.TICK}
-        for rec in res.records if unknown else ():
+        self._own_reader = reader
+
+    def _check_own_transactions(self, records: list) -> None:
+        unknown = {rec.tx for rec in records} - self.model.transactions.keys() - {codec.TICK}
+        for rec in records if unknown else ():
             if rec.tx in unknown:
                 raise UnknownRecordTransaction(
                     f"this master's own journal names transaction {rec.tx!r}, which model "
                     f"{self.model.name!r} does not declare (code rolled back?). Deploy the code that "
-                    "declares it; nothing was applied or truncated", master=self.name, seq=rec.seq)
-        self._own_reader = reader
-        self._ingest({self.name: res.records})
-        if res.records:
-            self.seq = res.records[-1].seq
-            self.own_horizon = res.records[-1].hlc
+                    "declares it; nothing was written or truncated", master=self.name, seq=rec.seq)
 
     def _check_lost_records(self) -> None:
         for m in folder.list_masters(self.shared):

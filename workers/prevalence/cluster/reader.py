@@ -41,6 +41,7 @@ class JournalReader:
         self.last_hlc = last_hlc      # its hlc (0 when unknown: checks start at the next record)
         self._segment: tuple[int, str] | None = None  # (first seq, path) being read
         self._offset = 0              # where the record after last_seq starts in _segment
+        self._cache = None            # (path, file offset, bytes, trusted) of a segment read in chunks
 
     def read_new(self, records_max: int | None = None) -> ReadResult:
         """Every complete record after `last_seq`, in seq order (up to records_max)."""
@@ -86,11 +87,31 @@ class JournalReader:
         while True:
             first, path = self._segment
             later = [s for s in segments if s[0] > first]
-            data = journal.read_from(path, self._offset)
-            trusted = journal.trusted_prefix(data, path) if self._offset == 0 and self.key is None else 0
+            # Reuse the bytes of a segment read by the previous call in chunks (recovery
+            # reads a large journal records_max at a time); otherwise reopen by path.
+            cached = self._cache
+            if cached is not None and cached[0] == path and cached[1] <= self._offset:
+                start = self._offset - cached[1]
+                data = memoryview(cached[2])[start:]
+                trusted = max(0, cached[3] - start)
+            else:
+                data = journal.read_from(path, self._offset)
+                trusted = journal.trusted_prefix(data, path) if self._offset == 0 and self.key is None else 0
+            want = None if records_max is None else max(1, records_max - len(out))
             res = journal.scan(data, path, 0, self.key, last_segment=not later, master=self.name,
                                base=self._offset, expect_seq=self.last_seq + 1, last_hlc=self.last_hlc,
-                               trusted=trusted)
+                               trusted=trusted, records_max=want)
+            if want is not None and res.end_offset < len(data) and not res.torn and res.corruption is None:
+                # Stopped at records_max inside this segment: keep its bytes for the next call.
+                if cached is None or cached[0] != path or cached[1] > self._offset:
+                    self._cache = (path, self._offset, bytes(data), trusted)
+                if res.records:
+                    out += res.records
+                    self.last_seq = res.records[-1].seq
+                    self.last_hlc = res.records[-1].hlc
+                self._offset += res.end_offset
+                return ReadResult(out)
+            self._cache = None
             if res.records:
                 out += res.records
                 self.last_seq = res.records[-1].seq
