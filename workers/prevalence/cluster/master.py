@@ -756,6 +756,17 @@ class Master:
                 for m, recs in new.items():
                     cursors[m] = recs[-1].seq
                 return applied, False
+            if not self.tentative and self._commits_at_once(incoming[-1].hlc):
+                # Nothing tentative, and everything new is at or below the frontier this
+                # sync will reach: apply it once, to the committed state, and let live be a
+                # copy of it (a copy costs the state; a second apply would cost the records).
+                self.model.replay(self.committed_root, self.committed_dedup, incoming, self._ctx)
+                cursors = self.committed_cursors
+                for m, recs in new.items():
+                    cursors[m] = recs[-1].seq
+                self.live_root = self.model.copy_state(self.committed_root)
+                self.live_dedup = dict(self.committed_dedup)
+                return applied, False
             if not self.tentative or _key(incoming[0]) > _key(self.tentative[-1]):
                 # Fast path: everything new orders after everything applied.
                 self.model.replay(self.live_root, self.live_dedup, incoming, self._ctx)
@@ -764,12 +775,22 @@ class Master:
             self._rebase(incoming)
         return applied, True
 
+    def _commits_at_once(self, hlc: int) -> bool:
+        """Will this sync's frontier reach `hlc`? (Not when a newcomer gets counted now.)"""
+        if any(not p.counted and m not in self.retired for m, p in self.peers.items()):
+            return False  # it gets counted this sync, at the current frontier
+        f = self.clock.last
+        for peer in self.peers.values():
+            if peer.counted and peer.horizon < f:
+                f = peer.horizon
+        return hlc <= f
+
     def _rebase(self, incoming: list) -> None:
         """Restore the committed state and replay every tentative record in key order."""
         merged = self.tentative + incoming
         merged.sort(key=_key)
         self.live_root = self.model.copy_state(self.committed_root)
-        self.live_dedup = codec.round_trip(self.committed_dedup)
+        self.live_dedup = dict(self.committed_dedup)  # entries are replaced, never mutated
         apply = self.model.apply
         for rec in merged:
             if rec.tx == codec.TICK:
@@ -810,7 +831,7 @@ class Master:
     def _make_committed_copy(self) -> None:
         check(not self.tentative, "committed copy made while tentative records exist")
         self.committed_root = self.model.copy_state(self.live_root)
-        self.committed_dedup = codec.round_trip(self.live_dedup)
+        self.committed_dedup = dict(self.live_dedup)  # entries are replaced, never mutated
 
     def _advance_frontier(self) -> None:
         f = self.clock.last
