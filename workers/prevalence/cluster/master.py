@@ -756,10 +756,11 @@ class Master:
                 for m, recs in new.items():
                     cursors[m] = recs[-1].seq
                 return applied, False
-            if not self.tentative and self._commits_at_once(incoming[-1].hlc):
-                # Nothing tentative, and everything new is at or below the frontier this
-                # sync will reach: apply it once, to the committed state, and let live be a
-                # copy of it (a copy costs the state; a second apply would cost the records).
+            if self._commits_at_once(incoming[-1].hlc) and not any(r.tx for r in self.tentative):
+                # Nothing tentative but ticks (live equals committed), and everything new is
+                # at or below the frontier this sync will reach: apply it once, to the
+                # committed state, and let live be a copy of it (a copy costs the state; a
+                # second apply would cost the records). Tentative ticks stay where they are.
                 self.model.replay(self.committed_root, self.committed_dedup, incoming, self._ctx)
                 cursors = self.committed_cursors
                 for m, recs in new.items():
