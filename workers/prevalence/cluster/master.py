@@ -476,6 +476,7 @@ class Master:
         dedup = self.live_dedup
         plans: list = []  # per request: a known outcome (dict), an earlier index (int) or (tx, args, rid)
         batch_rids: dict[str, int] = {}
+        n_new = 0
         # Check every request before anything is written (kept lean: this is the batch path).
         for i, item in enumerate(requests):
             try:
@@ -484,7 +485,7 @@ class Master:
                 raise BadArguments(f"each request must be (tx, args, rid), got {item!r}") from None
             name = tx if tx.__class__ is str and tx in transactions else model.tx_name(tx)
             if args.__class__ is not tuple:
-                if not isinstance(args, (list, tuple)):
+                if args.__class__ is not list and not isinstance(args, (list, tuple)):
                     raise BadArguments(f"arguments of {name!r} must be a list, got {type(args).__name__}")
                 args = tuple(args)
             lo, hi = arity[name]
@@ -506,21 +507,27 @@ class Master:
             elif rid is not None and rid.__class__ is not str:
                 raise BadArguments(f"request id must be a string, got {type(rid).__name__}")
             plans.append((name, args, rid or ""))
+            n_new += 1
         # Encode, then journal the whole batch with one write and one fsync. Records of one
         # batch take consecutive clock readings: one clock call for the batch.
         seq = self.seq
         index, fresh = [], []
-        n_new = sum(1 for plan in plans if plan.__class__ is tuple)
         if n_new:
             hlc = self.clock.tick() - 1
             self.clock.last = hlc + n_new
             me = self.name
-            for i, plan in enumerate(plans):
-                if plan.__class__ is tuple:
-                    seq += 1
-                    hlc += 1
-                    index.append(i)
-                    fresh.append(Record(me, seq, hlc, plan[2], plan[0], plan[1]))
+            if n_new == len(plans):  # the common case: every request is new
+                index = range(n_new)
+                fresh = [Record(me, seq + k, hlc + k, plan[2], plan[0], plan[1])
+                         for k, plan in enumerate(plans, 1)]
+                seq += n_new
+            else:
+                for i, plan in enumerate(plans):
+                    if plan.__class__ is tuple:
+                        seq += 1
+                        hlc += 1
+                        index.append(i)
+                        fresh.append(Record(me, seq, hlc, plan[2], plan[0], plan[1]))
         records = []
         if fresh:
             try:
