@@ -44,6 +44,7 @@ log = logging.getLogger("prevalence.master")
 
 OUTCOMES_KEPT = 100_000
 RECOVERY_CHUNK_RECORDS = 100_000
+COPY_PER_APPLY = 8  # copying one state entry costs about 1/8 of applying one record (measured)
 
 
 class Peer:
@@ -763,11 +764,12 @@ class Master:
                 for m, recs in new.items():
                     cursors[m] = recs[-1].seq
                 return applied, False
-            if self._commits_at_once(incoming[-1].hlc) and not any(r.tx for r in self.tentative):
-                # Nothing tentative but ticks (live equals committed), and everything new is
-                # at or below the frontier this sync will reach: apply it once, to the
-                # committed state, and let live be a copy of it (a copy costs the state; a
-                # second apply would cost the records). Tentative ticks stay where they are.
+            if (len(incoming) * COPY_PER_APPLY >= _size(self.committed_root)
+                    and self._commits_at_once(incoming[-1].hlc) and not any(r.tx for r in self.tentative)):
+                # Nothing tentative but ticks (live equals committed), everything new is at or
+                # below the frontier this sync will reach, and there are enough records that
+                # applying them twice costs more than a copy of the state: apply them once, to
+                # the committed state, and let live be a copy of it. Tentative ticks stay.
                 self.model.replay(self.committed_root, self.committed_dedup, incoming, self._ctx)
                 cursors = self.committed_cursors
                 for m, recs in new.items():
