@@ -437,8 +437,6 @@ class JournalWriter:
         else:
             self.segment_first, self.path, self.offset = tail
             self._fd = os.open(self.path, os.O_WRONLY)
-            with open(self.path, "rb") as f:
-                self._crc = zlib.crc32(f.read(self.offset))
         self._flusher = None
         if fsync == "interval":
             self._flusher = threading.Thread(target=self._flush_loop, name="journal-fsync", daemon=True)
@@ -457,7 +455,6 @@ class JournalWriter:
         except OSError as exc:
             raise _storage_error("creating segment", self.path, exc) from exc
         self.offset = 0
-        self._crc = 0  # running CRC-32 of the segment's bytes, for its seal
 
     def append(self, payloads: list[bytes], key: bytes | None, count: int | None = None,
                batch: bool = False) -> None:
@@ -488,7 +485,6 @@ class JournalWriter:
                 if self._fault_on:
                     self._fault("after-write")
                 self.offset += written
-                self._crc = zlib.crc32(data, self._crc)
                 self.next_seq += count if count is not None else len(payloads)
                 if self.fsync_mode == "always":
                     os.fsync(self._fd)
@@ -567,5 +563,8 @@ class JournalWriter:
 
     def _seal(self) -> None:
         """Publish the seal of the current segment: its durable length and CRC-32."""
-        body = json.dumps({"length": self.offset, "crc32": self._crc}).encode()
+        # The CRC is computed here, from the durable bytes, not on the write path.
+        with open(self.path, "rb") as f:
+            crc = zlib.crc32(f.read(self.offset))
+        body = json.dumps({"length": self.offset, "crc32": crc}).encode()
         publish_file(seal_path(self.path), body)

@@ -451,10 +451,12 @@ class Master:
         self._version += 1
         if before is not None:
             self._check_partial(rec, out, before)
-        self._remember(rec, out)
         if self.committed_root is not None:
+            self._remember(rec, out)
             self.tentative.append(rec)
         else:
+            if rid:
+                self._remember(rec, out)
             self.committed_cursors[self.name] = seq
             self.frontier = self.clock.last
         status = out["status"]
