@@ -43,6 +43,7 @@ from .reader import JournalReader
 log = logging.getLogger("prevalence.master")
 
 OUTCOMES_KEPT = 100_000
+_FLAT = frozenset({str, int, float, bool, type(None), bytes})  # values the codec returns unchanged
 RECOVERY_CHUNK_RECORDS = 100_000
 COPY_PER_APPLY = 8  # copying one state entry costs about 1/8 of applying one record (measured)
 
@@ -434,13 +435,16 @@ class Master:
                 return _result(name, {"status": first[3], "value": first[4], "error": first[5]})
         seq = self.seq + 1
         try:
-            payload = codec.encode_record(Record(self.name, seq, self.clock.tick(), rid or "", name, args))
+            rec = Record(self.name, seq, self.clock.tick(), rid or "", name, args)
+            payload = codec.encode_record(rec)
         except (TypeError, ValueError, OverflowError, codec.msgspec.EncodeError) as exc:
             raise BadArguments(f"arguments of {name!r} cannot be encoded as plain data: {exc}") from None
         if len(payload) > journal.RECORD_BYTES_MAX:
             raise BadArguments(f"arguments of {name!r} encode to {len(payload)} bytes, more than the "
                                f"{journal.RECORD_BYTES_MAX} a record may hold")
-        rec = codec.decode_record(payload)  # apply exactly what replay will read
+        # Apply exactly what replay will read (flat arguments read back identical).
+        if any(a.__class__ not in _FLAT for a in args):
+            rec = codec.decode_record(payload)
         self.writer.append((payload,), self.key)
         if self._fault_on:
             self._fault("between-fsync-and-apply")
@@ -537,9 +541,13 @@ class Master:
                 chunks = _encode_batches(fresh, batch=len(fresh) > 1)
             except (TypeError, ValueError, OverflowError, codec.msgspec.EncodeError) as exc:
                 raise BadArguments(f"arguments cannot be encoded as plain data: {exc}") from None
-            # Apply exactly what replay will read.
-            decoded = [rec for payload in chunks for rec in
-                       (codec.decode_batch(payload) if len(fresh) > 1 else [codec.decode_record(payload)])]
+            # Apply exactly what replay will read: flat arguments (str, int, float, bool,
+            # None, bytes) read back identical, so only other batches are decoded again.
+            if all(a.__class__ in _FLAT for rec in fresh for a in rec.args):
+                decoded = fresh
+            else:
+                decoded = [rec for payload in chunks for rec in
+                           (codec.decode_batch(payload) if len(fresh) > 1 else [codec.decode_record(payload)])]
             self.writer.append(chunks, self.key, count=len(fresh), batch=len(fresh) > 1)
             if self._fault_on:
                 self._fault("between-fsync-and-apply")
