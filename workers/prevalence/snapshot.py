@@ -56,7 +56,7 @@ class SnapshotBody(msgspec.Struct, frozen=True):
     members: list          # the members counted in the frontier when it was written
     digest: str            # canonical digest of (root, dedup)
     root: msgspec.Raw      # the application state, decoded with the model's state type
-    dedup: dict            # request id -> first outcome (see model.Outcome)
+    dedup: dict[str, tuple]  # request id -> (hlc, master, seq, status, value, error) of its first record
 
 
 def format_snapshot_name(frontier: int) -> str:
