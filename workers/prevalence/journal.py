@@ -58,8 +58,7 @@ import struct
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
-from typing import Iterable
+from dataclasses import dataclass
 
 import msgspec
 

@@ -68,10 +68,6 @@ class Context:
         return self._random
 
 
-def outcome(status: str, value: Any = None, error: str | None = None) -> dict:
-    return {"status": status, "value": value, "error": error}
-
-
 def _arity(sig: inspect.Signature, skip: int) -> tuple[int, int]:
     """(min, max) positional arguments after the first `skip`; (1, 0) = always use bind."""
     params = list(sig.parameters.values())[skip:]

@@ -32,7 +32,6 @@ from typing import Any
 
 import msgspec
 
-from . import codec
 from .errors import Corruption, StorageError, check
 from .journal import SEQ_DIGITS, fsync_dir
 

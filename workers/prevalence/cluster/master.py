@@ -23,7 +23,6 @@ import gc
 import itertools
 import logging
 import os
-import shutil
 import time
 from typing import Any, Callable, Iterable
 
@@ -31,9 +30,9 @@ from .. import codec, journal
 from ..clock import HybridClock, physical_ms, wall_ms
 from ..codec import Record
 from ..errors import (BadArguments, Corruption, InvariantViolation, LostRecords, NotReady,
-                      PrevalenceError, Rejected, RetiredMaster, TransactionFailed,
+                      Rejected, RetiredMaster, TransactionFailed,
                       UnknownRecordTransaction, UnsupportedState, check)
-from ..model import ERROR, OK, REJECTED, Context, Model
+from ..model import OK, REJECTED, Context, Model
 from ..snapshot import SnapshotBody, decode_root, list_snapshots, load_snapshot, write_snapshot
 from . import folder, membership
 from .lease import LEASE_TTL_S_DEFAULT, Lease
@@ -391,22 +390,6 @@ class Master:
                            f"acknowledgement from {waiting}. Members acknowledge at their next sync")
         if self.lease.lost:
             raise NotReady(self.lease.lost)
-
-    def _prepare(self, tx, args, rid) -> tuple[str, bytes] | dict:
-        """Check and encode one request. Returns (tx name, payload) or a known outcome."""
-        name = self.model.tx_name(tx)
-        if not isinstance(args, (list, tuple)):
-            raise BadArguments(f"arguments of {name!r} must be a list, got {type(args).__name__}")
-        self.model.check_arguments(name, args)
-        if rid is not None and not isinstance(rid, str):
-            raise BadArguments(f"request id must be a string, got {type(rid).__name__}")
-        if rid:
-            first = self.live_dedup.get(rid)
-            if first is not None:
-                # Idempotency: a known request id takes effect once; answer with its outcome.
-                return {"status": first[3], "value": first[4], "error": first[5],
-                        "duplicate_of": f"{first[1]}:{first[2]}"}
-        return name, rid or ""
 
     def execute(self, tx, *args, rid: str | None = None) -> Any:
         """Journal one transaction durably, apply it and return its result.
