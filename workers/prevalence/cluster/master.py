@@ -36,7 +36,7 @@ from ..model import OK, REJECTED, Context, Model
 from ..snapshot import SnapshotBody, decode_root, list_snapshots, load_snapshot, write_snapshot
 from . import folder, membership
 from .lease import LEASE_TTL_S_DEFAULT, Lease
-from .progress import Progress, read_progress, write_progress
+from .progress import Progress, encode_progress, read_progress, write_progress
 from .reader import JournalReader
 
 log = logging.getLogger("prevalence.master")
@@ -1002,9 +1002,14 @@ class Master:
             self._digest_cache = (self._version, codec.digest_of(self.live_root, self.live_dedup))
         return self._digest_cache[1]
 
-    def _progress(self) -> Progress:
+    def _cursors(self) -> dict[str, int]:
+        """For every member, this master included, the last seq read."""
         cursors = {m: p.reader.last_seq for m, p in self.peers.items()}
         cursors[self.name] = self.seq
+        return cursors
+
+    def _progress(self) -> Progress:
+        cursors = self._cursors()
         # The digest costs a pass over the whole state: publish it once the state has held
         # still for a whole sync (nothing tentative, nothing applied since the last one),
         # which is when operators compare digests, not at every sync under load.
@@ -1022,7 +1027,6 @@ class Master:
     def _publish_progress(self, force: bool = False) -> None:
         """Publish progress when it changed (an idle cluster writes nothing)."""
         p = self._progress()
-        from .progress import encode_progress
         same = encode_progress(p, None)
         if same == self._published and not force:
             return
@@ -1032,8 +1036,7 @@ class Master:
 
     def status(self) -> dict:
         """A dict describing this master (see DESIGN §6 for the fields tools rely on)."""
-        cursors = {m: p.reader.last_seq for m, p in self.peers.items()}
-        cursors[self.name] = self.seq
+        cursors = self._cursors()
         now = self._now_ms()
         lag = {}
         for m, peer in self.peers.items():
@@ -1129,9 +1132,9 @@ def _size(root: Any) -> int:
     return len(root) if isinstance(root, (list, tuple, set)) else 1
 
 
-def _raw(value: Any):
-    import msgspec
-    return msgspec.Raw(msgspec.msgpack.encode(value))
+def _raw(value: Any) -> codec.msgspec.Raw:
+    """The state's bytes, embedded as-is in a snapshot body."""
+    return codec.msgspec.Raw(codec.encode_record(value))
 
 
 def _result(tx, out: dict) -> Any:
