@@ -174,13 +174,14 @@ def test_failed_fsync_stops_further_writes_and_leaves_a_journal_that_reopens(tmp
     from workers.prevalence.errors import StorageError
     m = open_master(tmp_path, fsync="always")
     m.execute("open_account", "a", 0)
-    real_fsync = os.fsync
+    name = "fdatasync" if hasattr(os, "fdatasync") else "fsync"  # what journal.sync_data calls
+    real_fsync = getattr(os, name)
 
     def eio_once(fd):
-        monkeypatch.setattr(os, "fsync", real_fsync)
+        monkeypatch.setattr(os, name, real_fsync)
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(os, "fsync", eio_once)
+    monkeypatch.setattr(os, name, eio_once)
     with pytest.raises(StorageError, match="EIO"):
         m.execute("deposit", "a", 5, rid="unacknowledged")
     assert m.query("balance", "a") == 0
@@ -288,7 +289,8 @@ def test_failed_background_fsync_stops_further_writes(tmp_path, monkeypatch):
     from workers.prevalence.errors import StorageError
     m = open_master(tmp_path, fsync="interval", fsync_interval_ms=20)
     m.execute("open_account", "a", 0)
-    real_fsync = os.fsync
+    name = "fdatasync" if hasattr(os, "fdatasync") else "fsync"  # what journal.sync_data calls
+    real_fsync = getattr(os, name)
     failed = threading.Event()
 
     def eio_in_background(fd):
@@ -299,7 +301,7 @@ def test_failed_background_fsync_stops_further_writes(tmp_path, monkeypatch):
             raise OSError(errno.EIO, "Input/output error")
         return real_fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", eio_in_background)
+    monkeypatch.setattr(os, name, eio_in_background)
     deadline = time.monotonic() + 10
     while not failed.is_set() and time.monotonic() < deadline:
         m.execute("deposit", "a", 1)  # keeps the journal dirty until the flusher runs

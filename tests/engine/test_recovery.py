@@ -256,7 +256,8 @@ def test_journal_that_ends_before_its_snapshot_refuses_to_open_instead_of_writin
 
 def test_snapshot_makes_the_journal_durable_before_it_is_published(tmp_path, monkeypatch):
     events = []
-    real_fsync = os.fsync
+    name = "fdatasync" if hasattr(os, "fdatasync") else "fsync"  # what journal.sync_data calls
+    real_fsync = getattr(os, name)
 
     def spy(fd):
         events.append(("fsync", fd))
@@ -265,7 +266,7 @@ def test_snapshot_makes_the_journal_durable_before_it_is_published(tmp_path, mon
     m = open_master(tmp_path, fsync="never", fault=events.append)
     for i in range(3):
         m.execute("open_account", f"a{i}", 1)
-    monkeypatch.setattr(os, "fsync", spy)
+    monkeypatch.setattr(os, name, spy)
     events.clear()
     m.snapshot()
     monkeypatch.undo()

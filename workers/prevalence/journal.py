@@ -383,6 +383,20 @@ def publish_file(path: str, data: bytes, fault=None) -> None:
     fsync_dir(directory)
 
 
+def sync_data(fd: int) -> None:
+    """Make a journal segment's written bytes durable: ``fdatasync`` where the platform has it.
+
+    A commit needs the data and the file's new length on stable storage, which is what
+    fdatasync guarantees; it skips timestamps, which saves a metadata write on every
+    commit (SQLite makes the same choice). The directory entry of a new segment is made
+    durable separately (`fsync_dir`). Looked up at call time so tests can inject faults.
+    """
+    if hasattr(os, "fdatasync"):
+        os.fdatasync(fd)
+    else:  # macOS and Windows have no fdatasync
+        os.fsync(fd)
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -486,7 +500,7 @@ class JournalWriter:
                 self.offset += written
                 self.next_seq += count if count is not None else len(payloads)
                 if self.fsync_mode == "always":
-                    os.fsync(self._fd)
+                    sync_data(self._fd)
                     if self._fault_on:
                         self._fault("after-fsync")
                 else:
@@ -506,7 +520,7 @@ class JournalWriter:
     def _roll(self) -> None:
         """Close the current segment durably and start the next one at next_seq."""
         self._fault("before-roll")
-        os.fsync(self._fd)
+        sync_data(self._fd)
         fd, self._fd = self._fd, -1  # never touch a closed descriptor number again
         os.close(fd)
         self._seal()
@@ -515,7 +529,7 @@ class JournalWriter:
         self._fault("after-roll")
 
     def _fsync_locked(self) -> None:
-        os.fsync(self._fd)
+        sync_data(self._fd)
         self._dirty = False
         self._last_fsync = time.monotonic()
 
@@ -552,7 +566,7 @@ class JournalWriter:
                     fd, self._fd = self._fd, -1
                     try:
                         if self._failed is None:
-                            os.fsync(fd)  # even under fsync=never: a clean close leaves nothing pending
+                            sync_data(fd)  # even under fsync=never: a clean close leaves nothing pending
                     finally:
                         os.close(fd)
                 if seal and self._failed is None and self.offset:
