@@ -178,17 +178,18 @@ def test_a_batch_is_one_frame_and_a_reader_can_start_inside_it(tmp_path):
     data = open(seg, "rb").read()
     frames = 0
     off = 0
-    while off < len(data):
+    while off < len(data) and not journal.all_zero(data[off:off + journal.HEADER_BYTES]):
         n, _v, flags, _r = journal.HEADER.unpack_from(data, off)
         frames += 1
         off += journal.HEADER_BYTES + n + journal.CRC_BYTES
     assert frames == 2 and flags & journal.FLAG_BATCH
+    assert journal.all_zero(data, off)  # then the writer's reserved space, if any
     res = JournalReader(str(tmp_path), "alpha", 5, 0, None).read_new()
     assert [r.seq for r in res.records] == list(range(6, 12))
     # A torn batch is lost whole: it was never acknowledged.
     a.crash()
     with open(seg, "r+b") as f:
-        f.truncate(len(data) - 3)
+        f.truncate(off - 3)
     b = open_master(tmp_path, "alpha")
     assert b.seq == 1 and b.query("balance", "x") == 0
 

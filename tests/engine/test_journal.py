@@ -75,14 +75,29 @@ def test_flipped_length_is_caught_instead_of_read_as_a_torn_tail():
     assert res.corruption.offset == second
 
 
-def test_zero_filled_tail_is_torn_not_corrupt():
+def test_zero_filled_tail_is_unwritten_space_not_torn_nor_corrupt():
     records = make_records(3)
     data = framed(records)
     res = scan(data + bytes(4096))
     assert res.records == records
     assert res.end_offset == len(data)
     assert res.corruption is None
-    assert res.torn is not None and "zero" in res.torn
+    assert res.torn is None and res.zero_tail == 4096
+
+
+def test_a_torn_record_followed_by_zeros_is_torn():
+    records = make_records(3)
+    data = framed(records)
+    res = scan(data + framed(make_records(1))[:7] + bytes(4096))
+    assert res.records == records and res.end_offset == len(data)
+    assert res.corruption is None and res.torn is not None and res.zero_tail == 0
+
+
+@pytest.mark.parametrize("tail", [b"", bytes(1), bytes(3 << 20), bytes(3 << 20) + b"\x01", b"\x01" + bytes(5)])
+def test_all_zero_is_exact_at_any_length(tail):
+    data = b"head" + tail
+    assert journal.all_zero(data, 4) == (tail.count(0) == len(tail))
+    assert journal.all_zero(memoryview(data)[2:], 2) == (tail.count(0) == len(tail))
 
 
 def test_partial_final_record_is_torn_not_corrupt():

@@ -59,8 +59,7 @@ def test_valid_fixture_journal_recovers_every_record(tmp_path):
 
 # -- torn tails ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,tail_bytes", [("journal-torn-tail.log", fx.TORN_BYTES),
-                                             ("journal-zero-tail.log", fx.ZERO_TAIL_BYTES)])
+@pytest.mark.parametrize("name,tail_bytes", [("journal-torn-tail.log", fx.TORN_BYTES)])
 def test_torn_final_record_is_set_aside_and_truncated_with_good_records_kept(tmp_path, caplog, name, tail_bytes):
     seg = install(tmp_path, journal_file=name)
     intact = len(fx.build()["journal-valid.log"])
@@ -80,6 +79,29 @@ def test_torn_final_record_is_set_aside_and_truncated_with_good_records_kept(tmp
     assert (m.seq, m.query("balance", "a")) == (4, fx.BALANCE_AFTER_3 + 1)
     kept = [n for n in journal_bytes(tmp_path, fx.MASTER) if n.endswith(".log") or ".torn-" in n]
     assert kept == [FIRST_SEGMENT, os.path.basename(aside)]
+    m.close()
+
+
+@pytest.mark.parametrize("reserve", [0, 1 << 20])
+def test_zero_filled_tail_is_unwritten_space_that_the_writer_fills_next(tmp_path, reserve):
+    # Writeback extended the file before the data landed, or the writer's own reservation:
+    # zeros hold no data, so nothing is set aside; the good records stay and the next
+    # record goes right after them.
+    seg = install(tmp_path, journal_file="journal-zero-tail.log")
+    intact = len(fx.build()["journal-valid.log"])
+    m = open_fixture(tmp_path, fsync="always", journal_reserve_bytes=reserve)
+    assert (m.seq, m.query("balance", "a")) == (3, fx.BALANCE_AFTER_3)
+    assert m.execute("deposit", "a", 1, rid="r4") == fx.BALANCE_AFTER_3 + 1
+    assert not [n for n in journal_bytes(tmp_path, fx.MASTER) if ".torn-" in n]
+    with open(seg, "rb") as f:
+        data = f.read()
+    assert data[:intact] == fx.build()["journal-valid.log"]
+    start, end = frames(data[intact:])[0]
+    assert start == 0 and journal.all_zero(data, intact + end)
+    m.close()
+    assert os.path.getsize(seg) == intact + end  # a clean close cuts the zeros
+    m = open_fixture(tmp_path)
+    assert (m.seq, m.query("balance", "a")) == (4, fx.BALANCE_AFTER_3 + 1)
     m.close()
 
 

@@ -28,13 +28,24 @@ skips the per-frame checksums there (one C-speed pass instead of one call per re
 a seal that does not match is ignored. Not used with a cluster key (HMACs are checked
 per record).
 
+Reserved space: on a local disk the writer extends the current segment with zeros ahead
+of its offset, `RESERVE_BYTES_DEFAULT` at a time, so that a commit overwrites blocks the
+file already has and ``fdatasync`` writes the data alone, not the file's new size and
+block map too (about 1.5x faster per commit here; SQLite's WAL gets the same effect by
+reusing its file). Rolling or closing a segment truncates the reservation. Zeros after
+the last record of the last segment are therefore **unwritten space**: the journal ends
+there, with no error and nothing to set aside (zeros hold no data); the writer resumes
+at that offset. On a network filesystem the writer reserves nothing (auto-detected):
+there a reader's page cache can hold the zeros of a reserved block after the writer
+has filled it, while a growing file size always tells it to read again.
+
 Reading tells two failures apart (etcd's WAL does the same):
 
-* **Torn tail** -- the last record of the last segment is incomplete, zero-filled or
-  fails its checksum, and no valid record follows it. It was never acknowledged (the
-  writer fsyncs before it acknowledges): it means "not written yet". A peer stops there
-  and looks again at its next sync; the owner, at recovery, copies the bytes aside to
-  ``<segment>.torn-<offset>`` and truncates them.
+* **Torn tail** -- the last record of the last segment is incomplete or fails its
+  checksum (whatever follows it being zeros), and no valid record follows it. It was
+  never acknowledged (the writer fsyncs before it acknowledges): it means "not written
+  yet". A peer stops there and looks again at its next sync; the owner, at recovery,
+  copies the bytes aside to ``<segment>.torn-<offset>`` and truncates them.
 * **Corruption** -- a damaged record followed by a valid one. Nothing is truncated and
   nothing is skipped: reading that journal stops with an error naming the file, offset
   and cause.
@@ -82,6 +93,14 @@ RECORD_BYTES_MAX = 16 * 1024 * 1024
 SEGMENT_BYTES_MAX_DEFAULT = 64 * 1024 * 1024
 SEGMENT_SUFFIX = ".log"
 SEQ_DIGITS = 20
+
+#: Bytes of zeros the writer keeps ahead of its offset on a local disk (see above).
+RESERVE_BYTES_DEFAULT = 256 * 1024
+#: Filesystem types (``/proc/self/mountinfo``) on which the writer reserves nothing.
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs",
+                                 "lustre", "gpfs", "afs", "beegfs", "fuse.sshfs", "fuse.glusterfs",
+                                 "fuse.ceph", "fuse.s3fs"})
+_ZEROS = bytes(1024 * 1024)
 
 FSYNC_MODES = ("always", "interval", "never")
 FSYNC_INTERVAL_MS_DEFAULT = 200
@@ -175,6 +194,22 @@ class ScanResult:
     end_offset: int        # offset just past the last valid record
     torn: str | None = None  # why the tail after end_offset is "not written yet", if any
     corruption: Corruption | None = None  # set when a damaged record precedes valid data
+    zero_tail: int = 0     # bytes of zeros after end_offset: unwritten (reserved) space
+
+
+def all_zero(data, start: int = 0) -> bool:
+    """True when every byte of `data` from `start` on is zero (C-speed compares)."""
+    if not isinstance(data, bytes):
+        data = bytes(memoryview(data)[start:])
+        start = 0
+    zeros = memoryview(_ZEROS)
+    size = len(data)
+    while start < size:
+        n = min(size - start, len(_ZEROS))
+        if not data.startswith(zeros[:n], start):
+            return False
+        start += n
+    return True
 
 
 def _frame_error(data, off: int, key: bytes | None) -> tuple[str | None, int]:
@@ -330,10 +365,9 @@ def scan(data: bytes, path: str, offset: int, key: bytes | None, *, last_segment
         off = end
     if problem is None:
         return ScanResult(records, off)
-    # A damaged frame at `off`: torn tail or corruption?
-    rest = mv[off:]
-    if last_segment and not any(rest):
-        return ScanResult(records, off, torn=f"{len(rest)} zero bytes")
+    # Zeros, a damaged frame at `off`: unwritten space, torn tail or corruption?
+    if last_segment and all_zero(data, off):
+        return ScanResult(records, off, zero_tail=size - off)
     later = _valid_frame_after(mv, off + 1, key)
     if later is None and last_segment:
         return ScanResult(records, off, torn=problem)
@@ -405,6 +439,35 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def filesystem_type(path: str) -> str | None:
+    """The type of the filesystem holding `path` (Linux ``/proc/self/mountinfo``), or None."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best, kind = "", None
+    for line in lines:
+        # <id> <parent> <major:minor> <root> <mount point> <options> [optional...] - <type> ...
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right:
+            continue
+        point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, right.split()[0]
+    return kind
+
+
+def on_network_filesystem(path: str) -> bool:
+    """True when `path` is on NFS or another network filesystem (or the type is unknown
+    because ``/proc`` is missing: then the writer plays safe and reserves nothing)."""
+    kind = filesystem_type(path)
+    return kind is None or kind in NETWORK_FILESYSTEMS or kind.startswith("nfs")
+
+
 def _storage_error(action: str, path: str, exc: OSError) -> StorageError:
     name = errno.errorcode.get(exc.errno, str(exc.errno))
     return StorageError(f"{action} failed on {path}: {name} ({exc.strerror}). The record was "
@@ -424,14 +487,19 @@ class JournalWriter:
             after a power loss or OS crash; a process crash loses nothing), or "never"
             (durability left to the OS page cache: survives a process crash, not power loss).
         segment_bytes_max: roll to a new segment once the current one passes this size.
+        reserve_bytes: zeros kept written ahead of the offset (module docstring); None =
+            `RESERVE_BYTES_DEFAULT` on a local filesystem, 0 on a network one.
         fault: test hook, called with a point name ("after-write", ...) at each step.
     """
 
     def __init__(self, journal_dir: str, next_seq: int, tail: tuple[int, str, int] | None, *,
                  fsync: str = "always", fsync_interval_ms: int = FSYNC_INTERVAL_MS_DEFAULT,
-                 segment_bytes_max: int = SEGMENT_BYTES_MAX_DEFAULT, fault=None):
+                 segment_bytes_max: int = SEGMENT_BYTES_MAX_DEFAULT, reserve_bytes: int | None = None,
+                 fault=None):
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, got {fsync!r}")
+        if reserve_bytes is not None and reserve_bytes < 0:
+            raise ValueError(f"reserve_bytes must be >= 0, got {reserve_bytes}")
         self.journal_dir = journal_dir
         self.fsync_mode = fsync
         self.fsync_interval_s = fsync_interval_ms / 1000.0
@@ -445,11 +513,16 @@ class JournalWriter:
         self._closed = False
         self._failed: str | None = None  # set when a write or fsync failed: no more appends
         os.makedirs(journal_dir, exist_ok=True)
+        if reserve_bytes is None:
+            reserve_bytes = 0 if on_network_filesystem(journal_dir) else RESERVE_BYTES_DEFAULT
+        self.reserve_bytes = reserve_bytes
         if tail is None:
             self._open_new_segment(next_seq)
         else:
             self.segment_first, self.path, self.offset = tail
             self._fd = os.open(self.path, os.O_WRONLY)
+            # Zeros after the offset (a reservation left by a crash) are reused as they are.
+            self._reserved = max(self.offset, os.fstat(self._fd).st_size)
         self._flusher = None
         if fsync == "interval":
             self._flusher = threading.Thread(target=self._flush_loop, name="journal-fsync", daemon=True)
@@ -468,6 +541,7 @@ class JournalWriter:
         except OSError as exc:
             raise _storage_error("creating segment", self.path, exc) from exc
         self.offset = 0
+        self._reserved = 0  # the file's length: zeros from offset up to here are reserved
 
     def append(self, payloads: list[bytes], key: bytes | None, count: int | None = None,
                batch: bool = False) -> None:
@@ -492,9 +566,19 @@ class JournalWriter:
             try:
                 if self.offset > 0 and self.offset + len(data) > self.segment_bytes_max:
                     self._roll()
-                written = os.pwrite(self._fd, data, self.offset)
-                if written != len(data):
-                    raise InvariantViolation(f"short write: {written} of {len(data)} bytes to {self.path}")
+                end = self.offset + len(data)
+                if end > self._reserved and self.reserve_bytes:
+                    # Extend the reservation in the same write: the commit's sync makes
+                    # the new length durable once, and the next commits overwrite.
+                    pad = max(0, min(end + self.reserve_bytes, self.segment_bytes_max) - end)
+                    out = data + _ZEROS[:pad] if pad <= len(_ZEROS) else data + bytes(pad)
+                else:
+                    out = data
+                written = os.pwrite(self._fd, out, self.offset)
+                if written != len(out):
+                    raise InvariantViolation(f"short write: {written} of {len(out)} bytes to {self.path}")
+                self._reserved = max(self._reserved, self.offset + written)
+                written = len(data)
                 if self._fault_on:
                     self._fault("after-write")
                 self.offset += written
@@ -520,6 +604,7 @@ class JournalWriter:
     def _roll(self) -> None:
         """Close the current segment durably and start the next one at next_seq."""
         self._fault("before-roll")
+        self._drop_reservation()
         sync_data(self._fd)
         fd, self._fd = self._fd, -1  # never touch a closed descriptor number again
         os.close(fd)
@@ -527,6 +612,12 @@ class JournalWriter:
         self._fault("mid-roll")
         self._open_new_segment(self.next_seq)
         self._fault("after-roll")
+
+    def _drop_reservation(self) -> None:
+        """Cut the zeros after the last record: a finished segment ends with its last record."""
+        if self._reserved > self.offset:
+            os.ftruncate(self._fd, self.offset)
+            self._reserved = self.offset
 
     def _fsync_locked(self) -> None:
         sync_data(self._fd)
@@ -556,7 +647,8 @@ class JournalWriter:
                 raise _storage_error("fsync", self.path, exc) from exc
 
     def close(self, *, seal: bool = True) -> None:
-        """Flush and close; publish the segment's seal unless `seal` is False."""
+        """Flush and close; truncate the reservation and publish the segment's seal unless
+        `seal` is False (the folder was taken over: then only flush)."""
         if self._closed:
             return
         with self._lock:
@@ -566,6 +658,11 @@ class JournalWriter:
                     fd, self._fd = self._fd, -1
                     try:
                         if self._failed is None:
+                            # Without `seal` the folder may have a new owner already, who
+                            # could be writing into the reservation: leave the file alone.
+                            if seal and self._reserved > self.offset:
+                                os.ftruncate(fd, self.offset)
+                                self._reserved = self.offset
                             sync_data(fd)  # even under fsync=never: a clean close leaves nothing pending
                     finally:
                         os.close(fd)
