@@ -1,4 +1,5 @@
-"""The multi-master layer: shared folder, leases, progress, sync, membership, verify.
+"""The multi-master layer: the master and its parts (recovery, writing, syncing,
+housekeeping, reporting), shared folder, leases, progress, reader, membership, verify.
 
 Built on the engine modules beside it (journal, snapshot, clock, codec, model), which
 know nothing of this layer.

@@ -1,0 +1,360 @@
+"""Syncing: catching up with every member, and moving the frontier.
+
+A sync reads every member's new records, orders them by ``(hlc, master, seq)``, applies
+them (fast path when they all order after what is applied, rebase otherwise), appends a
+tick when a peer's real record waits on this master, moves the frontier, commits, acks
+newcomers, collects garbage and publishes progress.
+
+A `Peer` is what this master knows of one other member. Joining, steps 2 and 3, happen
+here too: every member counts a newcomer at its next sync (the ack), and the newcomer
+takes writes once every member counts it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import time
+from typing import Any
+
+from .. import codec
+from ..codec import Record
+from ..errors import Corruption, InvariantViolation, UnknownRecordTransaction, check
+from . import folder, membership
+from .progress import Progress, read_progress
+from .reader import JournalReader
+
+log = logging.getLogger("prevalence.master")
+
+COPY_PER_APPLY = 8  # copying one state entry costs about 1/8 of applying one record (measured)
+
+
+class Peer:
+    """What this master knows of one other member."""
+
+    __slots__ = ("name", "reader", "horizon", "max_real_hlc", "counted", "error", "torn",
+                 "held", "retired_cut")
+
+    def __init__(self, name: str, reader: JournalReader, horizon: int):
+        self.name = name
+        self.reader = reader
+        self.horizon = horizon        # hlc of the last record read (or a lower bound)
+        self.max_real_hlc = 0         # hlc of the last real (non-tick) record read
+        self.counted = False          # counted in the frontier
+        self.error: str | None = None
+        self.torn: str | None = None
+        self.held: str | None = None  # why reading is held back (clock ahead, retired cut)
+        self.retired_cut: int | None = None
+
+
+class Syncing:
+    """Mixin of `Master`: sync, reading peers, ingest and rebase, acks, frontier, joining."""
+
+    def sync(self, *, _again: bool = False) -> dict:
+        """Catch up with every member now. Idempotent: call it as often as you like.
+
+        Returns a report: records applied per peer, whether a rebase happened, whether a
+        tick was written, the frontier, errors per peer.
+        """
+        if self.closed:
+            raise InvariantViolation(f"sync on closed master {self.name!r}")
+        started = time.perf_counter()
+        # 1. Membership: retirements, newcomers.
+        self.retired = membership.read_retired(self.shared)
+        if self.name in self.retired:
+            self.last_error = f"master {self.name!r} was retired by the operator; it takes no more writes"
+            self.joined = False
+        for m in folder.list_masters(self.shared):
+            if m != self.name:
+                self._peer(m)
+        if self.committed_root is None and any(m not in self.retired for m in self.peers):
+            # Not alone any more: from now on records commit only below the frontier.
+            self._make_committed_copy()
+        # 2. Read every peer's new records.
+        new: dict[str, list] = {}
+        for m, peer in self.peers.items():
+            recs = self._read_peer(peer)
+            if recs:
+                new[m] = recs
+        if self._rejoin:
+            self._rejoin = False
+            if not _again:
+                log.warning("master %s: records it needs were collected before it was counted; "
+                            "joining again from the newest snapshot", self.name)
+                self._restart_join()
+                return self.sync(_again=True)
+        # 3. Apply them in key order (fast path or rebase).
+        applied, rebased = self._ingest(new)
+        # 4. Count newcomers (ack) and stop counting the retired.
+        self._ack_newcomers()
+        # 5. Joining: done once every member counts us.
+        if not self.joined and self.name not in self.retired:
+            self._try_complete_join()
+        # 6. Tick when a peer's real record waits on us.
+        ticked = False
+        if self.joined and self.writer is not None and not self.lease.lost:
+            waiting = max((p.max_real_hlc for p in self.peers.values() if p.counted), default=0)
+            # A master that never wrote is counted by others at their acknowledgement,
+            # which may lie below records it already holds (a joiner's snapshot): its
+            # first tick lifts its horizon past all of them.
+            first = self.seq == 0 and any(p.counted for p in self.peers.values())
+            if waiting > self.own_horizon or first:
+                self._write_tick()
+                ticked = True
+        # 7. Move the frontier and commit.
+        self._advance_frontier()
+        # 8. Garbage, then publish what we know -- unless another process owns the name now:
+        # then nothing in that folder is ours to write any more (one writer per file).
+        if not self.lease.lost:
+            self._collect_garbage()
+            self._publish_progress()
+        errors = {m: p.error for m, p in self.peers.items() if p.error}
+        return {"master": self.name, "applied": applied, "rebased": rebased, "ticked": ticked,
+                "frontier": self.frontier, "tentative": self._tentative_real(), "errors": errors,
+                "held": {m: p.held for m, p in self.peers.items() if p.held},
+                "joined": self.joined, "duration_ms": round((time.perf_counter() - started) * 1000, 3)}
+
+    def _peer(self, m: str) -> Peer:
+        peer = self.peers.get(m)
+        if peer is None:
+            start = self.committed_cursors.get(m, 0)
+            peer = Peer(m, JournalReader(self.shared, m, start, 0, self.key), 0)
+            self.peers[m] = peer
+        return peer
+
+    def _read_peer(self, peer: Peer) -> list:
+        reader = peer.reader
+        before = (reader.last_seq, reader.last_hlc)
+        res = reader.read_new()
+        peer.torn = res.torn
+        recs = res.records
+        peer.error = str(res.error) if res.error is not None else None
+        if res.error is not None and not self.joined and res.error.gap:
+            # Joining, step 1 again: segments we needed were collected before our
+            # announcement reached that member. Nothing is written yet: start over.
+            self._rejoin = True
+        peer.held = None
+        cut = self.retired.get(peer.name)
+        # Where reading must stop, if anywhere. A journal's seq and hlc only increase, so
+        # each check looks at one end or bisects; only the transaction names need a pass.
+        stop = len(recs)
+        if recs:
+            if recs[0].hlc <= self.frontier and peer.counted:
+                stop = 0
+                peer.error = str(InvariantViolation(
+                    f"record of {peer.name!r} seq {recs[0].seq} has hlc {recs[0].hlc} at or below the "
+                    f"committed frontier {self.frontier}: ordering protocol broken; not applied"))
+                log.error("%s", peer.error)
+            unknown = {r.tx for r in recs} - self.model.transactions.keys() - {codec.TICK}
+            if unknown:
+                i = next(i for i, r in enumerate(recs) if r.tx in unknown)
+                if i < stop:
+                    stop = i
+                    peer.error = str(UnknownRecordTransaction(
+                        f"record names transaction {recs[i].tx!r}, which model {self.model.name!r} does not "
+                        "declare (version skew: deploy the code that declares it; reading resumes by itself)",
+                        master=peer.name, seq=recs[i].seq))
+            if self.clock.too_far_ahead(recs[-1].hlc):
+                i = bisect.bisect_left(recs, True, key=lambda r: self.clock.too_far_ahead(r.hlc) > 0)
+                if i < stop:
+                    ahead = self.clock.too_far_ahead(recs[i].hlc)
+                    stop, peer.held = i, (f"clock of {peer.name!r} is {ahead + self.clock.drift_max_ms} ms ahead "
+                                          f"of ours (more than the {self.clock.drift_max_ms} ms allowed); waiting")
+            if cut is not None and recs[-1].seq > cut:
+                i = bisect.bisect_right(recs, cut, key=_seq)
+                if i < stop:
+                    stop, peer.held = i, f"retired at seq {cut}"
+        stop = None if stop == len(recs) else stop
+        if stop is not None:
+            recs = recs[:stop]
+            last = recs[-1] if recs else None
+            reader.rewind(last.seq if last else before[0], last.hlc if last else before[1])
+        if peer.error:
+            self.last_error = peer.error
+            log.error("reading %s: %s", peer.name, peer.error)
+        if recs:
+            peer.horizon = max(peer.horizon, recs[-1].hlc)
+            for rec in reversed(recs):
+                if rec.tx != codec.TICK:
+                    peer.max_real_hlc = max(peer.max_real_hlc, rec.hlc)
+                    break
+        return recs
+
+    def _ingest(self, new: dict[str, list]) -> tuple[dict, bool]:
+        """Apply newly read records in key order; rebase if one orders before applied ones."""
+        applied = {m: len(r) for m, r in new.items()}
+        incoming = [r for recs in new.values() for r in recs]
+        if not incoming:
+            return applied, False
+        if len(new) > 1:
+            incoming.sort(key=_key)
+        self.clock.observe(incoming[-1].hlc)
+        self._version += 1
+        with codec.gc_paused():
+            if self.committed_root is None:
+                # Sole member (or recovering one): everything read commits in order at once.
+                self.model.replay(self.live_root, self.live_dedup, incoming, self._ctx)
+                cursors = self.committed_cursors
+                for m, recs in new.items():
+                    cursors[m] = recs[-1].seq
+                return applied, False
+            if (len(incoming) * COPY_PER_APPLY >= _size(self.committed_root)
+                    and self._commits_at_once(incoming[-1].hlc) and not any(r.tx for r in self.tentative)):
+                # Nothing tentative but ticks (live equals committed), everything new is at or
+                # below the frontier this sync will reach, and there are enough records that
+                # applying them twice costs more than a copy of the state: apply them once, to
+                # the committed state, and let live be a copy of it. Tentative ticks stay.
+                self.model.replay(self.committed_root, self.committed_dedup, incoming, self._ctx)
+                cursors = self.committed_cursors
+                for m, recs in new.items():
+                    cursors[m] = recs[-1].seq
+                self.live_root = self.model.copy_state(self.committed_root)
+                self.live_dedup = dict(self.committed_dedup)
+                return applied, False
+            if not self.tentative or _key(incoming[0]) > _key(self.tentative[-1]):
+                # Fast path: everything new orders after everything applied.
+                self.model.replay(self.live_root, self.live_dedup, incoming, self._ctx)
+                self.tentative.extend(incoming)
+                return applied, False
+            self._rebase(incoming)
+        return applied, True
+
+    def _commits_at_once(self, hlc: int) -> bool:
+        """Will this sync's frontier reach `hlc`? (Not when a newcomer gets counted now.)"""
+        if any(not p.counted and m not in self.retired for m, p in self.peers.items()):
+            return False  # it gets counted this sync, at the current frontier
+        f = self.clock.last
+        for peer in self.peers.values():
+            if peer.counted and peer.horizon < f:
+                f = peer.horizon
+        return hlc <= f
+
+    def _rebase(self, incoming: list) -> None:
+        """Restore the committed state and replay every tentative record in key order."""
+        merged = self.tentative + incoming
+        merged.sort(key=_key)
+        self.live_root = self.model.copy_state(self.committed_root)
+        self.live_dedup = dict(self.committed_dedup)  # entries are replaced, never mutated
+        apply = self.model.apply
+        for rec in merged:
+            if rec.tx == codec.TICK:
+                continue
+            out = apply(self.live_root, self.live_dedup, rec, self._ctx)
+            if rec.master == self.name:
+                before = self.outcomes.get(rec.rid or rec.record_id)
+                if before is not None and before[1]["status"] != out["status"]:
+                    self.outcomes_changed += 1
+                    log.warning("rebase changed the outcome of %s (%s%s) from %s to %s", rec.record_id, rec.tx,
+                                rec.args, before[1]["status"], out["status"])
+                self._remember(rec, out)
+        self.tentative = merged
+        self.rebases += 1
+        self._version += 1
+
+    def _ack_newcomers(self) -> None:
+        """Count every member we see from now on, at our current frontier (joining, step 2)."""
+        for m, peer in self.peers.items():
+            if m in self.retired:
+                # Stop counting a retired member once we have read everything up to its cut.
+                if peer.counted and peer.reader.last_seq >= self.retired[m]:
+                    peer.counted = False
+                continue
+            if m not in self.acks:
+                if not os.path.isdir(folder.master_dir(self.shared, m)):
+                    continue
+                self.acks[m] = self.frontier
+                if self.committed_root is None:
+                    self._make_committed_copy()
+                peer.counted = True
+                peer.horizon = max(peer.horizon, self.frontier)
+                log.info("master %s now counts %s (acknowledged at frontier %d)", self.name, m, self.frontier)
+            elif not peer.counted:
+                peer.counted = True
+                peer.horizon = max(peer.horizon, self.acks[m])
+
+    def _make_committed_copy(self) -> None:
+        check(not self.tentative, "committed copy made while tentative records exist")
+        self.committed_root = self.model.copy_state(self.live_root)
+        self.committed_dedup = dict(self.live_dedup)  # entries are replaced, never mutated
+
+    def _advance_frontier(self) -> None:
+        f = self.clock.last
+        for peer in self.peers.values():
+            if peer.counted:
+                f = min(f, peer.horizon)
+        check(f >= self.frontier or self.committed_root is None,
+              f"frontier of {self.name} would move backwards: {self.frontier} -> {f}")
+        if f <= self.frontier:
+            return
+        self.frontier = f
+        if self.committed_root is None:
+            return
+        # Commit, in key order, every tentative record at or below the frontier.
+        tentative = self.tentative
+        n = bisect.bisect_right(tentative, f, key=_hlc)
+        if n:
+            done = tentative[:n]
+            with codec.gc_paused():
+                self.model.replay(self.committed_root, self.committed_dedup, done, self._ctx)
+            cursors = self.committed_cursors
+            for rec in done:
+                cursors[rec.master] = rec.seq
+            del tentative[:n]
+
+    def _peer_progress(self, m: str) -> Progress | None:
+        """Another master's progress; a damaged one counts as absent (and is reported)."""
+        try:
+            return read_progress(self.shared, m, self.key)
+        except Corruption as exc:
+            self.last_error = str(exc)
+            log.error("%s", exc)
+            return None
+
+    def _join_waiting_for(self) -> list[str]:
+        founder = membership.read_founder(self.shared)
+        others = set(folder.list_masters(self.shared)) | ({founder} if founder else set())
+        others.discard(self.name)
+        waiting = []
+        for m in sorted(others - set(self.retired)):
+            p = self._peer_progress(m)
+            if p is None or self.name not in p.acks:
+                waiting.append(m)
+        return waiting
+
+    def _try_complete_join(self) -> None:
+        """Joining, step 3: once every member counts us, move our clock past their acks."""
+        if self._join_waiting_for():
+            return
+        acks = []
+        for m in folder.list_masters(self.shared):
+            if m != self.name and m not in self.retired:
+                p = self._peer_progress(m)
+                acks.append(p.acks[self.name])
+        self.clock.observe(max(acks, default=0))
+        self.joined = True
+        self._open_writer()
+        try:
+            os.unlink(folder.joining_path(self.shared, self.name))
+        except FileNotFoundError:
+            pass
+        log.info("master %s joined the cluster (clock past %d); taking writes", self.name, max(acks, default=0))
+
+
+def _key(rec: Record) -> tuple:
+    return (rec.hlc, rec.master, rec.seq)
+
+
+def _hlc(rec: Record) -> int:
+    return rec.hlc
+
+
+def _seq(rec: Record) -> int:
+    return rec.seq
+
+
+def _size(root: Any) -> int:
+    """A cheap size of the state: total length of its top-level collections."""
+    if isinstance(root, dict):
+        return sum(len(v) if isinstance(v, (dict, list, set, tuple)) else 1 for v in root.values())
+    return len(root) if isinstance(root, (list, tuple, set)) else 1

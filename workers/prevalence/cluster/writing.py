@@ -1,0 +1,268 @@
+"""Writing: a master's own transactions, journaled durably before they are applied.
+
+`execute` and `execute_many` check every request before anything is written, journal it
+with one write and one fsync, then apply it to the live state and answer with its
+outcome. A known request id takes effect once (idempotency). The outcomes of own records
+are remembered, since a rebase may still change a tentative one. A tick is an own record
+with no change: it only publishes a clock reading.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Iterable
+
+from .. import codec, journal
+from ..codec import Record
+from ..errors import BadArguments, InvariantViolation, NotReady, Rejected, TransactionFailed
+from ..model import OK, REJECTED
+
+log = logging.getLogger("prevalence.master")
+
+OUTCOMES_KEPT = 100_000
+_FLAT = frozenset({str, int, float, bool, type(None), bytes})  # values the codec returns unchanged
+
+
+class Writing:
+    """Mixin of `Master`: own transactions, their outcomes, and ticks."""
+
+    def _check_writable(self) -> None:
+        if self.closed:
+            raise InvariantViolation(f"master {self.name!r} is closed")
+        if not self.joined:
+            waiting = ", ".join(self._join_waiting_for()) or "nobody (next sync completes it)"
+            raise NotReady(f"master {self.name!r} is still joining the cluster: waiting for "
+                           f"acknowledgement from {waiting}. Members acknowledge at their next sync")
+        if self.lease.lost:
+            raise NotReady(self.lease.lost)
+
+    def execute(self, tx, *args, rid: str | None = None) -> Any:
+        """Journal one transaction durably, apply it and return its result.
+
+        Raises:
+            Rejected: the transaction refused (its outcome is recorded all the same).
+            TransactionFailed: it raised something else (recorded; replays alike).
+            UnknownTransaction, BadArguments: refused before anything was written.
+            NotReady: still joining, or the lease was lost.
+            StorageError: the disk refused; nothing was applied or acknowledged.
+        """
+        # Kept lean on purpose: this is the write path. `execute_many` is the general form.
+        if self.closed or not self.joined or self.lease.lost:
+            self._check_writable()
+        model = self.model
+        name = tx if tx.__class__ is str and tx in model.transactions else model.tx_name(tx)
+        lo, hi = model._arity[name]
+        if not lo <= len(args) <= hi:
+            model.check_arguments(name, args)
+        if rid is not None:
+            if rid.__class__ is not str:
+                raise BadArguments(f"request id must be a string, got {type(rid).__name__}")
+            first = self.live_dedup.get(rid)
+            if first is not None:
+                # Idempotency: a known request id takes effect once; answer with its outcome.
+                return _result(name, {"status": first[3], "value": first[4], "error": first[5]})
+        seq = self.seq + 1
+        try:
+            rec = Record(self.name, seq, self.clock.tick(), rid or "", name, args)
+            payload = codec.encode_record(rec)
+        except (TypeError, ValueError, OverflowError, codec.msgspec.EncodeError) as exc:
+            raise BadArguments(f"arguments of {name!r} cannot be encoded as plain data: {exc}") from None
+        if len(payload) > journal.RECORD_BYTES_MAX:
+            raise BadArguments(f"arguments of {name!r} encode to {len(payload)} bytes, more than the "
+                               f"{journal.RECORD_BYTES_MAX} a record may hold")
+        # Apply exactly what replay will read (flat arguments read back identical).
+        if any(a.__class__ not in _FLAT for a in args):
+            rec = codec.decode_record(payload)
+        self.writer.append((payload,), self.key)
+        if self._fault_on:
+            self._fault("between-fsync-and-apply")
+        self.seq = seq
+        self.own_horizon = rec.hlc
+        before = codec.digest_of(self.live_root) if self.check_transactions else None
+        out = model.apply(self.live_root, self.live_dedup, rec, self._ctx)
+        self._version += 1
+        if before is not None:
+            self._check_partial(rec, out, before)
+        if self.committed_root is not None:
+            self._remember(rec, out)
+            self.tentative.append(rec)
+        else:
+            if rid:
+                self._remember(rec, out)
+            self.committed_cursors[self.name] = seq
+            self.frontier = self.clock.last
+        status = out["status"]
+        if status == OK:
+            return out["value"]
+        return _result(name, out)
+
+    def execute_many(self, requests: Iterable) -> list[dict]:
+        """Commit a batch of (tx, args, rid) with one write and one fsync; apply in order.
+
+        Every request is checked before anything is written: one bad request refuses the
+        whole batch. Returns one outcome dict per request: {"status": "ok"|"rejected"|
+        "error", "value", "error"} (+ "duplicate_of" for a request id already known).
+        """
+        if self.closed or not self.joined or self.lease.lost:
+            self._check_writable()
+        model = self.model
+        transactions = model.transactions
+        arity = model._arity
+        dedup = self.live_dedup
+        plans: list = []  # per request: a known outcome (dict), an earlier index (int) or (tx, args, rid)
+        batch_rids: dict[str, int] = {}
+        n_new = 0
+        # Check every request before anything is written (kept lean: this is the batch path).
+        for i, item in enumerate(requests):
+            try:
+                tx, args, rid = item
+            except (TypeError, ValueError):
+                raise BadArguments(f"each request must be (tx, args, rid), got {item!r}") from None
+            name = tx if tx.__class__ is str and tx in transactions else model.tx_name(tx)
+            if args.__class__ is not tuple:
+                if args.__class__ is not list and not isinstance(args, (list, tuple)):
+                    raise BadArguments(f"arguments of {name!r} must be a list, got {type(args).__name__}")
+                args = tuple(args)
+            lo, hi = arity[name]
+            if not lo <= len(args) <= hi:
+                model.check_arguments(name, args)
+            if rid:
+                if rid.__class__ is not str:
+                    raise BadArguments(f"request id must be a string, got {type(rid).__name__}")
+                first = dedup.get(rid)
+                if first is not None:
+                    # Idempotency: a known request id takes effect once; answer with its outcome.
+                    plans.append({"status": first[3], "value": first[4], "error": first[5],
+                                  "duplicate_of": f"{first[1]}:{first[2]}"})
+                    continue
+                if rid in batch_rids:
+                    plans.append(batch_rids[rid])  # the same request id twice in one batch
+                    continue
+                batch_rids[rid] = i
+            elif rid is not None and rid.__class__ is not str:
+                raise BadArguments(f"request id must be a string, got {type(rid).__name__}")
+            plans.append((name, args, rid or ""))
+            n_new += 1
+        # Encode, then journal the whole batch with one write and one fsync. Records of one
+        # batch take consecutive clock readings: one clock call for the batch.
+        seq = self.seq
+        index, fresh = [], []
+        if n_new:
+            hlc = self.clock.tick() - 1
+            self.clock.last = hlc + n_new
+            me = self.name
+            if n_new == len(plans):  # the common case: every request is new
+                index = range(n_new)
+                fresh = [Record(me, seq + k, hlc + k, plan[2], plan[0], plan[1])
+                         for k, plan in enumerate(plans, 1)]
+                seq += n_new
+            else:
+                for i, plan in enumerate(plans):
+                    if plan.__class__ is tuple:
+                        seq += 1
+                        hlc += 1
+                        index.append(i)
+                        fresh.append(Record(me, seq, hlc, plan[2], plan[0], plan[1]))
+        records = []
+        if fresh:
+            try:
+                chunks = _encode_batches(fresh, batch=len(fresh) > 1)
+            except (TypeError, ValueError, OverflowError, codec.msgspec.EncodeError) as exc:
+                raise BadArguments(f"arguments cannot be encoded as plain data: {exc}") from None
+            # Apply exactly what replay will read: flat arguments (str, int, float, bool,
+            # None, bytes) read back identical, so only other batches are decoded again.
+            if all(a.__class__ in _FLAT for rec in fresh for a in rec.args):
+                decoded = fresh
+            else:
+                decoded = [rec for payload in chunks for rec in
+                           (codec.decode_batch(payload) if len(fresh) > 1 else [codec.decode_record(payload)])]
+            self.writer.append(chunks, self.key, count=len(fresh), batch=len(fresh) > 1)
+            if self._fault_on:
+                self._fault("between-fsync-and-apply")
+            self.seq = seq
+            self.own_horizon = decoded[-1].hlc
+            records = list(zip(index, decoded))
+        # Apply in order, only now that the batch is durable.
+        multi = self.committed_root is not None
+        outs: list = plans
+        apply = model.apply
+        root, ctx, check = self.live_root, self._ctx, self.check_transactions
+        for i, rec in records:
+            before = codec.digest_of(root) if check else None
+            out = apply(root, dedup, rec, ctx)
+            if before is not None:
+                self._check_partial(rec, out, before)
+            outs[i] = out
+            if multi or rec.rid:
+                self._remember(rec, out)
+        if records:
+            if multi:
+                self.tentative.extend(rec for _i, rec in records)
+            else:
+                self.committed_cursors[self.name] = records[-1][1].seq
+        if records:
+            self._version += 1
+            if not multi:
+                self.frontier = self.clock.last
+        for i, plan in enumerate(outs):
+            if isinstance(plan, int):
+                first = dict(records)[plan]
+                outs[i] = dict(outs[plan], duplicate_of=first.record_id)
+        return outs
+
+    def _check_partial(self, rec: Record, out: dict, before: str) -> None:
+        if out["status"] != OK and codec.digest_of(self.live_root) != before:
+            self.partial_mutations += 1
+            log.warning("transaction %s%s (%s) was %s but left a partial mutation behind: raise Rejected "
+                        "before mutating. Every master replays it the same way, so they still agree",
+                        rec.tx, tuple(rec.args), rec.record_id, out["status"])
+
+    def _remember(self, rec: Record, out: dict) -> None:
+        if rec.master != self.name:
+            return
+        if not rec.rid and self.committed_root is None:
+            return  # alone, an outcome never changes: the caller already has it
+        outcomes = self.outcomes
+        outcomes[rec.rid or f"{rec.master}:{rec.seq}"] = (rec.hlc, out)
+        if len(outcomes) > 2 * OUTCOMES_KEPT:
+            # Keep the newest OUTCOMES_KEPT (dicts keep insertion order).
+            for key in list(itertools.islice(outcomes, len(outcomes) - OUTCOMES_KEPT)):
+                del outcomes[key]
+
+    def _write_tick(self) -> None:
+        rec = Record(self.name, self.seq + 1, self.clock.tick(), "", codec.TICK, ())
+        self.writer.append([codec.encode_record(rec)], self.key)
+        self.seq = rec.seq
+        self.own_horizon = rec.hlc
+        if self.committed_root is not None:
+            self.tentative.append(rec)
+        else:
+            self.committed_cursors[self.name] = rec.seq
+
+
+def _encode_batches(records: list, *, batch: bool) -> list[bytes]:
+    """Encode records as payloads of at most RECORD_BYTES_MAX each: one plain record, or
+    (with `batch`) arrays of records, split in halves until each fits.
+
+    Raises BadArguments when a single record is too large for any frame.
+    """
+    payload = codec.encode_record(records if batch else records[0])
+    if len(payload) <= journal.RECORD_BYTES_MAX:
+        return [payload]
+    if len(records) == 1:
+        raise BadArguments(f"arguments of {records[0].tx!r} encode to {len(payload)} bytes, more than the "
+                           f"{journal.RECORD_BYTES_MAX} a record may hold")
+    half = len(records) // 2
+    return _encode_batches(records[:half], batch=True) + _encode_batches(records[half:], batch=True)
+
+
+def _result(tx, out: dict) -> Any:
+    status = out["status"]
+    if status == OK:
+        return out["value"]
+    if status == REJECTED:
+        raise Rejected(out["error"])
+    name = tx if isinstance(tx, str) else getattr(tx, "tx_name", repr(tx))
+    etype, _, msg = (out["error"] or "").partition(": ")
+    raise TransactionFailed(name, etype, msg)
