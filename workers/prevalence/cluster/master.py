@@ -48,6 +48,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
     def open(cls, model: Model, shared_dir: str, name: str, *, fsync: str = "always",
              cluster_key: bytes | None = None, fsync_interval_ms: int = journal.FSYNC_INTERVAL_MS_DEFAULT,
              segment_bytes_max: int = journal.SEGMENT_BYTES_MAX_DEFAULT,
+             journal_reserve_bytes: int | None = None,
              lease_ttl_s: float = LEASE_TTL_S_DEFAULT, gc_grace_s: float = 60.0,
              snapshots_kept: int = 2, drift_max_ms: int = 60_000,
              now_ms: Callable[[], int] = wall_ms, fault: Callable[[str], None] | None = None,
@@ -62,6 +63,9 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
             cluster_key: when set, every record, snapshot and progress file is signed
                 (HMAC-SHA256) and unsigned or badly signed ones are treated as corrupt.
             segment_bytes_max: journal segments roll past this size.
+            journal_reserve_bytes: zeros the journal writer keeps ahead of its offset so
+                that a commit syncs data only; None = auto (`journal.RESERVE_BYTES_DEFAULT`
+                on a local disk, 0 on NFS and other network filesystems).
             gc_grace_s: a journal segment is deleted this long after it became collectable.
             now_ms: wall clock in ms (tests inject one).
             fault: test hook called with a point name at each crash-worthy step.
@@ -81,6 +85,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         self = cls.__new__(cls)
         self._init(model, shared_dir, name, fsync=fsync, key=cluster_key,
                    fsync_interval_ms=fsync_interval_ms, segment_bytes_max=segment_bytes_max,
+                   journal_reserve_bytes=journal_reserve_bytes,
                    lease_ttl_s=lease_ttl_s, gc_grace_s=gc_grace_s, snapshots_kept=snapshots_kept,
                    drift_max_ms=drift_max_ms, now_ms=now_ms, fault=fault)
         self.check_transactions = check_transactions
@@ -92,7 +97,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         return self
 
     def _init(self, model, shared, name, *, fsync, key, fsync_interval_ms, segment_bytes_max,
-              lease_ttl_s, gc_grace_s, snapshots_kept, drift_max_ms, now_ms, fault):
+              journal_reserve_bytes, lease_ttl_s, gc_grace_s, snapshots_kept, drift_max_ms, now_ms, fault):
         self.model = model
         self.shared = os.path.abspath(shared)
         self.name = name
@@ -100,6 +105,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         self.fsync_mode = fsync
         self._fsync_interval_ms = fsync_interval_ms
         self._segment_bytes_max = segment_bytes_max
+        self._journal_reserve_bytes = journal_reserve_bytes
         self.gc_grace_s = gc_grace_s
         self.snapshots_kept = snapshots_kept
         self._fault = fault or (lambda point: None)
