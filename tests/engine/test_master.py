@@ -174,7 +174,7 @@ def test_failed_fsync_stops_further_writes_and_leaves_a_journal_that_reopens(tmp
     from workers.prevalence.errors import StorageError
     m = open_master(tmp_path, fsync="always")
     m.execute("open_account", "a", 0)
-    name = "fdatasync" if hasattr(os, "fdatasync") else "fsync"  # what journal.sync_data calls
+    name = "fdatasync" if hasattr(os, "fdatasync") else "fsync"  # what durable.sync_data calls
     real_fsync = getattr(os, name)
 
     def eio_once(fd):
@@ -289,7 +289,7 @@ def test_failed_background_fsync_stops_further_writes(tmp_path, monkeypatch):
     from workers.prevalence.errors import StorageError
     m = open_master(tmp_path, fsync="interval", fsync_interval_ms=20)
     m.execute("open_account", "a", 0)
-    name = "fdatasync" if hasattr(os, "fdatasync") else "fsync"  # what journal.sync_data calls
+    name = "fdatasync" if hasattr(os, "fdatasync") else "fsync"  # what durable.sync_data calls
     real_fsync = getattr(os, name)
     failed = threading.Event()
 

@@ -278,7 +278,7 @@ def test_journal_that_ends_before_its_snapshot_refuses_to_open_instead_of_writin
 
 def test_snapshot_makes_the_journal_durable_before_it_is_published(tmp_path, monkeypatch):
     events = []
-    name = "fdatasync" if hasattr(os, "fdatasync") else "fsync"  # what journal.sync_data calls
+    name = "fdatasync" if hasattr(os, "fdatasync") else "fsync"  # what durable.sync_data calls
     real_fsync = getattr(os, name)
 
     def spy(fd):

@@ -36,7 +36,8 @@ member
 lease
     The file that says which process holds a master name (one process per name).
 
-Layers: `codec`, `journal`, `snapshot`, `clock`, `model`, `errors` are the engine and
+Layers: `codec`, `journal` (format and reading), `writer`, `durable`, `snapshot`, `clock`,
+`model`, `errors` are the engine and
 import nothing of sync or Celery; `cluster` (shared folder, sync, membership, verify)
 builds on them. Public names are re-exported here.
 """

@@ -33,7 +33,8 @@ from typing import Any
 import msgspec
 
 from .errors import Corruption, StorageError, check
-from .journal import SEQ_DIGITS, fsync_dir
+from .durable import fsync_dir
+from .journal import SEQ_DIGITS
 
 MAGIC = b"PVSNAP\x00\x01"
 FORMAT_VERSION = 1

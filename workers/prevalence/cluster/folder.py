@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 
-from ..journal import publish_file
+from ..durable import publish_file
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -86,7 +86,7 @@ def list_masters(shared: str) -> list[str]:
 
 
 def publish(path: str, data: bytes, fault=None) -> None:
-    """Atomically replace `path` with `data` (see `journal.publish_file`)."""
+    """Atomically replace `path` with `data` (see `durable.publish_file`)."""
     publish_file(path, data, fault)
 
 

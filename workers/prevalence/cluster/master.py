@@ -29,6 +29,7 @@ from .. import journal
 from ..clock import HybridClock, wall_ms
 from ..codec import Record
 from ..model import Context, Model
+from ..writer import JournalWriter
 from . import folder
 from .housekeeping import Housekeeping
 from .lease import LEASE_TTL_S_DEFAULT, Lease
@@ -59,12 +60,12 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
             model: the application's `Model`.
             shared_dir: the shared folder (NFS in production).
             name: this master's name: 1-64 of [A-Za-z0-9_.-].
-            fsync: "always" | "interval" | "never" (see `journal.JournalWriter`).
+            fsync: "always" | "interval" | "never" (see `writer.JournalWriter`).
             cluster_key: when set, every record, snapshot and progress file is signed
                 (HMAC-SHA256) and unsigned or badly signed ones are treated as corrupt.
             segment_bytes_max: journal segments roll past this size.
             journal_reserve_bytes: zeros the journal writer keeps ahead of its offset so
-                that a commit syncs data only; None = auto (`journal.RESERVE_BYTES_DEFAULT`
+                that a commit syncs data only; None = auto (`writer.RESERVE_BYTES_DEFAULT`
                 on a local disk, 0 on NFS and other network filesystems).
             gc_grace_s: a journal segment is deleted this long after it became collectable.
             now_ms: wall clock in ms (tests inject one).
@@ -113,7 +114,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         self.clock = HybridClock(now_ms=now_ms, drift_max_ms=drift_max_ms)
         self._now_ms = now_ms
         self.lease = Lease(self.shared, name, lease_ttl_s=lease_ttl_s)
-        self.writer: journal.JournalWriter | None = None
+        self.writer: JournalWriter | None = None
         self.joined = False
         self.closed = False
         self.seq = 0                     # last own seq written

@@ -15,6 +15,7 @@ import os
 import time
 
 from .. import journal
+from ..durable import fsync_dir
 from ..errors import PrevalenceError
 from . import folder
 from .lease import Lease
@@ -48,7 +49,7 @@ def claim_founder(shared: str, name: str) -> str:
         os.fsync(fd)
     finally:
         os.close(fd)
-    journal.fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
     return name
 
 

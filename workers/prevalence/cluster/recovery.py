@@ -15,9 +15,10 @@ import gc
 import logging
 import os
 
-from .. import codec, journal
+from .. import codec
 from ..errors import Corruption, LostRecords, RetiredMaster, UnknownRecordTransaction
 from ..snapshot import SnapshotBody, decode_root, list_snapshots, load_snapshot, write_snapshot
+from ..writer import JournalWriter
 from . import folder, membership
 from .progress import read_progress
 from .reader import JournalReader
@@ -226,7 +227,7 @@ class Recovering:
         if reader is not None and reader._segment is not None:
             first, path = reader._segment
             tail = (first, path, reader._offset)
-        self.writer = journal.JournalWriter(
+        self.writer = JournalWriter(
             folder.journal_dir(self.shared, self.name), self.seq + 1, tail, fsync=self.fsync_mode,
             fsync_interval_ms=self._fsync_interval_ms, segment_bytes_max=self._segment_bytes_max,
             reserve_bytes=self._journal_reserve_bytes, fault=self._fault)

@@ -1,0 +1,275 @@
+"""The journal writer: appends framed records to one master's journal, durably.
+
+One writer per journal directory (the lease guarantees it). It tracks its own offset and
+writes with ``pwrite`` (never relying on ``O_APPEND``, which is not atomic across NFS
+clients), makes each commit durable per the fsync mode before the caller acknowledges
+it, rolls segments past `segment_bytes_max` (publishing each finished segment's seal)
+and, on a local disk, keeps space reserved ahead of its offset (see `journal`). After a
+failed write or sync it refuses every later append: what reached the disk is unknown
+until a restart recovers the journal.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import threading
+import time
+import zlib
+
+from .durable import publish_file, sync_data, fsync_dir
+from .errors import InvariantViolation, StorageError, check
+from .journal import (FSYNC_INTERVAL_MS_DEFAULT, FSYNC_MODES, SEGMENT_BYTES_MAX_DEFAULT, _ZEROS, format_segment_name,
+                      frame, seal_path)
+
+log = logging.getLogger("prevalence.journal")
+
+#: Bytes of zeros the writer keeps ahead of its offset on a local disk (see `journal`).
+RESERVE_BYTES_DEFAULT = 256 * 1024
+#: Filesystem types (``/proc/self/mountinfo``) on which the writer reserves nothing.
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs",
+                                 "lustre", "gpfs", "afs", "beegfs", "fuse.sshfs", "fuse.glusterfs",
+                                 "fuse.ceph", "fuse.s3fs"})
+
+
+def filesystem_type(path: str) -> str | None:
+    """The type of the filesystem holding `path` (Linux ``/proc/self/mountinfo``), or None."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best, kind = "", None
+    for line in lines:
+        # <id> <parent> <major:minor> <root> <mount point> <options> [optional...] - <type> ...
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right:
+            continue
+        point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, right.split()[0]
+    return kind
+
+
+def on_network_filesystem(path: str) -> bool:
+    """True when `path` is on NFS or another network filesystem (or the type is unknown
+    because ``/proc`` is missing: then the writer plays safe and reserves nothing)."""
+    kind = filesystem_type(path)
+    return kind is None or kind in NETWORK_FILESYSTEMS or kind.startswith("nfs")
+
+
+def _storage_error(action: str, path: str, exc: OSError) -> StorageError:
+    name = errno.errorcode.get(exc.errno, str(exc.errno))
+    return StorageError(f"{action} failed on {path}: {name} ({exc.strerror}). The record was "
+                        "not acknowledged; check the disk/mount and restart the master")
+
+
+class JournalWriter:
+    """The only writer of one master's journal directory.
+
+    Args:
+        journal_dir: the master's ``journal/`` folder.
+        next_seq: the seq the next record will carry.
+        tail: (first seq, path, byte offset) of the segment to continue, or None to
+            start a new segment at `next_seq`.
+        fsync: "always" (each commit is on stable storage before it is acknowledged),
+            "interval" (acknowledged commits may be lost for at most `fsync_interval_ms`
+            after a power loss or OS crash; a process crash loses nothing), or "never"
+            (durability left to the OS page cache: survives a process crash, not power loss).
+        segment_bytes_max: roll to a new segment once the current one passes this size.
+        reserve_bytes: zeros kept written ahead of the offset (module docstring); None =
+            `RESERVE_BYTES_DEFAULT` on a local filesystem, 0 on a network one.
+        fault: test hook, called with a point name ("after-write", ...) at each step.
+    """
+
+    def __init__(self, journal_dir: str, next_seq: int, tail: tuple[int, str, int] | None, *,
+                 fsync: str = "always", fsync_interval_ms: int = FSYNC_INTERVAL_MS_DEFAULT,
+                 segment_bytes_max: int = SEGMENT_BYTES_MAX_DEFAULT, reserve_bytes: int | None = None,
+                 fault=None):
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, got {fsync!r}")
+        if reserve_bytes is not None and reserve_bytes < 0:
+            raise ValueError(f"reserve_bytes must be >= 0, got {reserve_bytes}")
+        self.journal_dir = journal_dir
+        self.fsync_mode = fsync
+        self.fsync_interval_s = fsync_interval_ms / 1000.0
+        self.segment_bytes_max = segment_bytes_max
+        self.next_seq = next_seq
+        self._fault = fault or (lambda point: None)
+        self._fault_on = fault is not None
+        self._lock = threading.Lock()
+        self._dirty = False
+        self._last_fsync = time.monotonic()
+        self._closed = False
+        self._failed: str | None = None  # set when a write or fsync failed: no more appends
+        os.makedirs(journal_dir, exist_ok=True)
+        if reserve_bytes is None:
+            reserve_bytes = 0 if on_network_filesystem(journal_dir) else RESERVE_BYTES_DEFAULT
+        self.reserve_bytes = reserve_bytes
+        if tail is None:
+            self._open_new_segment(next_seq)
+        else:
+            self.segment_first, self.path, self.offset = tail
+            self._fd = os.open(self.path, os.O_WRONLY)
+            # Zeros after the offset (a reservation left by a crash) are reused as they are.
+            self._reserved = max(self.offset, os.fstat(self._fd).st_size)
+        self._flusher = None
+        if fsync == "interval":
+            self._flusher = threading.Thread(target=self._flush_loop, name="journal-fsync", daemon=True)
+            self._flusher.start()
+
+    def _open_new_segment(self, first_seq: int) -> None:
+        self.segment_first = first_seq
+        self.path = os.path.join(self.journal_dir, format_segment_name(first_seq))
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            size = os.fstat(self._fd).st_size
+            # A crash right after creating the segment can leave it here, empty.
+            check(size == 0, f"new segment {self.path} already holds {size} bytes")
+            self._fault("segment-created")
+            fsync_dir(self.journal_dir)
+        except OSError as exc:
+            raise _storage_error("creating segment", self.path, exc) from exc
+        self.offset = 0
+        self._reserved = 0  # the file's length: zeros from offset up to here are reserved
+
+    def append(self, payloads: list[bytes], key: bytes | None, count: int | None = None,
+               batch: bool = False) -> None:
+        """Write framed payloads (already encoded records, in seq order) durably per mode.
+
+        With `batch`, each payload is an encoded array of records (framed as a batch);
+        `count` is then the number of records they hold.
+
+        Raises StorageError when the disk refuses; the records are then not acknowledged
+        and the master must not apply them.
+        """
+        if self._closed:
+            raise InvariantViolation("append on a closed journal")
+        if self._failed is not None:
+            raise StorageError(f"journal {self.path} refused an earlier write ({self._failed}); it takes no "
+                               "more records until the master restarts and recovers")
+        if len(payloads) == 1:
+            data = frame(payloads[0], key, batch)
+        else:
+            data = b"".join([frame(p, key, batch) for p in payloads])
+        with self._lock:
+            try:
+                if self.offset > 0 and self.offset + len(data) > self.segment_bytes_max:
+                    self._roll()
+                end = self.offset + len(data)
+                if end > self._reserved and self.reserve_bytes:
+                    # Extend the reservation in the same write: the commit's sync makes
+                    # the new length durable once, and the next commits overwrite.
+                    pad = max(0, min(end + self.reserve_bytes, self.segment_bytes_max) - end)
+                    out = data + _ZEROS[:pad] if pad <= len(_ZEROS) else data + bytes(pad)
+                else:
+                    out = data
+                written = os.pwrite(self._fd, out, self.offset)
+                if written != len(out):
+                    raise InvariantViolation(f"short write: {written} of {len(out)} bytes to {self.path}")
+                self._reserved = max(self._reserved, self.offset + written)
+                written = len(data)
+                if self._fault_on:
+                    self._fault("after-write")
+                self.offset += written
+                self.next_seq += count if count is not None else len(payloads)
+                if self.fsync_mode == "always":
+                    sync_data(self._fd)
+                    if self._fault_on:
+                        self._fault("after-fsync")
+                else:
+                    self._dirty = True
+                    if self.fsync_mode == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s:
+                        self._fsync_locked()
+            except OSError as exc:
+                # What reached the disk is unknown now: refuse everything until a restart
+                # recovers the journal (a torn tail is set aside; a whole record stays).
+                err = _storage_error("appending", self.path, exc)
+                self._failed = str(err)
+                raise err from exc
+            except StorageError as exc:  # a segment could not be created while rolling
+                self._failed = str(exc)
+                raise
+
+    def _roll(self) -> None:
+        """Close the current segment durably and start the next one at next_seq."""
+        self._fault("before-roll")
+        self._drop_reservation()
+        sync_data(self._fd)
+        fd, self._fd = self._fd, -1  # never touch a closed descriptor number again
+        os.close(fd)
+        self._seal()
+        self._fault("mid-roll")
+        self._open_new_segment(self.next_seq)
+        self._fault("after-roll")
+
+    def _drop_reservation(self) -> None:
+        """Cut the zeros after the last record: a finished segment ends with its last record."""
+        if self._reserved > self.offset:
+            os.ftruncate(self._fd, self.offset)
+            self._reserved = self.offset
+
+    def _fsync_locked(self) -> None:
+        sync_data(self._fd)
+        self._dirty = False
+        self._last_fsync = time.monotonic()
+
+    def _flush_loop(self) -> None:
+        while not self._closed:
+            time.sleep(self.fsync_interval_s / 2)
+            with self._lock:
+                if self._dirty and not self._closed:
+                    try:
+                        self._fsync_locked()
+                    except OSError as exc:
+                        # Records acknowledged since the last good fsync may be lost: say so,
+                        # and take no more until a restart recovers the journal.
+                        err = _storage_error("background fsync", self.path, exc)
+                        self._failed = str(err)
+                        log.error("%s", err)
+
+    def flush(self) -> None:
+        """Force everything written so far to stable storage, whatever the mode."""
+        with self._lock:
+            try:
+                self._fsync_locked()
+            except OSError as exc:
+                raise _storage_error("fsync", self.path, exc) from exc
+
+    def close(self, *, seal: bool = True) -> None:
+        """Flush and close; truncate the reservation and publish the segment's seal unless
+        `seal` is False (the folder was taken over: then only flush)."""
+        if self._closed:
+            return
+        with self._lock:
+            self._closed = True
+            try:
+                if self._fd >= 0:
+                    fd, self._fd = self._fd, -1
+                    try:
+                        if self._failed is None:
+                            # Without `seal` the folder may have a new owner already, who
+                            # could be writing into the reservation: leave the file alone.
+                            if seal and self._reserved > self.offset:
+                                os.ftruncate(fd, self.offset)
+                                self._reserved = self.offset
+                            sync_data(fd)  # even under fsync=never: a clean close leaves nothing pending
+                    finally:
+                        os.close(fd)
+                if seal and self._failed is None and self.offset:
+                    self._seal()
+            except OSError as exc:
+                raise _storage_error("closing", self.path, exc) from exc
+
+    def _seal(self) -> None:
+        """Publish the seal of the current segment: its durable length and CRC-32."""
+        # The CRC is computed here, from the durable bytes, not on the write path.
+        with open(self.path, "rb") as f:
+            crc = zlib.crc32(f.read(self.offset))
+        body = json.dumps({"length": self.offset, "crc32": crc}).encode()
+        publish_file(seal_path(self.path), body)
