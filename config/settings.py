@@ -27,6 +27,12 @@ PREVALENCE_SNAPSHOT_INTERVAL
 PREVALENCE_FSYNC
     ``always`` (default: a write is on stable storage before it is acknowledged),
     ``interval`` or ``never`` (both trade durability for speed; see the engine's docs).
+PREVALENCE_JOURNAL_RESERVE
+    Space the journal writer keeps written ahead of its offset, so that a commit's sync
+    writes data only: ``auto`` (default: 256 KiB on a local disk, none on NFS and other
+    network filesystems, whose readers could cache the zeros), ``0`` (never), or a size
+    ``65536``, ``256k``, ``1m`` (up to 64m; on NFS only with NFSv4.2 servers that report
+    exact change attributes).
 PREVALENCE_CLUSTER_KEY_FILE
     Path of a file holding the cluster's HMAC key. Surrounding whitespace is stripped; the
     key must be at least 16 bytes. Without it records are checksummed but not signed.
@@ -54,6 +60,10 @@ DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_SYNC_INTERVAL = "1s"
 DEFAULT_SNAPSHOT_INTERVAL = "10m"
 FSYNC_MODES = ("always", "interval", "never")
+RESERVE_BYTES_MAX = 64 * 1024 * 1024
+_SIZE = re.compile(r"^(\d+)\s*(|b|k|kb|kib|m|mb|mib)$")
+_SIZE_UNIT = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024,
+              "m": 1024 * 1024, "mb": 1024 * 1024, "mib": 1024 * 1024}
 CLUSTER_KEY_BYTES_MIN = 16
 CLUSTER_KEY_BYTES_MAX = 4096
 
@@ -90,6 +100,7 @@ class Settings:
     fsync: str
     cluster_key_file: Path | None
     env_file: Path | None = None
+    journal_reserve_bytes: int | None = None  # None = auto
 
     def require_master(self) -> str:
         """Return the master name, or raise `SettingsError` if PREVALENCE_MASTER is unset."""
@@ -198,6 +209,22 @@ def parse_duration_s(variable: str, text: str, *, minimum_s: float, maximum_s: f
             f"{text!r} is {seconds:g} s; expected between {minimum_s:g} s and {maximum_s:g} s",
         )
     return seconds
+
+
+def parse_reserve_bytes(variable: str, text: str) -> int | None:
+    """Parse ``auto`` (None), ``0`` or a size such as ``65536``, ``256k``, ``1m`` into bytes."""
+    cleaned = text.strip().lower()
+    if cleaned in ("", "auto"):
+        return None
+    match = _SIZE.match(cleaned)
+    if not match:
+        raise SettingsError(variable, f"{text!r} is not `auto`, `0` or a size in bytes "
+                                      "(`65536`, `256k`, `1m`)")
+    size = int(match.group(1)) * _SIZE_UNIT[match.group(2)]
+    if size > RESERVE_BYTES_MAX:
+        raise SettingsError(variable, f"{text!r} is {size} bytes; expected at most "
+                                      f"{RESERVE_BYTES_MAX // (1024 * 1024)}m")
+    return size
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -318,6 +345,9 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
             f"{fsync!r} is not one of {', '.join(FSYNC_MODES)} (`always` is the safe default)",
         )
 
+    journal_reserve_bytes = parse_reserve_bytes(
+        "PREVALENCE_JOURNAL_RESERVE", get("PREVALENCE_JOURNAL_RESERVE", "auto") or "")
+
     key_text = get("PREVALENCE_CLUSTER_KEY_FILE", None)
     cluster_key_file: Path | None = None
     if key_text is not None:
@@ -338,4 +368,5 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         fsync=fsync,
         cluster_key_file=cluster_key_file,
         env_file=env_file,
+        journal_reserve_bytes=journal_reserve_bytes,
     )

@@ -113,7 +113,8 @@ class MasterStep(bootsteps.StartStopStep):
                     shared_dir, settings.fsync, settings.model_path)
         try:
             master = Master.open(model, str(shared_dir), name, fsync=settings.fsync,
-                                 cluster_key=cluster_key)
+                                 cluster_key=cluster_key,
+                                 journal_reserve_bytes=settings.journal_reserve_bytes)
         except errors.RetiredMaster as exc:
             raise _StartRefused(f"master {name} is retired and cannot start under that "
                                 f"name: {exc}", EXIT_CONFIG) from exc

@@ -36,6 +36,9 @@ def test_defaults_are_documented_values(tmp_path):
     ("PREVALENCE_SYNC_INTERVAL", "2h", "expected between"),
     ("PREVALENCE_SNAPSHOT_INTERVAL", "-5", "is not a duration"),
     ("PREVALENCE_FSYNC", "sometimes", "is not one of always, interval, never"),
+    ("PREVALENCE_JOURNAL_RESERVE", "lots", "is not `auto`, `0` or a size"),
+    ("PREVALENCE_JOURNAL_RESERVE", "-1", "is not `auto`, `0` or a size"),
+    ("PREVALENCE_JOURNAL_RESERVE", "65m", "expected at most 64m"),
     ("PREVALENCE_CLUSTER_KEY_FILE", "/nonexistent/key", "is not a readable file"),
     ("PREVALENCE_ENV_FILE", "/nonexistent/.env", "is not a file"),
 ])
@@ -53,6 +56,14 @@ def test_a_bad_value_is_refused_with_the_variable_named(tmp_path, variable, valu
 ])
 def test_durations_accept_seconds_and_units(text, seconds):
     assert parse_duration_s("X", text, minimum_s=0.0, maximum_s=1e9) == seconds
+
+
+@pytest.mark.parametrize("text, size", [
+    ("auto", None), ("", None), ("0", 0), ("65536", 65536), ("256k", 262144), ("1m", 1 << 20),
+    (" 2 MiB ", 2 << 20),
+])
+def test_journal_reserve_accepts_auto_zero_and_sizes(tmp_path, text, size):
+    assert load(tmp_path, PREVALENCE_JOURNAL_RESERVE=text).journal_reserve_bytes == size
 
 
 def test_env_file_fills_only_what_the_environment_leaves_unset(tmp_path):

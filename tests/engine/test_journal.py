@@ -307,3 +307,46 @@ def test_batch_frame_read_from_inside_starts_at_the_cursor():
     data = j.frame(codec.encode_record(recs), None, batch=True)
     res = j.scan(data, "seg", 0, None, last_segment=True, master="m", expect_seq=4)
     assert [r.seq for r in res.records] == [4, 5] and res.corruption is None
+
+
+# -- the writer's reservation ------------------------------------------------------------
+
+MOUNTINFO = """\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
+40 22 0:35 / /srv/prevalence/shared rw,relatime shared:20 - nfs4 nas:/export rw,vers=4.2
+41 40 0:36 / /srv/prevalence/shared/local\\040disk rw - xfs /dev/vdb rw
+"""
+
+
+@pytest.mark.parametrize("path, kind", [
+    ("/srv/prevalence/shared/masters/alpha/journal", "nfs4"),
+    ("/srv/prevalence/shared", "nfs4"),
+    ("/srv/prevalence/shared-not", "ext4"),
+    ("/srv/prevalence/shared/local disk/x", "xfs"),
+    ("/tmp", "ext4"),
+])
+def test_filesystem_type_takes_the_longest_mount_point(path, kind):
+    from workers.prevalence.writer import filesystem_type
+    assert filesystem_type(path, MOUNTINFO) == kind
+
+
+def test_writer_reserves_zeros_ahead_and_a_clean_close_cuts_them(tmp_path):
+    from workers.prevalence.writer import JournalWriter
+    w = JournalWriter(str(tmp_path), 1, None, fsync="never", reserve_bytes=4096)
+    payloads = [codec.encode_record(r) for r in make_records(3)]
+    w.append(payloads, None)
+    path, end = w.path, w.offset
+    data = open(path, "rb").read()
+    assert len(data) == end + 4096 and journal.all_zero(data, end)
+    res = scan(data)
+    assert res.records == make_records(3) and res.zero_tail == 4096 and res.torn is None
+    w.close()
+    assert os.path.getsize(path) == end
+
+
+def test_writer_without_reservation_writes_records_only(tmp_path):
+    from workers.prevalence.writer import JournalWriter
+    w = JournalWriter(str(tmp_path), 1, None, fsync="never", reserve_bytes=0)
+    w.append([codec.encode_record(r) for r in make_records(2)], None)
+    assert os.path.getsize(w.path) == w.offset
+    w.close()

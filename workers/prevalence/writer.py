@@ -34,13 +34,16 @@ NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "
                                  "fuse.ceph", "fuse.s3fs"})
 
 
-def filesystem_type(path: str) -> str | None:
-    """The type of the filesystem holding `path` (Linux ``/proc/self/mountinfo``), or None."""
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
+def filesystem_type(path: str, mountinfo: str | None = None) -> str | None:
+    """The type of the filesystem holding `path` (Linux ``/proc/self/mountinfo``, or the
+    text of one given as `mountinfo`), or None when it cannot be told."""
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+                mountinfo = f.read()
+        except OSError:
+            return None
+    lines = mountinfo.splitlines()
     real = os.path.realpath(path)
     best, kind = "", None
     for line in lines:
