@@ -223,6 +223,62 @@ def test_truncation_or_flipped_byte_recovers_exactly_the_intact_prefix_or_refuse
             assert torn == ([f"{name}.torn-{boundary:020d}"] if len(damaged[name]) > boundary else [])
 
 
+class Crashed:
+    """A journal left by a kill -9: records, then the writer's reserved zeros."""
+
+    RESERVE = 2048
+
+    def __init__(self, root: str):
+        self.shared = os.path.join(root, "crashed")
+        m = open_master(self.shared, journal_reserve_bytes=self.RESERVE)
+        for tx, args, r in BUILD_STEPS:
+            try:
+                m.execute(tx, *args, rid=r)
+            except Rejected:
+                pass
+        self.last_seq, self.state = m.seq, (m.query("balances"), m.digest())
+        m.crash()
+        [(_first, self.path)] = segments(self.shared)
+        with open(self.path, "rb") as f:
+            self.data = f.read()
+        self.end = frames(self.data)[-1][1]  # where the records end and the zeros begin
+        assert len(self.data) > self.end
+
+
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory):
+    return Crashed(str(tmp_path_factory.mktemp("crashed")))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hit=damage)
+def test_damage_inside_the_reserved_zeros_keeps_every_record(crashed, hit):
+    """Reserved space holds no record: truncating it or flipping a byte in it loses nothing;
+    a flipped byte makes a torn tail (set aside), zeros alone are simply written over."""
+    c = crashed
+    kind, amount, mask = hit
+    zeros = len(c.data) - c.end
+    with tempfile.TemporaryDirectory() as root:
+        shared = os.path.join(root, "shared")
+        shutil.copytree(c.shared, shared)
+        path = os.path.join(shared, os.path.relpath(c.path, c.shared))
+        with open(path, "r+b") as f:
+            if kind == "truncate":
+                f.truncate(c.end + amount % zeros)
+            else:
+                f.seek(c.end + amount % zeros)
+                f.write(bytes([mask]))
+        m = open_master(shared)
+        assert (m.seq, m.query("balances"), m.digest()) == (c.last_seq, *c.state)
+        torn = [n for n in os.listdir(os.path.dirname(path)) if ".torn-" in n]
+        assert torn == ([f"{os.path.basename(path)}.torn-{c.end:020d}"] if kind == "flip" else [])
+        m.execute("open_account", "after-crash", 1)
+        m.close()
+        m = open_master(shared)
+        assert m.seq == c.last_seq + 1 and m.query("balance", "after-crash") == 1
+        m.close()
+
+
 probe_op = st.one_of(
     st.tuples(st.just("stamp"), st.just(())),
     st.tuples(st.just("draw"), st.just(())),
