@@ -189,8 +189,12 @@ def evaluate(masters: dict[str, dict[str, Any]], *, expected: Iterable[str] = ()
     cursors = {json.dumps(d.get("cursors"), sort_keys=True) for d in readable.values()}
     if len(cursors) > 1:
         reasons.append("the masters have read different records (cursors differ)")
-    # A progress file leaves the digest empty while records are tentative: unknown, not different.
-    digests = {d.get("digest") for d in readable.values() if d.get("digest") != ""}
+    # A digest is left out (empty, None) while the state changes: unknown, not different.
+    pending = sorted(n for n, d in readable.items() if not d.get("digest"))
+    if pending:
+        reasons.append(f"no digest yet from {', '.join(pending)} (reported once the state has "
+                       "held still for a sync)")
+    digests = {d.get("digest") for d in readable.values() if d.get("digest")}
     if len(digests) > 1:
         if len(cursors) == 1 and all(d.get("tentative") == 0 for d in readable.values()):
             reasons.append("DIVERGED: same records read, different digests; run "

@@ -70,7 +70,8 @@ class MasterRuntime:
     def status_document(self) -> dict[str, Any]:
         """The engine's status plus node, pid, state, sync count and timestamps (unix s)."""
         try:
-            engine_status = plain(self.master.status())
+            # The digest only once the state holds still: this runs after every sync.
+            engine_status = plain(self.master.status(digest=None))
         except Exception as exc:  # status must still answer when the engine is unhappy
             engine_status = {"master": self.name, "last_error": f"status() failed: "
                              f"{type(exc).__name__}: {exc}"}

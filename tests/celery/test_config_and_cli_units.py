@@ -89,6 +89,8 @@ def test_converged_means_same_cursors_same_digest_nothing_tentative():
     ({"state": "joining"}, "is joining"),
     ({"last_error": "boom"}, "reports an error: boom"),
     ({"reported_at": 0.0}, "101 s old"),
+    ({"digest": None}, "no digest yet from b"),
+    ({"digest": ""}, "no digest yet from b"),
 ])
 def test_not_converged_says_why(change, reason):
     masters = {"a": doc("a"), "b": doc("b", **change)}
@@ -103,6 +105,11 @@ def test_a_missing_master_and_divergence_are_named():
     assert not converged
     assert any("c has not reported" in r for r in reasons)
     assert any(r.startswith("DIVERGED") for r in reasons)
+
+
+def test_a_missing_digest_is_pending_not_divergence():
+    converged, reasons = evaluate({"a": doc("a"), "b": doc("b", digest=None)}, now_s=101.0)
+    assert not converged and not any(r.startswith("DIVERGED") for r in reasons), reasons
 
 
 def test_the_table_has_a_row_per_master_and_a_plain_verdict():

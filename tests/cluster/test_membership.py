@@ -203,3 +203,18 @@ def test_batch_too_large_for_one_frame_is_split_and_replays(tmp_path, monkeypatc
     a.close()
     b = open_master(tmp_path, "alpha")
     assert b.query("balance", "x") == 50 and b.seq == 51
+
+
+def test_status_digest_auto_skips_the_state_pass_until_the_state_holds_still(tmp_path):
+    a = open_master(tmp_path, "alpha")
+    a.execute("open_account", "x", 0)
+    assert a.status()["digest"] == a.digest()  # default: always computed
+    a.execute("deposit", "x", 1)
+    assert a.status(digest=False)["digest"] is None
+    auto = a.status(digest=None)  # first auto call after a change: not computed ...
+    assert auto["digest"] is None and a._digest_cache[0] != a._version
+    assert a.status(digest=None)["digest"] == a.digest()  # ... then quiet: computed
+    a.execute("deposit", "x", 1)
+    a.digest()  # cached for this version: auto returns it at no cost
+    assert a.status(digest=None)["digest"] == a.digest()
+    a.close()

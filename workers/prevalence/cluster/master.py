@@ -146,6 +146,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         self._own_reader: JournalReader | None = None
         self._rejoin = False
         self._version_at_last_publish = -1
+        self._version_at_last_status = -1
         self.check_transactions = False
         self.partial_mutations = 0
 

@@ -59,8 +59,21 @@ class Reporting:
         write_progress(self.shared, p, self.key, self._fault)
         self._published = same
 
-    def status(self) -> dict:
-        """A dict describing this master (see DESIGN §6 for the fields tools rely on)."""
+    def status(self, *, digest: bool | None = True) -> dict:
+        """A dict describing this master (see DESIGN §6 for the fields tools rely on).
+
+        Args:
+            digest: True computes the live digest (a pass over the whole state unless
+                cached); None computes it only when cached or when the state has held still
+                since the previous such call (what a status published after every sync
+                wants: no O(state) pass per sync under load); False omits it. An omitted
+                digest is None.
+        """
+        if digest is None:
+            quiet = self._tentative_real() == 0 and self._version == self._version_at_last_status
+            self._version_at_last_status = self._version
+            cached = self._digest_cache is not None and self._digest_cache[0] == self._version
+            digest = quiet or cached
         cursors = self._cursors()
         now = self._now_ms()
         lag = {}
@@ -76,7 +89,7 @@ class Reporting:
                                for m, p in self.peers.items()},
             "counted": sorted(m for m, p in self.peers.items() if p.counted),
             "retired": dict(self.retired),
-            "digest": self.digest(), "rebases": self.rebases, "outcomes_changed": self.outcomes_changed,
+            "digest": self.digest() if digest else None, "rebases": self.rebases, "outcomes_changed": self.outcomes_changed,
             "partial_mutations": self.partial_mutations,
             "state_size": _size(self.live_root), "request_ids": len(self.live_dedup), "fsync": self.fsync_mode,
             "snapshot_frontier": self.snapshot_frontier,
