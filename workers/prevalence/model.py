@@ -14,6 +14,14 @@ master, so they agree (a partial mutation it left behind is left behind everywhe
 Request ids: a record carrying a client request id that already appeared earlier in the
 order takes no effect; its outcome is the first one's (kept in the replicated `dedup`
 table, which snapshots carry).
+
+Request ids are remembered for `request_ids_kept_s` of record time (default 7 days; every
+write through Celery carries one, so the table would otherwise grow for ever). Pruning is
+part of applying, hence identical on every master: when a record with a new request id
+starts a new *epoch* (an eighth of the retention), the ids whose first record is older
+than the retention, counted from the epoch's start, are dropped. The epoch of the last
+pruning is kept in the table under the empty key (an empty request id means "none").
+A request retried after its id was dropped takes effect again.
 """
 
 from __future__ import annotations
@@ -26,12 +34,16 @@ from typing import Any, Callable
 import msgspec
 
 from . import codec
-from .clock import physical_ms
+from .clock import from_ms, physical_ms
 from .errors import BadArguments, Rejected, UnknownTransaction
 
 OK = "ok"
 REJECTED = "rejected"
 ERROR = "error"
+
+REQUEST_IDS_KEPT_S_DEFAULT = 7 * 86400
+PRUNE_MARK = ""  # the dedup key holding (epoch of the last pruning,)
+PRUNE_EPOCHS = 8  # pruning runs once per retention / PRUNE_EPOCHS of record time
 
 
 class Context:
@@ -96,12 +108,20 @@ class Model:
         copy: optional fast deep copy of the state, used to restore the committed state
             at a rebase (default: through the codec, which is general but slower). It must
             return a state equal to its argument sharing nothing mutable with it.
+        request_ids_kept_s: how long (record time) a request id is remembered (module
+            docstring); None = for ever. Part of the replicated semantics: every master
+            must run the same value, as they run the same transactions.
     """
 
     def __init__(self, name: str, root_factory: Callable[[], Any], *, state_type: Any = None,
-                 copy: Callable[[Any], Any] | None = None):
+                 copy: Callable[[Any], Any] | None = None,
+                 request_ids_kept_s: float | None = REQUEST_IDS_KEPT_S_DEFAULT):
         self.name = name
         self._copy = copy
+        if request_ids_kept_s is not None and request_ids_kept_s <= 0:
+            raise ValueError(f"request_ids_kept_s must be positive or None, got {request_ids_kept_s!r}")
+        self._kept_ms = None if request_ids_kept_s is None else int(request_ids_kept_s * 1000)
+        self._epoch_ms = None if self._kept_ms is None else max(1, self._kept_ms // PRUNE_EPOCHS)
         self.root_factory = root_factory
         if state_type is None:
             sample = root_factory()
@@ -242,7 +262,22 @@ class Model:
                     value = codec.round_trip(value)
                 except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
                     value = f"<unencodable {type(value).__name__}>"
+            if self._kept_ms is not None:
+                self._prune_request_ids(dedup, record.hlc)
             # A tuple: immutable, and untracked by the cyclic GC once it holds only atoms,
             # so a table of millions of request ids does not slow every collection.
             dedup[rid] = (record.hlc, record.master, record.seq, result["status"], value, result["error"])
         return result
+
+    def _prune_request_ids(self, dedup: dict, hlc: int) -> None:
+        """Drop expired request ids when `hlc` starts a new epoch (module docstring)."""
+        epoch = physical_ms(hlc) // self._epoch_ms
+        mark = dedup.get(PRUNE_MARK)
+        if mark is not None and epoch <= mark[0]:
+            return
+        if mark is not None:
+            cutoff = from_ms(epoch * self._epoch_ms - self._kept_ms)
+            expired = [rid for rid, first in dedup.items() if first[0] < cutoff and rid != PRUNE_MARK]
+            for rid in expired:
+                del dedup[rid]
+        dedup[PRUNE_MARK] = (epoch,)

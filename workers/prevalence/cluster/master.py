@@ -161,7 +161,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
 
     def outcome(self, rid: str) -> dict | None:
         """The recorded outcome of a request id (or `master:seq`), with `committed`."""
-        first = self.live_dedup.get(rid)
+        first = self.live_dedup.get(rid) if rid else None  # "" is no request id
         if first is not None:
             return {"status": first[3], "value": first[4], "error": first[5], "record": f"{first[1]}:{first[2]}",
                     "committed": first[0] <= self.frontier}

@@ -11,6 +11,7 @@ import time
 
 from .. import codec
 from ..clock import physical_ms
+from ..model import PRUNE_MARK
 from .progress import Progress, encode_progress, write_progress
 from .syncing import _size
 
@@ -91,7 +92,7 @@ class Reporting:
             "retired": dict(self.retired),
             "digest": self.digest() if digest else None, "rebases": self.rebases, "outcomes_changed": self.outcomes_changed,
             "partial_mutations": self.partial_mutations,
-            "state_size": _size(self.live_root), "request_ids": len(self.live_dedup), "fsync": self.fsync_mode,
+            "state_size": _size(self.live_root), "request_ids": len(self.live_dedup) - (PRUNE_MARK in self.live_dedup), "fsync": self.fsync_mode,
             "snapshot_frontier": self.snapshot_frontier,
             "peer_errors": {m: p.error for m, p in self.peers.items() if p.error},
             "held": {m: p.held for m, p in self.peers.items() if p.held},

@@ -58,7 +58,7 @@ class Writing:
         if rid is not None:
             if rid.__class__ is not str:
                 raise BadArguments(f"request id must be a string, got {type(rid).__name__}")
-            first = self.live_dedup.get(rid)
+            first = self.live_dedup.get(rid) if rid else None  # "" is no request id
             if first is not None:
                 # Idempotency: a known request id takes effect once; answer with its outcome.
                 return _result(name, {"status": first[3], "value": first[4], "error": first[5]})
