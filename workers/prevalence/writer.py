@@ -164,19 +164,22 @@ class JournalWriter:
             try:
                 if self.offset > 0 and self.offset + len(data) > self.segment_bytes_max:
                     self._roll()
-                end = self.offset + len(data)
-                if end > self._reserved and self.reserve_bytes:
+                written = len(data)
+                end = self.offset + written
+                if end <= self._reserved:  # the common case: into reserved space
+                    out = data
+                elif self.reserve_bytes:
                     # Extend the reservation in the same write: the commit's sync makes
                     # the new length durable once, and the next commits overwrite.
                     pad = max(0, min(end + self.reserve_bytes, self.segment_bytes_max) - end)
                     out = data + _ZEROS[:pad] if pad <= len(_ZEROS) else data + bytes(pad)
+                    self._reserved = end + pad
                 else:
                     out = data
-                written = os.pwrite(self._fd, out, self.offset)
-                if written != len(out):
-                    raise InvariantViolation(f"short write: {written} of {len(out)} bytes to {self.path}")
-                self._reserved = max(self._reserved, self.offset + written)
-                written = len(data)
+                    self._reserved = end
+                done = os.pwrite(self._fd, out, self.offset)
+                if done != len(out):  # a full disk, usually: refuse like any failed write
+                    raise OSError(errno.ENOSPC, f"short write: {done} of {len(out)} bytes")
                 if self._fault_on:
                     self._fault("after-write")
                 self.offset += written
