@@ -210,3 +210,35 @@ def test_check_mode_warns_when_a_refused_transaction_mutated_first(tmp_path, cap
         a.close()
     finally:
         del model.transactions["sloppy_withdraw"]
+
+
+def test_a_long_backlog_is_caught_up_in_bounded_rounds_without_rebasing(tmp_path, monkeypatch):
+    from workers.prevalence.cluster import syncing
+    clock = FakeClock()
+    a, b = make_pair(tmp_path, clock)
+    c = open_master(tmp_path, "gamma", now_ms=clock)
+    sync_until_quiet([a, b, c])
+    c.close()  # gamma is down while alpha and beta write, interleaved in time
+    for i in range(120):
+        clock.ms += 1
+        (a if i % 3 else b).execute("deposit", "acct", 1, rid=f"d{i}")
+    sync_until_quiet([a, b])
+    monkeypatch.setattr(syncing, "SYNC_CHUNK_RECORDS", 10)
+    rounds = []  # per round of peers' records: (count, lowest key, highest key)
+    real_ingest = syncing.Syncing._ingest
+
+    def spy(self, new):
+        keys = sorted((r.hlc, r.master, r.seq) for m, recs in new.items() if m != "gamma" for r in recs)
+        if keys:
+            rounds.append((len(keys), keys[0], keys[-1]))
+        return real_ingest(self, new)
+
+    monkeypatch.setattr(syncing.Syncing, "_ingest", spy)
+    c = open_master(tmp_path, "gamma", now_ms=clock)  # recovery ends with one sync
+    assert len(rounds) >= 12 and max(n for n, _lo, _hi in rounds) <= 10, rounds  # 5 per peer
+    # Each round is the next stretch of the key order: chunking never makes a rebase.
+    assert all(prev[2] < cur[1] for prev, cur in zip(rounds, rounds[1:])), rounds
+    assert c.query("balance", "acct") == 220
+    monkeypatch.undo()
+    sync_until_quiet([a, b, c])
+    assert_converged(tmp_path, [a, b, c])

@@ -101,8 +101,12 @@ class JournalReader:
             res = journal.scan(data, path, 0, self.key, last_segment=not later, master=self.name,
                                base=self._offset, expect_seq=self.last_seq + 1, last_hlc=self.last_hlc,
                                trusted=trusted, records_max=want)
-            if want is not None and res.end_offset < len(data) and not res.torn and res.corruption is None:
+            if (want is not None and len(res.records) >= want and res.end_offset < len(data)
+                    and not res.torn and res.corruption is None and not res.zero_tail):
                 # Stopped at records_max inside this segment: keep its bytes for the next call.
+                # (Only bytes up to the end of the written records are fixed; the zeros the
+                # writer reserved after them change, so a scan that reaches them drops the
+                # copy and the next call reads the file again.)
                 if cached is None or cached[0] != path or cached[1] > self._offset:
                     self._cache = (path, self._offset, bytes(data), trusted)
                 if res.records:

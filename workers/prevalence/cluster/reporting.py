@@ -30,7 +30,7 @@ class Reporting:
 
     def _cursors(self) -> dict[str, int]:
         """For every member, this master included, the last seq read."""
-        cursors = {m: p.reader.last_seq for m, p in self.peers.items()}
+        cursors = {m: p.applied_seq for m, p in self.peers.items()}
         cursors[self.name] = self.seq
         return cursors
 
@@ -80,7 +80,7 @@ class Reporting:
         lag = {}
         for m, peer in self.peers.items():
             p = self._peer_progress(m)
-            lag[m] = max(0, p.seq - peer.reader.last_seq) if p is not None else None
+            lag[m] = max(0, p.seq - peer.applied_seq) if p is not None else None
         return {
             "master": self.name, "joined": self.joined, "seq": self.seq, "clock": self.clock.last,
             "frontier": self.frontier, "tentative": self._tentative_real(), "cursors": cursors,

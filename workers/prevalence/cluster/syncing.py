@@ -5,6 +5,13 @@ them (fast path when they all order after what is applied, rebase otherwise), ap
 tick when a peer's real record waits on this master, moves the frontier, commits, acks
 newcomers, collects garbage and publishes progress.
 
+Catching up is bounded in memory: one round reads at most `SYNC_CHUNK_RECORDS` records
+across all peers. When a peer has more, records of other peers that order after the last
+one read from it are held back (`Peer.pending`) for the next round, so every round
+applies a prefix of the key order (no rebase from chunking); between rounds the frontier
+moves, which commits the round and frees its records. A long backlog (a master that was
+down, a joiner) therefore takes several rounds of one sync, never the backlog in memory.
+
 A `Peer` is what this master knows of one other member. Joining, steps 2 and 3, happen
 here too: every member counts a newcomer at its next sync (the ack), and the newcomer
 takes writes once every member counts it.
@@ -28,13 +35,14 @@ from .reader import JournalReader
 log = logging.getLogger("prevalence.master")
 
 COPY_PER_APPLY = 8  # copying one state entry costs about 1/8 of applying one record (measured)
+SYNC_CHUNK_RECORDS = 200_000  # records read from all peers in one round of a sync (~100 MB)
 
 
 class Peer:
     """What this master knows of one other member."""
 
     __slots__ = ("name", "reader", "horizon", "max_real_hlc", "counted", "error", "torn",
-                 "held", "retired_cut")
+                 "held", "retired_cut", "pending")
 
     def __init__(self, name: str, reader: JournalReader, horizon: int):
         self.name = name
@@ -46,6 +54,12 @@ class Peer:
         self.torn: str | None = None
         self.held: str | None = None  # why reading is held back (clock ahead, retired cut)
         self.retired_cut: int | None = None
+        self.pending: list = []       # read, checked, held back for the next round (key order)
+
+    @property
+    def applied_seq(self) -> int:
+        """The last seq of this peer applied here (read ones held back do not count)."""
+        return self.pending[0].seq - 1 if self.pending else self.reader.last_seq
 
 
 class Syncing:
@@ -71,21 +85,28 @@ class Syncing:
         if self.committed_root is None and any(m not in self.retired for m in self.peers):
             # Not alone any more: from now on records commit only below the frontier.
             self._make_committed_copy()
-        # 2. Read every peer's new records.
-        new: dict[str, list] = {}
-        for m, peer in self.peers.items():
-            recs = self._read_peer(peer)
-            if recs:
-                new[m] = recs
-        if self._rejoin:
-            self._rejoin = False
-            if not _again:
-                log.warning("master %s: records it needs were collected before it was counted; "
-                            "joining again from the newest snapshot", self.name)
-                self._restart_join()
-                return self.sync(_again=True)
-        # 3. Apply them in key order (fast path or rebase).
-        applied, rebased = self._ingest(new)
+        # 2-3. Read every peer's new records and apply them in key order (fast path or
+        # rebase), a bounded number per round; between rounds the frontier commits them.
+        applied: dict[str, int] = {}
+        rebased = False
+        while True:
+            new, cap = self._read_peers()
+            if self._rejoin:
+                self._rejoin = False
+                if not _again:
+                    log.warning("master %s: records it needs were collected before it was counted; "
+                                "joining again from the newest snapshot", self.name)
+                    self._restart_join()
+                    return self.sync(_again=True)
+            counts, again = self._ingest(new)
+            rebased = rebased or again
+            for m, n in counts.items():
+                applied[m] = applied.get(m, 0) + n
+            if cap is None:
+                break
+            # Every peer's records up to `cap` are in: commit up to there, no further (a
+            # peer's horizon may be a lower bound from an ack, above records still unread).
+            self._advance_frontier(cap)
         # 4. Count newcomers (ack) and stop counting the retired.
         self._ack_newcomers()
         # 5. Joining: done once every member counts us.
@@ -123,10 +144,54 @@ class Syncing:
             self.peers[m] = peer
         return peer
 
-    def _read_peer(self, peer: Peer) -> list:
+    def _read_peers(self) -> tuple[dict[str, list], int | None]:
+        """One round: each peer's next records, cut to a prefix of the key order.
+
+        Returns (records per peer, cap): cap is None when every peer was read to its end,
+        else the hlc up to which every peer's records are in. A peer that filled its share
+        may have records ordering before what the others returned: everything after its
+        last record is held back in `Peer.pending` until the next round.
+        """
+        share = max(1, SYNC_CHUNK_RECORDS // max(1, len(self.peers)))
+        new: dict[str, list] = {}
+        full = []
+        for m, peer in self.peers.items():
+            held, peer.pending = peer.pending, []
+            room = share - len(held)
+            fresh = self._read_peer(peer, room) if room > 0 else []
+            recs = held + fresh if held else fresh
+            if room <= 0 or len(fresh) >= room:
+                full.append(m)
+            if recs:
+                new[m] = recs
+        cap = None
+        if full:
+            cap = min(new[m][-1].hlc for m in full)
+            for m in list(new):
+                recs = new[m]
+                if recs[-1].hlc > cap:
+                    i = bisect.bisect_right(recs, cap, key=_hlc)
+                    self.peers[m].pending = recs[i:]
+                    if i:
+                        new[m] = recs[:i]
+                    else:
+                        del new[m]
+        for m, recs in new.items():
+            peer = self.peers[m]
+            peer.horizon = max(peer.horizon, recs[-1].hlc)
+            for rec in reversed(recs):
+                if rec.tx != codec.TICK:
+                    peer.max_real_hlc = max(peer.max_real_hlc, rec.hlc)
+                    break
+        return new, cap
+
+    def _read_peer(self, peer: Peer, records_max: int) -> list:
+        """Up to `records_max` (a batch may add a few) new records of a peer, checked: reading
+        stops before a record of an unknown transaction, from a clock too far ahead, past a
+        retirement cut, or at or below the frontier (reported)."""
         reader = peer.reader
         before = (reader.last_seq, reader.last_hlc)
-        res = reader.read_new()
+        res = reader.read_new(records_max=records_max)
         peer.torn = res.torn
         recs = res.records
         peer.error = str(res.error) if res.error is not None else None
@@ -173,12 +238,6 @@ class Syncing:
         if peer.error:
             self.last_error = peer.error
             log.error("reading %s: %s", peer.name, peer.error)
-        if recs:
-            peer.horizon = max(peer.horizon, recs[-1].hlc)
-            for rec in reversed(recs):
-                if rec.tx != codec.TICK:
-                    peer.max_real_hlc = max(peer.max_real_hlc, rec.hlc)
-                    break
         return recs
 
     def _ingest(self, new: dict[str, list]) -> tuple[dict, bool]:
@@ -208,7 +267,9 @@ class Syncing:
                 self.model.replay(self.committed_root, self.committed_dedup, incoming, self._ctx)
                 cursors = self.committed_cursors
                 for m, recs in new.items():
-                    cursors[m] = recs[-1].seq
+                    # max: a tick of the same peer may still be tentative below these
+                    # (ticks change nothing; it commits later and must not lower this).
+                    cursors[m] = max(cursors.get(m, 0), recs[-1].seq)
                 self.live_root = self.model.copy_state(self.committed_root)
                 self.live_dedup = dict(self.committed_dedup)
                 return applied, False
@@ -257,7 +318,7 @@ class Syncing:
         for m, peer in self.peers.items():
             if m in self.retired:
                 # Stop counting a retired member once we have read everything up to its cut.
-                if peer.counted and peer.reader.last_seq >= self.retired[m]:
+                if peer.counted and peer.applied_seq >= self.retired[m]:
                     peer.counted = False
                 continue
             if m not in self.acks:
@@ -278,12 +339,20 @@ class Syncing:
         self.committed_root = self.model.copy_state(self.live_root)
         self.committed_dedup = dict(self.live_dedup)  # entries are replaced, never mutated
 
-    def _advance_frontier(self) -> None:
-        f = self.clock.last
-        for peer in self.peers.values():
-            if peer.counted:
+    def _advance_frontier(self, cap: int | None = None) -> None:
+        """Move the frontier to the lowest horizon of the counted members (our clock
+        included) and commit the tentative records at or below it.
+
+        Between the rounds of one sync (`cap` given), also no further than `cap` and the
+        horizon of every peer not yet counted: the acknowledgement that counts a newcomer
+        comes at the end of the sync, at the frontier reached by then, and a newcomer's
+        next record is only known to lie above its last one read.
+        """
+        f = self.clock.last if cap is None else min(cap, self.clock.last)
+        for m, peer in self.peers.items():
+            if peer.counted or (cap is not None and m not in self.retired):
                 f = min(f, peer.horizon)
-        check(f >= self.frontier or self.committed_root is None,
+        check(f >= self.frontier or self.committed_root is None or cap is not None,
               f"frontier of {self.name} would move backwards: {self.frontier} -> {f}")
         if f <= self.frontier:
             return
@@ -299,7 +368,8 @@ class Syncing:
                 self.model.replay(self.committed_root, self.committed_dedup, done, self._ctx)
             cursors = self.committed_cursors
             for rec in done:
-                cursors[rec.master] = rec.seq
+                if rec.seq > cursors.get(rec.master, 0):
+                    cursors[rec.master] = rec.seq
             del tentative[:n]
 
     def _peer_progress(self, m: str) -> Progress | None:
