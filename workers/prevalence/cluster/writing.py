@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 from typing import Any, Iterable
 
 from .. import codec, journal
@@ -21,6 +22,7 @@ from ..model import OK, REJECTED
 log = logging.getLogger("prevalence.master")
 
 OUTCOMES_KEPT = 100_000
+_args = operator.attrgetter("args")
 _FLAT = frozenset({str, int, float, bool, type(None), bytes})  # values the codec returns unchanged
 
 
@@ -72,7 +74,7 @@ class Writing:
             raise BadArguments(f"arguments of {name!r} encode to {len(payload)} bytes, more than the "
                                f"{journal.RECORD_BYTES_MAX} a record may hold")
         # Apply exactly what replay will read (flat arguments read back identical).
-        if any(a.__class__ not in _FLAT for a in args):
+        if not _FLAT.issuperset(map(type, args)):
             rec = codec.decode_record(payload)
         self.writer.append((payload,), self.key)
         if self._fault_on:
@@ -172,7 +174,7 @@ class Writing:
                 raise BadArguments(f"arguments cannot be encoded as plain data: {exc}") from None
             # Apply exactly what replay will read: flat arguments (str, int, float, bool,
             # None, bytes) read back identical, so only other batches are decoded again.
-            if all(a.__class__ in _FLAT for rec in fresh for a in rec.args):
+            if _FLAT.issuperset(map(type, itertools.chain.from_iterable(map(_args, fresh)))):
                 decoded = fresh
             else:
                 decoded = [rec for payload in chunks for rec in
