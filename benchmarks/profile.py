@@ -20,7 +20,6 @@ the split between functions is what to read.
 from __future__ import annotations
 
 import cProfile
-import os
 import pstats
 import sys
 from typing import Any, Callable

@@ -8,10 +8,9 @@ import tempfile
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from workers.prevalence import Rejected, journal, verify
+from workers.prevalence import Rejected, journal
 from workers.prevalence.cluster import folder, syncing
 from workers.prevalence.errors import NotReady, TransactionFailed
-from workers.models.ledger import model
 
 from .helpers import FakeClock, assert_converged, open_master, sync_until_quiet
 
