@@ -311,3 +311,35 @@ def test_failed_background_fsync_stops_further_writes(tmp_path, monkeypatch):
         m.execute("deposit", "a", 1)
     monkeypatch.undo()
     m.close()
+
+
+def test_a_full_disk_while_extending_the_reservation_refuses_cleanly_and_the_journal_goes_on(tmp_path, monkeypatch):
+    import errno
+    from workers.prevalence.errors import StorageError
+    m = open_master(tmp_path, fsync="always", journal_reserve_bytes=4096)
+    m.execute("open_account", "a", 0)
+    real_pwrite = os.pwrite
+    full = {"on": True}
+
+    def pwrite(fd, data, offset):
+        if full["on"] and not any(data):  # the zeros of the reservation
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    for i in range(200):  # past the reserved 4 KiB, so the writer must extend
+        try:
+            m.execute("deposit", "a", 1, rid=f"d{i}")
+        except StorageError as exc:
+            assert "nothing of the record was written" in str(exc) and "ENOSPC" in str(exc)
+            refused = i
+            break
+    else:
+        raise AssertionError("the reservation was never extended")
+    assert m.query("balance", "a") == refused and m.outcome(f"d{refused}") is None
+    full["on"] = False  # space freed: the same master takes writes again
+    assert m.execute("deposit", "a", 1, rid=f"d{refused}") == refused + 1
+    m.close()
+    m = open_master(tmp_path)
+    assert m.query("balance", "a") == refused + 1 and m.seq == refused + 2
+    m.close()

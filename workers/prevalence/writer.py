@@ -66,6 +66,10 @@ def on_network_filesystem(path: str) -> bool:
     return kind is None or kind in NETWORK_FILESYSTEMS or kind.startswith("nfs")
 
 
+class _NothingWritten(StorageError):
+    """The disk refused the reservation ahead of a record: nothing of it was written."""
+
+
 def _storage_error(action: str, path: str, exc: OSError) -> StorageError:
     name = errno.errorcode.get(exc.errno, str(exc.errno))
     return StorageError(f"{action} failed on {path}: {name} ({exc.strerror}). The record was "
@@ -166,20 +170,14 @@ class JournalWriter:
                     self._roll()
                 written = len(data)
                 end = self.offset + written
-                if end <= self._reserved:  # the common case: into reserved space
-                    out = data
-                elif self.reserve_bytes:
-                    # Extend the reservation in the same write: the commit's sync makes
-                    # the new length durable once, and the next commits overwrite.
-                    pad = max(0, min(end + self.reserve_bytes, self.segment_bytes_max) - end)
-                    out = data + _ZEROS[:pad] if pad <= len(_ZEROS) else data + bytes(pad)
-                    self._reserved = end + pad
-                else:
-                    out = data
-                    self._reserved = end
-                done = os.pwrite(self._fd, out, self.offset)
-                if done != len(out):  # a full disk, usually: refuse like any failed write
-                    raise OSError(errno.ENOSPC, f"short write: {done} of {len(out)} bytes")
+                if end > self._reserved:
+                    if self.reserve_bytes:
+                        self._reserve(end)
+                    else:
+                        self._reserved = end
+                done = os.pwrite(self._fd, data, self.offset)
+                if done != written:  # a full disk, usually: refuse like any failed write
+                    raise OSError(errno.ENOSPC, f"short write: {done} of {written} bytes")
                 if self._fault_on:
                     self._fault("after-write")
                 self.offset += written
@@ -198,6 +196,8 @@ class JournalWriter:
                 err = _storage_error("appending", self.path, exc)
                 self._failed = str(err)
                 raise err from exc
+            except _NothingWritten:
+                raise  # refused before the record was written: the journal stays usable
             except StorageError as exc:  # a segment could not be created while rolling
                 self._failed = str(exc)
                 raise
@@ -213,6 +213,25 @@ class JournalWriter:
         self._fault("mid-roll")
         self._open_new_segment(self.next_seq)
         self._fault("after-roll")
+
+    def _reserve(self, end: int) -> None:
+        """Write zeros from the reserved end up to past `end`, before the record that
+        needs them: when the disk is full this fails with nothing of the record written,
+        so the append is refused cleanly and the journal stays usable. (The commit's sync
+        makes the new length durable with the record.)"""
+        start = max(self._reserved, self.offset)
+        stop = max(end, min(end + self.reserve_bytes, self.segment_bytes_max))
+        zeros = _ZEROS[:stop - start] if stop - start <= len(_ZEROS) else bytes(stop - start)
+        try:
+            done = os.pwrite(self._fd, zeros, start)
+            if done != len(zeros):
+                raise OSError(errno.ENOSPC, f"short write: {done} of {len(zeros)} bytes")
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno, str(exc.errno))
+            raise _NothingWritten(f"extending journal {self.path} to {stop} bytes failed: {name} "
+                               f"({exc.strerror}); nothing of the record was written and it was not "
+                               "acknowledged. Free space on the disk, then retry") from exc
+        self._reserved = stop
 
     def _drop_reservation(self) -> None:
         """Cut the zeros after the last record: a finished segment ends with its last record."""
