@@ -83,13 +83,16 @@ def test_torn_final_record_is_set_aside_and_truncated_with_good_records_kept(tmp
 
 
 @pytest.mark.parametrize("reserve", [0, 1 << 20])
-def test_zero_filled_tail_is_unwritten_space_that_the_writer_fills_next(tmp_path, reserve):
+def test_zero_filled_tail_is_unwritten_space_that_the_writer_fills_next(tmp_path, caplog, reserve):
     # Writeback extended the file before the data landed, or the writer's own reservation:
     # zeros hold no data, so nothing is set aside; the good records stay and the next
     # record goes right after them.
     seg = install(tmp_path, journal_file="journal-zero-tail.log")
     intact = len(fx.build()["journal-valid.log"])
-    m = open_fixture(tmp_path, fsync="always", journal_reserve_bytes=reserve)
+    with caplog.at_level(logging.INFO, logger="prevalence.master"):
+        m = open_fixture(tmp_path, fsync="always", journal_reserve_bytes=reserve)
+    assert any(f"{fx.ZERO_TAIL_BYTES} zero bytes after the last record at offset {intact}" in r.getMessage()
+               for r in caplog.records)
     assert (m.seq, m.query("balance", "a")) == (3, fx.BALANCE_AFTER_3)
     assert m.execute("deposit", "a", 1, rid="r4") == fx.BALANCE_AFTER_3 + 1
     assert not [n for n in journal_bytes(tmp_path, fx.MASTER) if ".torn-" in n]

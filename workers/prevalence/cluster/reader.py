@@ -29,6 +29,7 @@ class ReadResult:
     torn: str | None = None       # why reading stopped at a tail that is not written yet
     torn_at: tuple[str, int] | None = None  # (path, offset) of that torn tail
     error: Corruption | None = None
+    zeros_at: tuple[str, int, int] | None = None  # (path, offset, bytes) of unwritten space
 
 
 class JournalReader:
@@ -126,7 +127,7 @@ class JournalReader:
             if res.torn is not None:
                 return ReadResult(out, torn=res.torn, torn_at=(path, self._offset))
             if not later:
-                return ReadResult(out)
+                return ReadResult(out, zeros_at=(path, self._offset, res.zero_tail) if res.zero_tail else None)
             nxt = later[0]
             if nxt[0] != self.last_seq + 1:
                 return ReadResult(out, error=Corruption(

@@ -168,6 +168,11 @@ class Recovering:
                 self.own_horizon = res.records[-1].hlc
             if not res.records or res.torn is not None:
                 break
+        if res.zeros_at is not None:
+            path, offset, n = res.zeros_at
+            log.info("journal %s: %d zero bytes after the last record at offset %d (space the writer "
+                     "reserved, or blocks never written): nothing to set aside, written over from there",
+                     path, n, offset)
         if res.torn is not None:
             path, offset = res.torn_at
             aside = f"{path}.torn-{offset:020d}"
