@@ -11,6 +11,9 @@ one read from it are held back (`Peer.pending`) for the next round, so every rou
 applies a prefix of the key order (no rebase from chunking); between rounds the frontier
 moves, which commits the round and frees its records. A long backlog (a master that was
 down, a joiner) therefore takes several rounds of one sync, never the backlog in memory.
+(Between rounds the frontier also stays at or below the last record read from every peer
+not counted yet: while such a newcomer has written nothing, rounds apply but commit only
+at the end of the sync.)
 
 A `Peer` is what this master knows of one other member. Joining, steps 2 and 3, happen
 here too: every member counts a newcomer at its next sync (the ack), and the newcomer
