@@ -75,7 +75,7 @@ class Recovering:
         log.info("master %s open: seq %d, frontier %d, %d tentative, joined=%s",
                  name, self.seq, self.frontier, self._tentative_real(), self.joined)
 
-    def _load_base(self, *, own_only: bool) -> None:
+    def _load_base(self, *, own_only: bool) -> SnapshotBody | None:
         """Load the newest valid snapshot (own, or any member's), else the initial state."""
         names = [self.name] if own_only else [m for m in folder.list_masters(self.shared) if m != self.name]
         candidates = []

@@ -45,7 +45,7 @@ class Peer:
     """What this master knows of one other member."""
 
     __slots__ = ("name", "reader", "horizon", "max_real_hlc", "counted", "error", "torn",
-                 "held", "retired_cut", "pending")
+                 "held", "pending")
 
     def __init__(self, name: str, reader: JournalReader, horizon: int):
         self.name = name
@@ -56,7 +56,6 @@ class Peer:
         self.error: str | None = None
         self.torn: str | None = None
         self.held: str | None = None  # why reading is held back (clock ahead, retired cut)
-        self.retired_cut: int | None = None
         self.pending: list = []       # read, checked, held back for the next round (key order)
 
     @property
@@ -403,6 +402,8 @@ class Syncing:
         for m in folder.list_masters(self.shared):
             if m != self.name and m not in self.retired:
                 p = self._peer_progress(m)
+                if p is None or self.name not in p.acks:
+                    return  # unreadable or changed since the check: try again next sync
                 acks.append(p.acks[self.name])
         self.clock.observe(max(acks, default=0))
         self.joined = True
