@@ -68,3 +68,22 @@ def test_a_retired_master_stops_counting_and_cannot_start_again(cluster, client)
                             capture_output=True, text=True, timeout=120,
                             cwd=str(cluster.run_dir))
     assert worker.returncode == os.EX_CONFIG and "is retired" in worker.stderr
+
+
+@pytest.mark.parametrize("reserve", ["0", "64k"])
+def test_the_journal_reservation_setting_reaches_the_worker(make_cluster, reserve):
+    from tests.celery.conftest import make_client
+    from workers.prevalence import journal
+
+    cluster = make_cluster(masters=("alpha",), env={"PREVALENCE_JOURNAL_RESERVE": reserve})
+    cluster.start_masters()
+    client = make_client(cluster)
+    open_accounts(client, ["r1"], master="alpha")
+    assert client.execute("deposit", "r1", 5, master="alpha") == 5
+    [(_first, path)] = journal.list_segments(str(cluster.shared_dir / "masters" / "alpha" / "journal"))
+    data = open(path, "rb").read()
+    end = len(data) - journal.scan(data, path, 0, None, last_segment=True).zero_tail
+    # "0": the segment ends with its last record; "64k": up to 64 KiB of zeros kept after
+    # it (not the 256 KiB of the default).
+    zeros = len(data) - end
+    assert zeros == 0 if reserve == "0" else 64 * 1024 - end < zeros <= 64 * 1024, zeros
