@@ -59,6 +59,15 @@ def test_valid_fixture_journal_recovers_every_record(tmp_path):
 
 # -- torn tails ----------------------------------------------------------------------
 
+def write_segmented_journal(shared) -> None:
+    """A closed journal of 21 records (an account, then 20 deposits of 1) in several segments."""
+    m = open_master(shared, segment_bytes_max=300)
+    m.execute("open_account", "a", 0)
+    for _ in range(20):
+        m.execute("deposit", "a", 1)
+    m.close()
+
+
 @pytest.mark.parametrize("name,tail_bytes", [("journal-torn-tail.log", fx.TORN_BYTES)])
 def test_torn_final_record_is_set_aside_and_truncated_with_good_records_kept(tmp_path, caplog, name, tail_bytes):
     seg = install(tmp_path, journal_file=name)
@@ -109,11 +118,7 @@ def test_zero_filled_tail_is_unwritten_space_that_the_writer_fills_next(tmp_path
 
 
 def test_torn_tail_written_by_a_master_is_set_aside_on_reopen(tmp_path):
-    m = open_master(tmp_path, segment_bytes_max=300)
-    m.execute("open_account", "a", 0)
-    for i in range(20):
-        m.execute("deposit", "a", 1)
-    m.close()
+    write_segmented_journal(tmp_path)
     first, seg = segments(tmp_path)[-1]
     data = open(seg, "rb").read()
     start, _end = frames(data)[-1]
@@ -142,11 +147,7 @@ def test_damaged_middle_record_refuses_to_open_and_leaves_the_file_byte_identica
 
 
 def test_damaged_record_in_an_earlier_segment_refuses_to_open_and_truncates_nothing(tmp_path):
-    m = open_master(tmp_path, segment_bytes_max=300)
-    m.execute("open_account", "a", 0)
-    for i in range(20):
-        m.execute("deposit", "a", 1)
-    m.close()
+    write_segmented_journal(tmp_path)
     (_f, first), *_rest = segments(tmp_path)
     start, end = frames(open(first, "rb").read())[-1]
     flip(first, middle((start, end)))  # the last record of the first segment
@@ -158,11 +159,7 @@ def test_damaged_record_in_an_earlier_segment_refuses_to_open_and_truncates_noth
 
 
 def test_missing_middle_segment_is_a_gap_and_refuses_to_open(tmp_path):
-    m = open_master(tmp_path, segment_bytes_max=300)
-    m.execute("open_account", "a", 0)
-    for i in range(20):
-        m.execute("deposit", "a", 1)
-    m.close()
+    write_segmented_journal(tmp_path)
     segs = segments(tmp_path)
     assert len(segs) >= 3
     os.unlink(segs[1][1])
@@ -173,11 +170,7 @@ def test_missing_middle_segment_is_a_gap_and_refuses_to_open(tmp_path):
 
 
 def test_zeroed_end_of_an_earlier_segment_refuses_to_open_and_truncates_nothing(tmp_path):
-    m = open_master(tmp_path, segment_bytes_max=300)
-    m.execute("open_account", "a", 0)
-    for i in range(20):
-        m.execute("deposit", "a", 1)
-    m.close()
+    write_segmented_journal(tmp_path)
     (_f, first), *_rest = segments(tmp_path)
     data = open(first, "rb").read()
     start, _end = frames(data)[-1]

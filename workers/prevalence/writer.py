@@ -21,7 +21,7 @@ import zlib
 
 from .durable import publish_file, sync_data, fsync_dir
 from .errors import InvariantViolation, StorageError, check
-from .journal import (FSYNC_INTERVAL_MS_DEFAULT, FSYNC_MODES, SEGMENT_BYTES_MAX_DEFAULT, _ZEROS, format_segment_name,
+from .journal import (FSYNC_INTERVAL_MS_DEFAULT, FSYNC_MODES, SEGMENT_BYTES_MAX_DEFAULT, format_segment_name,
                       frame, seal_path)
 
 log = logging.getLogger("prevalence.journal")
@@ -221,7 +221,7 @@ class JournalWriter:
         makes the new length durable with the record.)"""
         start = max(self._reserved, self.offset)
         stop = max(end, min(end + self.reserve_bytes, self.segment_bytes_max))
-        zeros = _ZEROS[:stop - start] if stop - start <= len(_ZEROS) else bytes(stop - start)
+        zeros = bytes(stop - start)
         try:
             done = os.pwrite(self._fd, zeros, start)
             if done != len(zeros):
@@ -275,16 +275,15 @@ class JournalWriter:
             self._closed = True
             try:
                 if self._fd >= 0:
-                    fd, self._fd = self._fd, -1
                     try:
                         if self._failed is None:
                             # Without `seal` the folder may have a new owner already, who
                             # could be writing into the reservation: leave the file alone.
-                            if seal and self._reserved > self.offset:
-                                os.ftruncate(fd, self.offset)
-                                self._reserved = self.offset
-                            sync_data(fd)  # even under fsync=never: a clean close leaves nothing pending
+                            if seal:
+                                self._drop_reservation()
+                            sync_data(self._fd)  # even under fsync=never: a clean close leaves nothing pending
                     finally:
+                        fd, self._fd = self._fd, -1  # never touch a closed descriptor number again
                         os.close(fd)
                 if seal and self._failed is None and self.offset:
                     self._seal()

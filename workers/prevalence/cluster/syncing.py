@@ -44,8 +44,7 @@ SYNC_CHUNK_RECORDS = 200_000  # records read from all peers in one round of a sy
 class Peer:
     """What this master knows of one other member."""
 
-    __slots__ = ("name", "reader", "horizon", "max_real_hlc", "counted", "error", "torn",
-                 "held", "pending")
+    __slots__ = ("name", "reader", "horizon", "max_real_hlc", "counted", "error", "held", "pending")
 
     def __init__(self, name: str, reader: JournalReader, horizon: int):
         self.name = name
@@ -54,7 +53,6 @@ class Peer:
         self.max_real_hlc = 0         # hlc of the last real (non-tick) record read
         self.counted = False          # counted in the frontier
         self.error: str | None = None
-        self.torn: str | None = None
         self.held: str | None = None  # why reading is held back (clock ahead, retired cut)
         self.pending: list = []       # read, checked, held back for the next round (key order)
 
@@ -194,7 +192,6 @@ class Syncing:
         reader = peer.reader
         before = (reader.last_seq, reader.last_hlc)
         res = reader.read_new(records_max=records_max)
-        peer.torn = res.torn
         recs = res.records
         peer.error = str(res.error) if res.error is not None else None
         if res.error is not None and not self.joined and res.error.gap:
