@@ -242,3 +242,52 @@ def test_a_long_backlog_is_caught_up_in_bounded_rounds_without_rebasing(tmp_path
     monkeypatch.undo()
     sync_until_quiet([a, b, c])
     assert_converged(tmp_path, [a, b, c])
+
+
+def test_a_tick_committed_after_a_batch_applied_once_does_not_lower_the_committed_cursor(tmp_path, monkeypatch):
+    # Found by the stateful test: m2 applied m1's record seq 2 straight to its committed
+    # state while m1's tick seq 1 was still tentative; committing that tick later set the
+    # cursor of m1 back to 1, so m2's snapshot claimed frontier 6 without m1's seq 2 and a
+    # master joining from it read that record below its frontier.
+    from workers.prevalence.cluster import syncing
+    monkeypatch.setattr(syncing, "SYNC_CHUNK_RECORDS", 3)
+    clock = FakeClock()
+    m0 = open_master(tmp_path, "m0", now_ms=clock)
+    for acct in "abc":
+        m0.execute("open_account", acct, 100, rid=f"open-{acct}")
+    ms = [m0, open_master(tmp_path, "m1", now_ms=clock), open_master(tmp_path, "m2", now_ms=clock)]
+    sync_until_quiet(ms)
+    for i, m in enumerate([ms[0], ms[0], ms[1]]):
+        with pytest.raises(Rejected):
+            m.execute("transfer", "a", "a", 1, rid=f"w{i}")
+    sync_until_quiet(ms, rounds_max=30)
+    m2 = ms[2]
+    for name in ("m0", "m1"):
+        applied = [r for r in m2.tentative if r.master == name]
+        expected = applied[0].seq - 1 if applied else m2.peers[name].reader.last_seq
+        assert m2.committed_cursors[name] == expected
+    m2.snapshot()
+    ms.append(open_master(tmp_path, "m3", now_ms=clock))  # joins from m2's snapshot
+    sync_until_quiet(ms, rounds_max=30)
+    assert_converged(tmp_path, ms)
+
+
+def test_a_joiner_catching_up_in_rounds_keeps_its_frontier_below_uncounted_peers(tmp_path, monkeypatch):
+    # Found by the stateful test: a joiner that committed between rounds counted nobody
+    # yet, moved its frontier past m1's last record, then acknowledged m1 there; m1's next
+    # record then arrived below that frontier.
+    from workers.prevalence.cluster import syncing
+    monkeypatch.setattr(syncing, "SYNC_CHUNK_RECORDS", 3)
+    clock = FakeClock()
+    m0 = open_master(tmp_path, "m0", now_ms=clock)
+    for acct in "abc":
+        m0.execute("open_account", acct, 100, rid=f"open-{acct}")
+    ms = [m0, open_master(tmp_path, "m1", now_ms=clock), open_master(tmp_path, "m2", now_ms=clock)]
+    sync_until_quiet(ms)
+    with pytest.raises(Rejected):
+        ms[0].execute("transfer", "a", "a", 1, rid="w0")
+    ms.append(open_master(tmp_path, "m3", now_ms=clock))
+    with pytest.raises(Rejected):
+        ms[1].execute("transfer", "a", "a", 1, rid="w1")
+    sync_until_quiet(ms, rounds_max=30)
+    assert_converged(tmp_path, ms)
