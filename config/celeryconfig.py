@@ -85,9 +85,17 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     }
 
 
+#: The Redis result backend that publishes a write's result only once it is durable
+#: (`workers.results`); named in the backend URL as ``<class>+<redis url>``.
+RESULT_BACKEND_CLASS = "workers.results:SettlingRedisBackend"
+
+
 def result_backend_url(broker_url: str) -> str:
-    """The result backend: the same Redis as the broker (an in-memory cache for memory://)."""
-    return "cache+memory://" if broker_url.startswith("memory://") else broker_url
+    """The result backend: the same Redis as the broker, through `RESULT_BACKEND_CLASS`
+    (an in-memory cache for memory://, used by unit tests only)."""
+    if broker_url.startswith("memory://"):
+        return "cache+memory://"
+    return f"{RESULT_BACKEND_CLASS}+{broker_url}"
 
 
 def celery_settings(settings: Settings) -> dict[str, Any]:

@@ -33,6 +33,12 @@ PREVALENCE_JOURNAL_RESERVE
     network filesystems, whose readers could cache the zeros), ``0`` (never), or a size
     ``65536``, ``256k``, ``1m`` (up to 64m; on NFS only with NFSv4.2 servers that report
     exact change attributes).
+PREVALENCE_SYNC_OVERLAP
+    ``on`` (default) or ``off``. With ``on`` and ``PREVALENCE_FSYNC=always``, a write's
+    journal sync runs in the kernel (Linux AIO) while Celery prepares the task's result,
+    and the result is published, and the message acknowledged, only once the sync is done
+    (`workers.results`): the same guarantee, in less time per write. ``off`` syncs before
+    the task returns. Elsewhere than Linux it is always off.
 PREVALENCE_CLUSTER_KEY_FILE
     Path of a file holding the cluster's HMAC key. Surrounding whitespace is stripped; the
     key must be at least 16 bytes. Without it records are checksummed but not signed.
@@ -101,6 +107,7 @@ class Settings:
     cluster_key_file: Path | None
     env_file: Path | None = None
     journal_reserve_bytes: int | None = None  # None = auto
+    sync_overlap: bool = True
 
     def require_master(self) -> str:
         """Return the master name, or raise `SettingsError` if PREVALENCE_MASTER is unset."""
@@ -348,6 +355,10 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
     journal_reserve_bytes = parse_reserve_bytes(
         "PREVALENCE_JOURNAL_RESERVE", get("PREVALENCE_JOURNAL_RESERVE", "auto") or "")
 
+    overlap_text = (get("PREVALENCE_SYNC_OVERLAP", "on") or "").strip().lower()
+    if overlap_text not in ("on", "off"):
+        raise SettingsError("PREVALENCE_SYNC_OVERLAP", f"{overlap_text!r} is not `on` or `off`")
+
     key_text = get("PREVALENCE_CLUSTER_KEY_FILE", None)
     cluster_key_file: Path | None = None
     if key_text is not None:
@@ -369,4 +380,5 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         cluster_key_file=cluster_key_file,
         env_file=env_file,
         journal_reserve_bytes=journal_reserve_bytes,
+        sync_overlap=overlap_text == "on",
     )

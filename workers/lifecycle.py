@@ -26,7 +26,7 @@ import os
 from typing import Any
 
 from celery import bootsteps
-from celery.signals import worker_ready
+from celery.signals import task_postrun, worker_ready
 
 logger = logging.getLogger("workers.lifecycle")
 
@@ -109,12 +109,22 @@ class MasterStep(bootsteps.StartStopStep):
         # Step 4: lease, recovery, join.
         from workers.prevalence import Master, errors
 
-        logger.info("prevalence: opening master %s in %s (fsync=%s, model %s)", name,
-                    shared_dir, settings.fsync, settings.model_path)
+        # Overlap each write's journal sync with Celery's own work on the task: only where
+        # the result backend publishes a result after the sync (workers.results).
+        from workers.results import SettlingRedisBackend, settle_after_task
+
+        overlap = (settings.sync_overlap and settings.fsync == "always"
+                   and isinstance(worker.app.backend, SettlingRedisBackend))
+        if overlap:
+            task_postrun.connect(settle_after_task, weak=False, dispatch_uid="prevalence-settle")
+        logger.info("prevalence: opening master %s in %s (fsync=%s, sync overlap %s, model %s)",
+                    name, shared_dir, settings.fsync, "on" if overlap else "off",
+                    settings.model_path)
         try:
             master = Master.open(model, str(shared_dir), name, fsync=settings.fsync,
                                  cluster_key=cluster_key,
-                                 journal_reserve_bytes=settings.journal_reserve_bytes)
+                                 journal_reserve_bytes=settings.journal_reserve_bytes,
+                                 deferred_sync=overlap)
         except errors.RetiredMaster as exc:
             raise _StartRefused(f"master {name} is retired and cannot start under that "
                                 f"name: {exc}", EXIT_CONFIG) from exc

@@ -8,6 +8,7 @@ reach it through `require()`. It also counts syncs and builds the status documen
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -16,6 +17,11 @@ from typing import Any
 
 from config.settings import Settings
 from workers.monitor import StatusPublisher, status_ttl_s
+
+logger = logging.getLogger("workers.runtime")
+
+#: Exit status of a worker whose journal sync failed after a deferred commit (`settle`).
+EXIT_SYNC_FAILED = getattr(os, "EX_IOERR", 74)
 
 _current: "MasterRuntime | None" = None
 _lock = threading.Lock()
@@ -93,6 +99,7 @@ class MasterRuntime:
             "last_sync_at": self.last_sync_at,
             "last_sync_task_id": self.last_sync_task_id,
             "sync_interval_s": self.settings.sync_interval_s,
+            "sync_overlap": bool(getattr(self.master, "deferred_sync", False)),
         })
         return document
 
@@ -104,6 +111,35 @@ class MasterRuntime:
         """Publish a given status document (used for the final one, after close)."""
         if self.publisher is not None:
             self.publisher.publish(document)
+
+
+def settle() -> None:
+    """Wait until this process's master's last commit is durable (``deferred_sync``); a
+    no-op when nothing is pending or no master runs here.
+
+    If the sync failed (or settling raised anything at all), the process exits at once
+    with `EXIT_SYNC_FAILED`, publishing and acknowledging nothing: whether the commit is on
+    disk is unknown, so no caller may be told it happened, and this master's memory may
+    hold it. The message goes back to the queue; the restarted master recovers from the
+    journal and the request id makes the retry apply once (like PostgreSQL's PANIC on a
+    failed fsync).
+    """
+    current = _current
+    if current is None:
+        return
+    try:
+        current.master.settle()
+    except Exception as exc:  # noqa: BLE001 - nothing may be published after this
+        logger.critical("prevalence: master %s: the journal sync of its last commit failed "
+                        "(%s: %s). Exiting now without answering or acknowledging; restart "
+                        "the worker to recover from the journal", current.name,
+                        type(exc).__name__, exc)
+        for handler in logging.getLogger().handlers + logger.handlers:
+            try:
+                handler.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(EXIT_SYNC_FAILED)
 
 
 def install(runtime: MasterRuntime) -> None:

@@ -38,7 +38,7 @@ def test_writes_are_acknowledged_late_one_at_a_time_and_events_are_on():
     assert conf["task_acks_late"] is True
     assert conf["worker_prefetch_multiplier"] == 1
     assert conf["worker_send_task_events"] is True
-    assert conf["result_backend"] == conf["broker_url"]
+    assert conf["result_backend"] == f"workers.results:SettlingRedisBackend+{conf['broker_url']}"
     assert conf["accept_content"] == ["json"]
 
 

@@ -2,7 +2,8 @@
 
     python -m tests.engine.crash_child SHARED POINT N WRITES [FSYNC]
 
-Opens master `solo` (fsync=FSYNC, default always; tiny segments, no GC grace) and deposits 1 into
+Opens master `solo` (fsync=FSYNC, default always; ``deferred`` = always with
+`deferred_sync`, acknowledging only after `settle`; tiny segments, no GC grace) and deposits 1 into
 account `acct` WRITES times with request ids w0, w1, ...; after each acknowledged one it
 prints "ack <rid>" (flushed), and every third write it snapshots and syncs (which
 collects covered segments and publishes progress). Prints "done" if never killed.
@@ -30,14 +31,16 @@ def main() -> None:
             if hits == n:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    m = Master.open(model, shared, "solo", fsync=fsync, fault=fault, gc_grace_s=0,
-                    segment_bytes_max=SEGMENT_BYTES_MAX)
+    deferred = fsync == "deferred"
+    m = Master.open(model, shared, "solo", fsync="always" if deferred else fsync, fault=fault,
+                    gc_grace_s=0, segment_bytes_max=SEGMENT_BYTES_MAX, deferred_sync=deferred)
     if m.query("balance", "acct") is None:
         m.execute("open_account", "acct", 0, rid="open")
         print("ack open", flush=True)
     for i in range(writes):
         rid = f"w{i}"
         m.execute("deposit", "acct", 1, rid=rid)
+        m.settle()  # what the Celery tier does before it publishes the result
         print(f"ack {rid}", flush=True)
         if i % 3 == 2:
             m.snapshot()

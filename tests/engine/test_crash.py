@@ -59,7 +59,11 @@ def run_child(shared: str, point: str, n: int, fsync: str = "always") -> tuple[i
 # A process crash loses nothing the OS accepted, whatever the fsync mode.
 RELAXED = [("never", "after-write", 4), ("never", "mid-roll", 2), ("never", "mid-snapshot-write", 2),
            ("interval", "after-write", 5), ("interval", "after-roll", 1), ("interval", "before-gc-unlink", 1)]
-CASES = [("always", p, n) for p, n in POINTS] + RELAXED
+# Deferred sync: killed before the sync starts, while it is in flight in the kernel
+# (between-fsync-and-apply fires right after the append returns), and once it is done.
+DEFERRED = [("deferred", "after-write", 4), ("deferred", "between-fsync-and-apply", 5),
+            ("deferred", "after-fsync", 5), ("deferred", "mid-roll", 2)]
+CASES = [("always", p, n) for p, n in POINTS] + RELAXED + DEFERRED
 
 
 @pytest.mark.crash

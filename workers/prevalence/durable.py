@@ -9,8 +9,12 @@ fsync).
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import platform
 import socket
+import sys
 
 
 def publish_file(path: str, data: bytes, fault=None) -> None:
@@ -55,3 +59,97 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _Iocb(ctypes.Structure):
+    """struct iocb of <linux/aio_abi.h> (little-endian layout)."""
+    _fields_ = [("aio_data", ctypes.c_uint64), ("aio_key", ctypes.c_uint32),
+                ("aio_rw_flags", ctypes.c_int32), ("aio_lio_opcode", ctypes.c_uint16),
+                ("aio_reqprio", ctypes.c_int16), ("aio_fildes", ctypes.c_uint32),
+                ("aio_buf", ctypes.c_uint64), ("aio_nbytes", ctypes.c_uint64),
+                ("aio_offset", ctypes.c_int64), ("aio_reserved2", ctypes.c_uint64),
+                ("aio_flags", ctypes.c_uint32), ("aio_resfd", ctypes.c_uint32)]
+
+
+class _IoEvent(ctypes.Structure):
+    """struct io_event of <linux/aio_abi.h>."""
+    _fields_ = [("data", ctypes.c_uint64), ("obj", ctypes.c_uint64),
+                ("res", ctypes.c_int64), ("res2", ctypes.c_int64)]
+
+
+class AsyncDataSync:
+    """A data sync that runs in the kernel while the caller goes on: Linux AIO
+    ``IOCB_CMD_FDSYNC`` (Linux 4.18+), through ctypes (no library wraps it for plain
+    file descriptors without an event loop).
+
+    Why: a Celery worker spends a few hundred microseconds of its own (result encoding, a
+    Redis read) between a task's return and the publication of its result, about as long
+    as a commit's sync takes on a local disk. Started right after the write and waited for
+    just before the result is published (`Master.settle`), the sync hides in that time. A
+    Python thread cannot do this: it would need the GIL, which the worker holds while it
+    works, before it could even start the sync.
+
+    One sync in flight at a time: `start`, then `wait`. `open()` returns None where there is
+    no such thing (another OS or CPU, a seccomp filter, ``fs.aio-max-nr`` exhausted): the
+    caller then syncs inline. The context belongs to this process (not fork-safe).
+    """
+
+    #: io_setup, io_submit, io_getevents, io_destroy
+    _NR = {"x86_64": (206, 209, 208, 207), "aarch64": (0, 2, 4, 1)}
+    _FDSYNC = 3
+
+    def __init__(self, syscall, numbers: tuple[int, int, int, int], ctx: ctypes.c_ulong) -> None:
+        self._syscall = syscall
+        self._nr_submit, self._nr_getevents, self._nr_destroy = (ctypes.c_long(n) for n in numbers[1:])
+        self._ctx: ctypes.c_ulong | None = ctx
+        self._iocb = _Iocb(aio_lio_opcode=self._FDSYNC)
+        self._iocbs = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(self._iocb))
+        self._event = _IoEvent()
+        self._event_ref = ctypes.byref(self._event)
+        self._one = ctypes.c_long(1)
+        self.in_flight = False
+
+    @classmethod
+    def open(cls) -> "AsyncDataSync | None":
+        numbers = cls._NR.get(platform.machine())
+        if numbers is None or sys.byteorder != "little" or ctypes.sizeof(_Iocb) != 64:
+            return None
+        try:
+            syscall = ctypes.CDLL(None, use_errno=True).syscall
+        except (OSError, AttributeError):
+            return None
+        syscall.restype = ctypes.c_long
+        ctx = ctypes.c_ulong(0)
+        if syscall(ctypes.c_long(numbers[0]), ctypes.c_long(1), ctypes.byref(ctx)) < 0:
+            return None
+        return cls(syscall, numbers, ctx)
+
+    def start(self, fd: int) -> bool:
+        """Start syncing `fd`'s data; False if the kernel would not take it (sync inline then)."""
+        if self.in_flight or self._ctx is None:
+            raise RuntimeError("AsyncDataSync.start: a sync is in flight, or the context is closed")
+        self._iocb.aio_fildes = fd
+        if self._syscall(self._nr_submit, self._ctx, self._one, self._iocbs) != 1:
+            return False
+        self.in_flight = True
+        return True
+
+    def wait(self) -> None:
+        """Wait for the sync that `start` began; raise OSError if it failed."""
+        if not self.in_flight:
+            return
+        while self._syscall(self._nr_getevents, self._ctx, self._one, self._one, self._event_ref, None) != 1:
+            err = ctypes.get_errno()
+            if err != errno.EINTR:  # EINTR: a signal (the worker's SIGTERM, say); still running
+                self.in_flight = False
+                raise OSError(err or errno.EIO, f"io_getevents: {os.strerror(err or errno.EIO)}")
+        self.in_flight = False
+        if self._event.res < 0:
+            raise OSError(-self._event.res, os.strerror(-self._event.res))
+
+    def close(self) -> None:
+        """Release the kernel context (the kernel waits for a sync still in flight)."""
+        if self._ctx is not None:
+            self._syscall(self._nr_destroy, self._ctx)
+            self._ctx = None
+            self.in_flight = False

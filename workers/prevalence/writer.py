@@ -19,7 +19,7 @@ import threading
 import time
 import zlib
 
-from .durable import publish_file, sync_data, fsync_dir
+from .durable import AsyncDataSync, fsync_dir, publish_file, sync_data
 from .errors import InvariantViolation, StorageError, check
 from .journal import (FSYNC_INTERVAL_MS_DEFAULT, FSYNC_MODES, SEGMENT_BYTES_MAX_DEFAULT, format_segment_name,
                       frame, seal_path)
@@ -114,6 +114,8 @@ class JournalWriter:
         self._last_fsync = time.monotonic()
         self._closed = False
         self._failed: str | None = None  # set when a write or fsync failed: no more appends
+        self.syncing = False  # a commit's sync started by append(wait=False), not waited for yet
+        self._aio: AsyncDataSync | None | bool = None  # opened at the first deferred commit
         os.makedirs(journal_dir, exist_ok=True)
         if reserve_bytes is None:
             reserve_bytes = 0 if on_network_filesystem(journal_dir) else RESERVE_BYTES_DEFAULT
@@ -146,15 +148,21 @@ class JournalWriter:
         self._reserved = 0  # the file's length: zeros from offset up to here are reserved
 
     def append(self, payloads: list[bytes], key: bytes | None, count: int | None = None,
-               batch: bool = False) -> None:
+               batch: bool = False, wait: bool = True) -> None:
         """Write framed payloads (already encoded records, in seq order) durably per mode.
 
         With `batch`, each payload is an encoded array of records (framed as a batch);
         `count` is then the number of records they hold.
 
+        With ``wait=False`` (fsync "always" only) the sync is started in the kernel and the
+        call returns before it completes: `settle()` must be called before anything of
+        these records is revealed. Every other method settles first.
+
         Raises StorageError when the disk refuses; the records are then not acknowledged
         and the master must not apply them.
         """
+        if self.syncing:
+            self.settle()
         if self._closed:
             raise InvariantViolation("append on a closed journal")
         if self._failed is not None:
@@ -183,9 +191,10 @@ class JournalWriter:
                 self.offset += written
                 self.next_seq += count if count is not None else len(payloads)
                 if self.fsync_mode == "always":
-                    sync_data(self._fd)
-                    if self._fault_on:
-                        self._fault("after-fsync")
+                    if wait or not self._start_sync():
+                        sync_data(self._fd)
+                        if self._fault_on:
+                            self._fault("after-fsync")
                 else:
                     self._dirty = True
                     if self.fsync_mode == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s:
@@ -201,6 +210,34 @@ class JournalWriter:
             except StorageError as exc:  # a segment could not be created while rolling
                 self._failed = str(exc)
                 raise
+
+    def _start_sync(self) -> bool:
+        """Start the commit's sync in the kernel; False where that is not possible."""
+        if self._aio is None:
+            self._aio = AsyncDataSync.open() or False
+        if self._aio and self._aio.start(self._fd):
+            self.syncing = True
+            return True
+        return False
+
+    def settle(self) -> None:
+        """Wait for the sync a deferred commit (``append(wait=False)``) started.
+
+        Raises StorageError if it failed: what reached the disk is unknown, so the journal
+        takes nothing more (as after any failed sync) until a restart recovers it.
+        """
+        if not self.syncing:
+            return
+        try:
+            self._aio.wait()  # an interrupt (KeyboardInterrupt...) leaves it pending
+        except OSError as exc:
+            self.syncing = False
+            err = _storage_error("syncing", self.path, exc)
+            self._failed = str(err)
+            raise err from exc
+        self.syncing = False
+        if self._fault_on:
+            self._fault("after-fsync")
 
     def _roll(self) -> None:
         """Close the current segment durably and start the next one at next_seq."""
@@ -260,6 +297,7 @@ class JournalWriter:
 
     def flush(self) -> None:
         """Force everything written so far to stable storage, whatever the mode."""
+        self.settle()
         with self._lock:
             try:
                 self._fsync_locked()
@@ -271,6 +309,12 @@ class JournalWriter:
         `seal` is False (the folder was taken over: then only flush)."""
         if self._closed:
             return
+        try:
+            self.settle()
+        except StorageError:
+            pass  # recorded in _failed: the file is then closed without a sync or a seal
+        if self._aio:
+            self._aio.close()
         with self._lock:
             self._closed = True
             try:

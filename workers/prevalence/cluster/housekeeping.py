@@ -25,6 +25,8 @@ class Housekeeping:
 
     def snapshot(self) -> str:
         """Write the committed state at the frontier to ``snapshots/``. Returns its path."""
+        if self._unsettled:
+            self.settle()
         if self.closed:
             raise InvariantViolation(f"snapshot on closed master {self.name!r}")
         if self.lease.lost:

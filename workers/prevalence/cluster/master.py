@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from .. import journal
 from ..clock import HybridClock, wall_ms
+from ..errors import StorageError
 from ..codec import Record
 from ..model import Context, Model
 from ..writer import JournalWriter
@@ -53,7 +54,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
              lease_ttl_s: float = LEASE_TTL_S_DEFAULT, gc_grace_s: float = 60.0,
              snapshots_kept: int = 2, drift_max_ms: int = 60_000,
              now_ms: Callable[[], int] = wall_ms, fault: Callable[[str], None] | None = None,
-             check_transactions: bool = False) -> "Master":
+             check_transactions: bool = False, deferred_sync: bool = False) -> "Master":
         """Open (recover, or found, or join) the master `name` on `shared_dir`.
 
         Args:
@@ -70,6 +71,12 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
             gc_grace_s: a journal segment is deleted this long after it became collectable.
             now_ms: wall clock in ms (tests inject one).
             fault: test hook called with a point name at each crash-worthy step.
+            deferred_sync: with fsync "always", `execute` and `execute_many` start the
+                commit's sync in the kernel and return before it completes (Linux; elsewhere
+                they sync inline). The caller must call `settle()` before the outcome leaves
+                the process; every other method of the master settles first. The Celery
+                tier settles just before it publishes a result, so the sync overlaps
+                Celery's own work on the task (`workers.results`).
             check_transactions: development aid (slow: a digest of the state per write):
                 warn when a transaction that refused or raised left a partial mutation
                 behind (`Rejected` must be raised before mutating).
@@ -90,6 +97,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
                    lease_ttl_s=lease_ttl_s, gc_grace_s=gc_grace_s, snapshots_kept=snapshots_kept,
                    drift_max_ms=drift_max_ms, now_ms=now_ms, fault=fault)
         self.check_transactions = check_transactions
+        self.deferred_sync = deferred_sync and fsync == "always"
         try:
             self._recover()
         except BaseException:
@@ -117,6 +125,11 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         self.writer: JournalWriter | None = None
         self.joined = False
         self.closed = False
+        # True while something must happen before the live state may be read: a deferred
+        # commit's sync to wait for, or a failed one to report (`settle`).
+        self._unsettled = False
+        self.failed: str | None = None
+        self.deferred_sync = False
         self.seq = 0                     # last own seq written
         self.own_horizon = 0             # hlc of the last own record
         self.frontier = 0
@@ -152,8 +165,37 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
 
     # -- reading ---------------------------------------------------------------------
 
+    def settle(self) -> None:
+        """Wait until the last deferred commit is durable (see `deferred_sync`); cheap when
+        nothing is pending.
+
+        Raises:
+            StorageError: the sync failed. What reached the disk is unknown while the live
+                state holds the commit, so the master closes itself and releases its name:
+                open it again to recover from what is on disk. Every later call raises too.
+        """
+        if not self._unsettled:
+            return
+        if self.failed is not None:
+            raise StorageError(self.failed)
+        try:
+            self.writer.settle()
+            self._unsettled = False
+        except StorageError as exc:
+            self.failed = self.last_error = (
+                f"{exc}. Master {self.name!r} closed itself: its live state may hold a commit that "
+                "is not on disk; open it again to recover from the journal")
+            self.closed = True
+            try:
+                self.writer.close(seal=False)
+            finally:
+                self._release()
+            raise StorageError(self.failed) from exc
+
     def query(self, q, *args) -> Any:
         """Run a query on the live state (reads this master's own writes at once)."""
+        if self._unsettled:
+            self.settle()
         fn = self.model.queries.get(q) if isinstance(q, str) else None
         if fn is None:
             fn = self.model.query_fn(q)
@@ -161,6 +203,8 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
 
     def outcome(self, rid: str) -> dict | None:
         """The recorded outcome of a request id (or `master:seq`), with `committed`."""
+        if self._unsettled:
+            self.settle()
         first = self.live_dedup.get(rid) if rid else None  # "" is no request id
         if first is not None:
             return {"status": first[3], "value": first[4], "error": first[5], "record": f"{first[1]}:{first[2]}",
@@ -177,6 +221,8 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         """Flush the journal, publish progress and release the lease. Idempotent."""
         if self.closed:
             return
+        if self._unsettled:
+            self.settle()
         try:
             if self.writer is not None:
                 # A master whose name was taken over writes nothing more in its folder.
@@ -194,6 +240,8 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         """Tests: drop this master as a kill -9 would (nothing flushed, lease left behind)."""
         self.closed = True
         if self.writer is not None:
+            if self.writer._aio:
+                self.writer._aio.close()
             self.writer._closed = True
             try:
                 os.close(self.writer._fd)

@@ -24,6 +24,8 @@ class Reporting:
 
     def digest(self) -> str:
         """Canonical digest of the live state (cached until the next apply)."""
+        if self._unsettled:
+            self.settle()
         if self._digest_cache is None or self._digest_cache[0] != self._version:
             self._digest_cache = (self._version, codec.digest_of(self.live_root, self.live_dedup))
         return self._digest_cache[1]
@@ -70,6 +72,8 @@ class Reporting:
                 wants: no O(state) pass per sync under load); False omits it. An omitted
                 digest is None.
         """
+        if self._unsettled:
+            self.settle()
         if digest is None:
             quiet = self._tentative_real() == 0 and self._version == self._version_at_last_status
             self._version_at_last_status = self._version

@@ -71,6 +71,8 @@ class Syncing:
         Returns a report: records applied per peer, whether a rebase happened, whether a
         tick was written, the frontier, errors per peer.
         """
+        if self._unsettled:
+            self.settle()
         if self.closed:
             raise InvariantViolation(f"sync on closed master {self.name!r}")
         started = time.perf_counter()

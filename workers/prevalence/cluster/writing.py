@@ -2,7 +2,8 @@
 
 `execute` and `execute_many` check every request before anything is written, journal it
 with one write and one fsync, then apply it to the live state and answer with its
-outcome. A known request id takes effect once (idempotency). The outcomes of own records
+outcome. With `deferred_sync` the fsync runs in the kernel while the state is applied and
+the caller prepares its answer; `settle()` waits for it before the answer leaves. A known request id takes effect once (idempotency). The outcomes of own records
 are remembered, since a rebase may still change a tentative one. A tick is an own record
 with no change: it only publishes a clock reading.
 """
@@ -50,6 +51,8 @@ class Writing:
             StorageError: the disk refused; nothing was applied or acknowledged.
         """
         # Kept lean on purpose: this is the write path. `execute_many` is the general form.
+        if self._unsettled:
+            self.settle()
         if self.closed or not self.joined or self.lease.lost:
             self._check_writable()
         model = self.model
@@ -76,7 +79,8 @@ class Writing:
         # Apply exactly what replay will read (flat arguments read back identical).
         if not _FLAT.issuperset(map(type, args)):
             rec = codec.decode_record(payload)
-        self.writer.append((payload,), self.key)
+        self.writer.append((payload,), self.key, wait=not self.deferred_sync)
+        self._unsettled = self.writer.syncing
         if self._fault_on:
             self._fault("between-fsync-and-apply")
         self.seq = seq
@@ -106,6 +110,8 @@ class Writing:
         whole batch. Returns one outcome dict per request: {"status": "ok"|"rejected"|
         "error", "value", "error"} (+ "duplicate_of" for a request id already known).
         """
+        if self._unsettled:
+            self.settle()
         if self.closed or not self.joined or self.lease.lost:
             self._check_writable()
         model = self.model
@@ -179,7 +185,9 @@ class Writing:
             else:
                 decoded = [rec for payload in chunks for rec in
                            (codec.decode_batch(payload) if len(fresh) > 1 else [codec.decode_record(payload)])]
-            self.writer.append(chunks, self.key, count=len(fresh), batch=len(fresh) > 1)
+            self.writer.append(chunks, self.key, count=len(fresh), batch=len(fresh) > 1,
+                               wait=not self.deferred_sync)
+            self._unsettled = self.writer.syncing
             if self._fault_on:
                 self._fault("between-fsync-and-apply")
             self.seq = seq
