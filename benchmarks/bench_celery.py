@@ -7,14 +7,19 @@
 Prints one JSON line per result on stdout (progress on stderr):
 
 - ``celery_execute_vs_noop``: durable transactions per second through Celery to one
-  master (``prevalence.execute`` of a deposit, ``fsync=always``, acks_late, prefetch 1)
-  against ``prevalence.ping`` (touches nothing) on the same broker, queue, worker and
-  settings. Requests are sent in waves of ``window`` and each wave is collected with
-  one native join, so the figure is the worker's throughput, not one client's latency.
-  Rounds alternate which kind goes first; ``ratio`` is the median of per-round ratios
-  (target >= 0.8).
+  master (``prevalence.execute`` of a deposit, ``fsync=always``, acks_late, prefetch 1,
+  the journal sync overlapped with Celery's result handling: ``PREVALENCE_SYNC_OVERLAP=on``,
+  the default) against ``prevalence.ping`` (touches nothing) on the same broker, queue,
+  worker and settings. Requests are sent in waves of ``window`` and each wave is collected
+  with one native join, so the figure is the worker's throughput, not one client's latency.
+  The three workers (this one and the two below) run side by side and every (worker, task)
+  pair takes its turn wave by wave in a rotating order; ``ratio`` is total over total
+  (target >= 0.8), ``ratio_per_round`` shows the spread.
 - ``disk_sync_latency``: what one durable commit waits for on this disk (pwrite into
   reserved space + fdatasync, spaced as commits are in the worker), same run.
+- ``celery_execute_vs_noop_overlap_off``: the same ratio with ``PREVALENCE_SYNC_OVERLAP=off``
+  (the sync completes before the task returns); ``celery_sync_overlap_gain``: durable
+  execute/s with the overlap over without it, in the same turns.
 - ``celery_execute_vs_noop_fsync_never``: the same ratio on a master with
   ``PREVALENCE_FSYNC=never``: the engine's CPU cost alone, so the durable ratio splits
   into engine and disk.
@@ -95,41 +100,76 @@ def _check(reply: Any) -> None:
             raise RuntimeError(f"benchmark batch item failed: {bad[0]}")
 
 
-def bench_throughput(cluster: Any, app: Any, *, rounds: int, count: int, window: int,
-                     broker_kind: str, fsync: str = "always") -> None:
+#: The three workers measured side by side: (variant, environment, note).
+VARIANTS = (
+    ("", {}, None),
+    ("overlap_off", {"PREVALENCE_SYNC_OVERLAP": "off"},
+     "the journal sync completes before the task returns"),
+    ("fsync_never", {"PREVALENCE_FSYNC": "never"},
+     "engine CPU only: the journal is not synced per commit"),
+)
+
+
+def bench_throughput(apps: dict[str, Any], *, rounds: int, count: int, window: int,
+                     broker_kind: str) -> None:
+    """Execute vs no-op on each variant's worker (one solo worker each, all up at once).
+
+    The machine's drift is larger than the effects measured, so the steps (variant x
+    execute|no-op) take turns wave by wave (`window` tasks), in a rotating order, and each
+    rate is total tasks over total time. A round is ``count // window`` turns; the
+    per-round ratios show the spread.
+    """
     queue = "master.alpha"
-    open_reply = app.send_task("prevalence.execute", args=["open_account", ["bench", 0]],
-                               queue=queue).get(timeout=60)
-    _check(open_reply)
-    # Warm both paths (connections, result subscriptions, the worker's caches).
-    pipelined(app, "prevalence.ping", lambda i: [], 200, window, queue)
-    pipelined(app, "prevalence.execute", lambda i: ["deposit", ["bench", 1]], 200, window, queue)
-    noop, execute, ratios = [], [], []
+    for app in apps.values():
+        _check(app.send_task("prevalence.execute", args=["open_account", ["bench", 0]],
+                             queue=queue).get(timeout=60))
+        # Warm both paths (connections, result subscriptions, the worker's caches).
+        pipelined(app, "prevalence.ping", lambda i: [], 200, window, queue)
+        pipelined(app, "prevalence.execute", lambda i: ["deposit", ["bench", 1]], 200, window, queue)
+    calls = {"noop": ("prevalence.ping", lambda i: []),
+             "execute": ("prevalence.execute", lambda i: ["deposit", ["bench", 1]])}
+    steps = [(variant, kind) for variant in apps for kind in calls]
+    seconds: dict[tuple[str, str], list[float]] = {step: [] for step in steps}  # per round
+    turns = max(1, count // window)
     for r in range(rounds):
-        order = ["noop", "execute"] if r % 2 == 0 else ["execute", "noop"]
-        rates = {}
-        for kind in order:
-            if kind == "noop":
-                rates[kind] = pipelined(app, "prevalence.ping", lambda i: [], count, window, queue)
-            else:
-                rates[kind] = pipelined(app, "prevalence.execute",
-                                        lambda i: ["deposit", ["bench", 1]], count, window, queue)
-        noop.append(rates["noop"])
-        execute.append(rates["execute"])
-        ratios.append(rates["execute"] / rates["noop"])
-        log(f"round {r + 1}/{rounds}: execute {rates['execute']:.0f}/s, "
-            f"no-op {rates['noop']:.0f}/s, ratio {ratios[-1]:.2f}")
-    ratio = statistics.median(ratios)
-    emit({"bench": "celery_execute_vs_noop" + ("" if fsync == "always" else f"_fsync_{fsync}"),
-          "unit": "tasks/s",
-          "execute_per_s": round(statistics.median(execute)),
-          "noop_per_s": round(statistics.median(noop)), "ratio": round(ratio, 3),
-          "ratio_per_round": [round(x, 3) for x in ratios],
-          **({"target": 0.8, "meets_target": ratio >= 0.8} if fsync == "always" else
-             {"note": "engine CPU only: the journal is not synced per commit"}),
-          "fsync": fsync, "window": window,
-          "tasks_per_round": count, "rounds": rounds, "broker": broker_kind,
-          "worker": "1 solo worker, prefetch 1, acks_late, loglevel WARNING"})
+        spent = dict.fromkeys(steps, 0.0)
+        for t in range(turns):
+            shift = (r * turns + t) % len(steps)
+            for variant, kind in steps[shift:] + steps[:shift]:
+                task, args_of = calls[kind]
+                spent[variant, kind] += window / pipelined(apps[variant], task, args_of, window,
+                                                           window, queue)
+        for step in steps:
+            seconds[step].append(spent[step])
+        log(f"round {r + 1}/{rounds}: " + "; ".join(
+            f"{variant or 'overlap_on'} execute {turns * window / spent[variant, 'execute']:.0f}/s "
+            f"no-op {turns * window / spent[variant, 'noop']:.0f}/s" for variant in apps))
+
+    def rate(step: tuple[str, str]) -> float:
+        return rounds * turns * window / sum(seconds[step])
+
+    notes = {variant: note for variant, _env, note in VARIANTS}
+    for variant in apps:
+        ratio = rate((variant, "execute")) / rate((variant, "noop"))
+        per_round = [n / e for e, n in zip(seconds[variant, "execute"], seconds[variant, "noop"])]
+        emit({"bench": "celery_execute_vs_noop" + (f"_{variant}" if variant else ""),
+              "unit": "tasks/s",
+              "execute_per_s": round(rate((variant, "execute"))),
+              "noop_per_s": round(rate((variant, "noop"))),
+              "ratio": round(ratio, 3), "ratio_per_round": [round(x, 3) for x in per_round],
+              **({"target": 0.8, "meets_target": ratio >= 0.8} if not variant else
+                 {"note": notes[variant]}),
+              "fsync": "never" if variant == "fsync_never" else "always",
+              "sync_overlap": variant == "", "window": window,
+              "tasks_per_step": rounds * turns * window, "rounds": rounds, "broker": broker_kind,
+              "worker": "1 solo worker, prefetch 1, acks_late, loglevel WARNING"})
+    if "" in apps and "overlap_off" in apps:
+        gain = rate(("", "execute")) / rate(("overlap_off", "execute"))
+        per_round = [off / on for on, off in zip(seconds["", "execute"], seconds["overlap_off", "execute"])]
+        emit({"bench": "celery_sync_overlap_gain", "unit": "ratio", "ratio": round(gain, 3),
+              "ratio_per_round": [round(x, 3) for x in per_round],
+              "what": "durable execute/s with the sync overlapped over the same with it inline, "
+                      "in the same turns"})
 
 
 def bench_sync_latency(folder: Path, *, samples: int, gap_s: float = 0.002) -> None:
@@ -221,34 +261,33 @@ def main(argv: list[str] | None = None) -> int:
           "loadavg_start": [round(x, 2) for x in os.getloadavg()],
           "cpus": os.cpu_count()})
     try:
-        # One master for throughput: the shared queue is not involved, nothing syncs.
-        cluster = LocalCluster(root / "one", broker, masters=("alpha",), loglevel="warning",
-                               sync_interval="1h", snapshot_interval="7d")
-        cluster.start_masters()
-        app = make_app(cluster)
-        log("throughput: execute vs no-op through Celery ...")
-        bench_throughput(cluster, app, rounds=rounds, count=count, window=window,
-                         broker_kind=broker.kind)
-        log("execute_many ...")
-        bench_execute_many(app, batches=batches, batch=batch, window=4, broker_kind=broker.kind)
-        cluster.stop(stop_broker=False)
-        bench_sync_latency(root, samples=100 if args.quick else 400)
-
-        # The same ratio without a sync per commit: what the engine's CPU costs on top of
-        # Celery's round trip, so the figure above splits into engine and disk.
-        log("throughput again with PREVALENCE_FSYNC=never (engine CPU only) ...")
-        cluster = LocalCluster(root / "never", broker, masters=("alpha",), loglevel="warning",
-                               sync_interval="1h", snapshot_interval="7d",
-                               env={"PREVALENCE_FSYNC": "never"})
-        cluster.start_masters()
-        bench_throughput(cluster, make_app(cluster), rounds=max(2, rounds // 2), count=count,
-                         window=window, broker_kind=broker.kind, fsync="never")
-        cluster.stop(stop_broker=False)
-
-        log("replication lag through beat (sync every 1 s) ...")
-        lag_broker_url = broker.url.rsplit("/", 1)[0] + "/1"
+        # One master per variant for throughput, all up at once (idle ones wait on Redis):
+        # the shared queue is not involved, nothing syncs. Each on its own database.
+        base_url = broker.url.rsplit("/", 1)[0]
         from workers.localcluster import Broker
 
+        clusters, apps = [], {}
+        for index, (variant, env, _note) in enumerate(VARIANTS):
+            cluster = LocalCluster(root / (variant or "overlap_on"),
+                                   Broker(f"{base_url}/{2 + index}", broker.kind),
+                                   masters=("alpha",), loglevel="warning", sync_interval="1h",
+                                   snapshot_interval="7d", env=env)
+            cluster.start_masters()
+            clusters.append(cluster)
+            apps[variant] = make_app(cluster)
+        log("throughput: execute vs no-op through Celery, "
+            f"{len(apps)} workers side by side ...")
+        bench_throughput(apps, rounds=rounds, count=count, window=window,
+                         broker_kind=broker.kind)
+        log("execute_many ...")
+        bench_execute_many(apps[""], batches=batches, batch=batch, window=4,
+                           broker_kind=broker.kind)
+        for cluster in clusters:
+            cluster.stop(stop_broker=False)
+        bench_sync_latency(root, samples=100 if args.quick else 400)
+
+        log("replication lag through beat (sync every 1 s) ...")
+        lag_broker_url = base_url + "/1"
         lag_cluster = LocalCluster(root / "two", Broker(lag_broker_url, broker.kind),
                                    masters=("alpha", "beta"), loglevel="warning",
                                    sync_interval="1s", snapshot_interval="7d")

@@ -19,8 +19,12 @@ INITIAL = 100
 
 
 class Cluster(RuleBasedStateMachine):
-    @initialize(n=st.integers(min_value=3, max_value=5), chunk=st.sampled_from([3, 8, 200_000]))
-    def start(self, n, chunk):
+    @initialize(n=st.integers(min_value=3, max_value=5), chunk=st.sampled_from([3, 8, 200_000]),
+                deferred=st.booleans())
+    def start(self, n, chunk, deferred):
+        # deferred: every commit synced, the sync overlapped (as in a Celery worker) and
+        # settled before the write counts as acknowledged.
+        self.open_kw = {"fsync": "always", "deferred_sync": True} if deferred else {}
         # Small rounds make a sync catch up in several of them (held-back records).
         self._chunk_was, syncing.SYNC_CHUNK_RECORDS = syncing.SYNC_CHUNK_RECORDS, chunk
         self.dir = tempfile.mkdtemp(prefix="pv-stateful-")
@@ -28,14 +32,14 @@ class Cluster(RuleBasedStateMachine):
         self.names = ["m0", "m1", "m2", "m3", "m4"][:n]
         self.frontiers = {}
         self.masters = {}
-        first = open_master(self.dir, self.names[0], now_ms=self.clock)
+        first = open_master(self.dir, self.names[0], now_ms=self.clock, **self.open_kw)
         self.acked = {}   # rid -> (tx, args) acknowledged to a caller
         for acct in ACCOUNTS:
             first.execute("open_account", acct, INITIAL, rid=f"open-{acct}")
             self.acked[f"open-{acct}"] = ("open_account", [acct, INITIAL])
         self.masters[self.names[0]] = first
         for name in self.names[1:]:
-            self.masters[name] = open_master(self.dir, name, now_ms=self.clock)
+            self.masters[name] = open_master(self.dir, name, now_ms=self.clock, **self.open_kw)
         sync_until_quiet(list(self.masters.values()))
         self.counter = 0
         self.acked_by = {}
@@ -73,6 +77,7 @@ class Cluster(RuleBasedStateMachine):
             pass
         except NotReady:
             return
+        m.settle()
         self.acked.setdefault(rid, (kind, args))
         self.acked_by.setdefault(rid, name)
 
@@ -103,7 +108,7 @@ class Cluster(RuleBasedStateMachine):
     def restart(self, i):
         name, m = self._alive(i)
         if m is None:
-            self.masters[name] = open_master(self.dir, name, now_ms=self.clock)
+            self.masters[name] = open_master(self.dir, name, now_ms=self.clock, **self.open_kw)
 
     @precondition(lambda self: len(self.names) < 6)
     @rule()
@@ -111,7 +116,7 @@ class Cluster(RuleBasedStateMachine):
         # A new master joins mid-run, from the newest snapshot (or the initial state).
         name = f"m{len(self.names)}"
         self.names.append(name)
-        self.masters[name] = open_master(self.dir, name, now_ms=self.clock)
+        self.masters[name] = open_master(self.dir, name, now_ms=self.clock, **self.open_kw)
 
     @invariant()
     def frontiers_never_move_backwards_and_nothing_arrives_below_them(self):
@@ -143,7 +148,7 @@ class Cluster(RuleBasedStateMachine):
     def quiesce_and_check(self):
         for name in self.names:
             if self.masters[name] is None:
-                self.masters[name] = open_master(self.dir, name, now_ms=self.clock)
+                self.masters[name] = open_master(self.dir, name, now_ms=self.clock, **self.open_kw)
         masters = list(self.masters.values())
         sync_until_quiet(masters, rounds_max=30)
         ref = assert_converged(self.dir, masters)
