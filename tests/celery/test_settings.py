@@ -39,6 +39,7 @@ def test_defaults_are_documented_values(tmp_path):
     ("PREVALENCE_JOURNAL_RESERVE", "lots", "is not `auto`, `0` or a size"),
     ("PREVALENCE_JOURNAL_RESERVE", "-1", "is not `auto`, `0` or a size"),
     ("PREVALENCE_JOURNAL_RESERVE", "65m", "expected at most 64m"),
+    ("PREVALENCE_SYNC_OVERLAP", "yes", "is not `on` or `off`"),
     ("PREVALENCE_CLUSTER_KEY_FILE", "/nonexistent/key", "is not a readable file"),
     ("PREVALENCE_ENV_FILE", "/nonexistent/.env", "is not a file"),
 ])
@@ -64,6 +65,12 @@ def test_durations_accept_seconds_and_units(text, seconds):
 ])
 def test_journal_reserve_accepts_auto_zero_and_sizes(tmp_path, text, size):
     assert load(tmp_path, PREVALENCE_JOURNAL_RESERVE=text).journal_reserve_bytes == size
+
+
+@pytest.mark.parametrize("text, on", [(None, True), ("on", True), (" OFF ", False)])
+def test_sync_overlap_is_on_unless_switched_off(tmp_path, text, on):
+    env = {} if text is None else {"PREVALENCE_SYNC_OVERLAP": text}
+    assert load(tmp_path, **env).sync_overlap is on
 
 
 def test_env_file_fills_only_what_the_environment_leaves_unset(tmp_path):

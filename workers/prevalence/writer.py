@@ -4,9 +4,10 @@ One writer per journal directory (the lease guarantees it). It tracks its own of
 writes with ``pwrite`` (never relying on ``O_APPEND``, which is not atomic across NFS
 clients), makes each commit durable per the fsync mode before the caller acknowledges
 it, rolls segments past `segment_bytes_max` (publishing each finished segment's seal)
-and, on a local disk, keeps space reserved ahead of its offset (see `journal`). After a
-failed write or sync it refuses every later append: what reached the disk is unknown
-until a restart recovers the journal.
+and, on a local disk, keeps space reserved ahead of its offset (see `journal`). A commit
+may also leave its sync running in the kernel (``append(wait=False)``) for the caller to
+`settle` before it tells anyone. After a failed write or sync it refuses every later
+append: what reached the disk is unknown until a restart recovers the journal.
 """
 
 from __future__ import annotations

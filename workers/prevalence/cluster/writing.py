@@ -48,7 +48,8 @@ class Writing:
             TransactionFailed: it raised something else (recorded; replays alike).
             UnknownTransaction, BadArguments: refused before anything was written.
             NotReady: still joining, or the lease was lost.
-            StorageError: the disk refused; nothing was applied or acknowledged.
+            StorageError: the disk refused; nothing was applied or acknowledged. (With
+                `deferred_sync` a failed sync is raised by `settle` instead.)
         """
         # Kept lean on purpose: this is the write path. `execute_many` is the general form.
         if self._unsettled:
