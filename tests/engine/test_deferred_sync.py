@@ -162,3 +162,18 @@ def test_deferred_sync_is_ignored_unless_every_commit_is_synced(tmp_path):
     m.execute("open_account", "a", 0)
     assert not m.writer.syncing
     m.close()
+
+
+@needs_aio
+def test_a_kernel_that_refuses_the_async_sync_gets_inline_syncs_from_then_on(tmp_path, monkeypatch):
+    submitted = []
+    monkeypatch.setattr(AsyncDataSync, "start", lambda self, fd: submitted.append(fd) or False)
+    m = _deferred(tmp_path)
+    for i in range(3):
+        m.execute("open_account", f"a{i}", 0)
+        assert not m.writer.syncing
+    assert len(submitted) == 1  # asked once; inline ever after
+    m.close()
+    m = open_master(tmp_path, fsync="always")
+    assert m.query("balances") == {"a0": 0, "a1": 0, "a2": 0}
+    m.close()

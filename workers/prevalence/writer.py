@@ -216,9 +216,15 @@ class JournalWriter:
         """Start the commit's sync in the kernel; False where that is not possible."""
         if self._aio is None:
             self._aio = AsyncDataSync.open() or False
-        if self._aio and self._aio.start(self._fd):
+        if not self._aio:
+            return False
+        if self._aio.start(self._fd):
             self.syncing = True
             return True
+        # The kernel refused (older than 4.18: EINVAL, or out of resources): sync inline
+        # from now on rather than fail a system call per commit.
+        self._aio.close()
+        self._aio = False
         return False
 
     def settle(self) -> None:
