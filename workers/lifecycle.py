@@ -66,7 +66,9 @@ class MasterStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         from config.settings import SettingsError
+        from workers import kombu_fixes
 
+        kombu_fixes.install()  # a Redis restart must not kill the worker (see there)
         try:
             self._start(worker)
         except SettingsError as exc:

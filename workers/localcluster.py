@@ -7,8 +7,8 @@ SIGTERM (warm shutdown: finish the task in hand, sync, snapshot, release the lea
 beat and Flower, then the broker it started.
 
 Like systemd's ``Restart=on-failure`` in a deployment, a supervisor thread restarts any
-process that exits on its own (a worker can die on a broker outage: kombu 5.7 sometimes
-raises while closing a lost Redis connection), except after a configuration refusal.
+process that exits on its own (a worker whose journal sync failed exits on purpose, and
+so may one that hits a bug), except after a configuration refusal.
 
 The broker comes from `workers.localbroker.start_broker` (re-exported here).
 """
