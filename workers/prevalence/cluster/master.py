@@ -76,7 +76,9 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
                 they sync inline). The caller must call `settle()` before the outcome leaves
                 the process; every other method of the master settles first. The Celery
                 tier settles just before it publishes a result, so the sync overlaps
-                Celery's own work on the task (`workers.results`).
+                Celery's own work on the task (`workers.results`). DESIGN invariant 1
+                (success means on stable storage) then holds for the answer that leaves
+                the process, not for the return of the Python call; off by default.
             check_transactions: development aid (slow: a digest of the state per write):
                 warn when a transaction that refused or raised left a partial mutation
                 behind (`Rejected` must be raised before mutating).
