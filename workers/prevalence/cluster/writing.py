@@ -80,8 +80,11 @@ class Writing:
         # Apply exactly what replay will read (flat arguments read back identical).
         if not _FLAT.issuperset(map(type, args)):
             rec = codec.decode_record(payload)
-        self.writer.append((payload,), self.key, wait=not self.deferred_sync)
-        self._unsettled = self.writer.syncing
+        if self.deferred_sync:
+            self.writer.append((payload,), self.key, wait=False)
+            self._unsettled = self.writer.syncing
+        else:
+            self.writer.append((payload,), self.key)
         if self._fault_on:
             self._fault("between-fsync-and-apply")
         self.seq = seq
@@ -188,7 +191,7 @@ class Writing:
                            (codec.decode_batch(payload) if len(fresh) > 1 else [codec.decode_record(payload)])]
             self.writer.append(chunks, self.key, count=len(fresh), batch=len(fresh) > 1,
                                wait=not self.deferred_sync)
-            self._unsettled = self.writer.syncing
+            self._unsettled = self.writer.syncing  # a deferred sync to settle
             if self._fault_on:
                 self._fault("between-fsync-and-apply")
             self.seq = seq
