@@ -27,8 +27,8 @@ from typing import Any, Callable
 
 from .. import journal
 from ..clock import HybridClock, wall_ms
-from ..errors import StorageError
 from ..codec import Record
+from ..errors import StorageError
 from ..model import Context, Model
 from ..writer import JournalWriter
 from . import folder

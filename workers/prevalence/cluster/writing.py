@@ -3,9 +3,10 @@
 `execute` and `execute_many` check every request before anything is written, journal it
 with one write and one fsync, then apply it to the live state and answer with its
 outcome. With `deferred_sync` the fsync runs in the kernel while the state is applied and
-the caller prepares its answer; `settle()` waits for it before the answer leaves. A known request id takes effect once (idempotency). The outcomes of own records
-are remembered, since a rebase may still change a tentative one. A tick is an own record
-with no change: it only publishes a clock reading.
+the caller prepares its answer; `settle()` waits for it before the answer leaves. A known
+request id takes effect once (idempotency). The outcomes of own records are remembered,
+since a rebase may still change a tentative one. A tick is an own record with no change:
+it only publishes a clock reading.
 """
 
 from __future__ import annotations
