@@ -16,12 +16,18 @@ POINTS = [
 
 
 def run_child(shared, name, point, n, partners=(), writes=12):
-    """Run the child to its kill; partners keep syncing and snapshotting meanwhile."""
+    """Run the child to its kill; partners keep syncing and snapshotting meanwhile, and
+    write now and then (to account "noise"): a cluster that goes quiet keeps its newest
+    segments until the next write moves the frontiers, and GC would never be reached."""
     proc = subprocess.Popen([sys.executable, "-m", "tests.cluster.child", str(shared), name, point, str(n),
                              str(writes)], stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
+    rounds = 0
     while proc.poll() is None and time.monotonic() < deadline:
+        rounds += 1
         for m in partners:
+            if rounds % 20 == 0:
+                m.execute("deposit", "noise", 1)
             m.sync()
             m.snapshot()
         time.sleep(0.005)
@@ -33,6 +39,7 @@ def run_child(shared, name, point, n, partners=(), writes=12):
 def _cluster(tmp_path):
     a = open_master(tmp_path, "alpha", fsync="always", segment_bytes_max=400)
     a.execute("open_account", "acct", 0)
+    a.execute("open_account", "noise", 0)
     b = open_master(tmp_path, "beta", fsync="always", segment_bytes_max=400)
     sync_until_quiet([a, b])
     return a, b
