@@ -10,6 +10,17 @@ from workers.models.ledger import model
 CONVERGE_S = 90.0
 
 
+def one_master(make_cluster, env: dict[str, str], account: str):
+    """Start a one-master cluster (alpha) with `env`; open `account`; return (cluster, client)."""
+    from tests.celery.conftest import make_client
+
+    cluster = make_cluster(masters=("alpha",), env=env)
+    cluster.start_masters()
+    client = make_client(cluster)
+    open_accounts(client, [account], master="alpha")
+    return cluster, client
+
+
 def converge(cluster) -> dict:
     """Wait until every master agrees with `verify`; return the view (with "verify")."""
     return cluster.wait_converged(CONVERGE_S, model=model)

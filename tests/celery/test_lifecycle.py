@@ -72,13 +72,10 @@ def test_a_retired_master_stops_counting_and_cannot_start_again(cluster, client)
 
 @pytest.mark.parametrize("reserve", ["0", "64k"])
 def test_the_journal_reservation_setting_reaches_the_worker(make_cluster, reserve):
-    from tests.celery.conftest import make_client
+    from tests.celery.helpers import one_master
     from workers.prevalence import journal
 
-    cluster = make_cluster(masters=("alpha",), env={"PREVALENCE_JOURNAL_RESERVE": reserve})
-    cluster.start_masters()
-    client = make_client(cluster)
-    open_accounts(client, ["r1"], master="alpha")
+    cluster, client = one_master(make_cluster, {"PREVALENCE_JOURNAL_RESERVE": reserve}, "r1")
     assert client.execute("deposit", "r1", 5, master="alpha") == 5
     [(_first, path)] = journal.list_segments(str(cluster.shared_dir / "masters" / "alpha" / "journal"))
     data = open(path, "rb").read()

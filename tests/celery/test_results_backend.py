@@ -115,12 +115,9 @@ def test_a_failed_sync_makes_the_worker_exit_at_once_saying_why(installed, monke
 @pytest.mark.parametrize("overlap", ["on", "off"])
 def test_workers_overlap_the_sync_unless_told_not_to_and_writes_survive_either_way(make_cluster, overlap):
     from tests.celery.conftest import make_client
-    from tests.celery.helpers import open_accounts
+    from tests.celery.helpers import one_master
 
-    cluster = make_cluster(masters=("alpha",), env={"PREVALENCE_SYNC_OVERLAP": overlap})
-    cluster.start_masters()
-    client = make_client(cluster)
-    open_accounts(client, ["o1"], master="alpha")
+    cluster, client = one_master(make_cluster, {"PREVALENCE_SYNC_OVERLAP": overlap}, "o1")
     for _ in range(20):
         client.execute("deposit", "o1", 1, master="alpha")
     assert client.status("alpha")["sync_overlap"] is (overlap == "on")
