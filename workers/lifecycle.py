@@ -26,7 +26,7 @@ import os
 from typing import Any
 
 from celery import bootsteps
-from celery.signals import task_postrun, worker_ready
+from celery.signals import worker_ready
 
 logger = logging.getLogger("workers.lifecycle")
 
@@ -113,12 +113,10 @@ class MasterStep(bootsteps.StartStopStep):
 
         # Overlap each write's journal sync with Celery's own work on the task: only where
         # the result backend publishes a result after the sync (workers.results).
-        from workers.results import SettlingRedisBackend, settle_after_task
+        from workers.results import SettlingRedisBackend
 
         overlap = (settings.sync_overlap and settings.fsync == "always"
                    and isinstance(worker.app.backend, SettlingRedisBackend))
-        if overlap:
-            task_postrun.connect(settle_after_task, weak=False, dispatch_uid="prevalence-settle")
         logger.info("prevalence: opening master %s in %s (fsync=%s, sync overlap %s, model %s)",
                     name, shared_dir, settings.fsync, "on" if overlap else "off",
                     settings.model_path)

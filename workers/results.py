@@ -6,8 +6,8 @@ journal (`workers.prevalence.durable.AsyncDataSync`). Celery then spends a few h
 microseconds of its own on the task (result meta, JSON, a GET of any earlier result) before
 it writes and publishes the result. `SettlingRedisBackend._set_with_state`, the one call
 that writes a task's result, first waits for the sync (`runtime.settle`), so the sync runs
-in that time instead of before it. `settle_after_task`, connected to ``task_postrun`` by
-the worker, does the same for a task whose result is not stored: Celery acknowledges an
+in that time instead of before it. `settle_after_task`, connected to ``task_postrun`` here,
+does the same for a task whose result is not stored: Celery acknowledges an
 ``acks_late`` message only after that signal.
 
 If the sync failed, the worker process exits at once (`runtime.settle`): no result, no
@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery.backends.redis import RedisBackend
+from celery.signals import task_postrun
 
 from workers import runtime
 
@@ -40,3 +41,7 @@ class SettlingRedisBackend(RedisBackend):
 def settle_after_task(**_: Any) -> None:
     """``task_postrun`` handler: the commit is durable before the message is acknowledged."""
     runtime.settle()
+
+
+# Wherever this backend is loaded; a no-op in a process that runs no master (or nothing pending).
+task_postrun.connect(settle_after_task, weak=False, dispatch_uid="prevalence-settle")

@@ -134,12 +134,7 @@ def settle() -> None:
                         "(%s: %s). Exiting now without answering or acknowledging; restart "
                         "the worker to recover from the journal", current.name,
                         type(exc).__name__, exc)
-        for handler in logging.getLogger().handlers + logger.handlers:
-            try:
-                handler.flush()
-            except Exception:  # noqa: BLE001
-                pass
-        os._exit(EXIT_SYNC_FAILED)
+        os._exit(EXIT_SYNC_FAILED)  # logging's stream and file handlers flush every record
 
 
 def install(runtime: MasterRuntime) -> None:

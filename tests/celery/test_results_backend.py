@@ -12,7 +12,7 @@ import logging
 import pytest
 
 from workers import runtime
-from workers.results import SettlingRedisBackend, settle_after_task
+from workers.results import SettlingRedisBackend
 
 
 class _Master:
@@ -80,12 +80,9 @@ def test_the_postrun_hook_settles_before_celery_acknowledges(installed):
     from celery.signals import task_postrun
 
     master = installed(_Master())
-    task_postrun.connect(settle_after_task, weak=False, dispatch_uid="test-settle")
-    try:
-        task_postrun.send(sender=None, task_id="t", task=None, args=(), kwargs={}, retval=None,
-                          state="SUCCESS")
-    finally:
-        task_postrun.disconnect(dispatch_uid="test-settle")
+    # Connected by importing workers.results (the backend's module), not by this test.
+    task_postrun.send(sender=None, task_id="t", task=None, args=(), kwargs={}, retval=None,
+                      state="SUCCESS")
     assert master.calls == [None]
 
 

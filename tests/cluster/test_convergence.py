@@ -244,11 +244,8 @@ def test_a_long_backlog_is_caught_up_in_bounded_rounds_without_rebasing(tmp_path
     assert_converged(tmp_path, [a, b, c])
 
 
-def test_a_tick_committed_after_a_batch_applied_once_does_not_lower_the_committed_cursor(tmp_path, monkeypatch):
-    # Found by the stateful test: m2 applied m1's record seq 2 straight to its committed
-    # state while m1's tick seq 1 was still tentative; committing that tick later set the
-    # cursor of m1 back to 1, so m2's snapshot claimed frontier 6 without m1's seq 2 and a
-    # master joining from it read that record below its frontier.
+def _three_masters_syncing_in_rounds_of_3(tmp_path, monkeypatch):
+    """m0 (accounts a, b, c at 100), m1 and m2, in step; syncs read 3 records per round."""
     from workers.prevalence.cluster import syncing
     monkeypatch.setattr(syncing, "SYNC_CHUNK_RECORDS", 3)
     clock = FakeClock()
@@ -257,6 +254,15 @@ def test_a_tick_committed_after_a_batch_applied_once_does_not_lower_the_committe
         m0.execute("open_account", acct, 100, rid=f"open-{acct}")
     ms = [m0, open_master(tmp_path, "m1", now_ms=clock), open_master(tmp_path, "m2", now_ms=clock)]
     sync_until_quiet(ms)
+    return clock, ms
+
+
+def test_a_tick_committed_after_a_batch_applied_once_does_not_lower_the_committed_cursor(tmp_path, monkeypatch):
+    # Found by the stateful test: m2 applied m1's record seq 2 straight to its committed
+    # state while m1's tick seq 1 was still tentative; committing that tick later set the
+    # cursor of m1 back to 1, so m2's snapshot claimed frontier 6 without m1's seq 2 and a
+    # master joining from it read that record below its frontier.
+    clock, ms = _three_masters_syncing_in_rounds_of_3(tmp_path, monkeypatch)
     for i, m in enumerate([ms[0], ms[0], ms[1]]):
         with pytest.raises(Rejected):
             m.execute("transfer", "a", "a", 1, rid=f"w{i}")
@@ -276,14 +282,7 @@ def test_a_joiner_catching_up_in_rounds_keeps_its_frontier_below_uncounted_peers
     # Found by the stateful test: a joiner that committed between rounds counted nobody
     # yet, moved its frontier past m1's last record, then acknowledged m1 there; m1's next
     # record then arrived below that frontier.
-    from workers.prevalence.cluster import syncing
-    monkeypatch.setattr(syncing, "SYNC_CHUNK_RECORDS", 3)
-    clock = FakeClock()
-    m0 = open_master(tmp_path, "m0", now_ms=clock)
-    for acct in "abc":
-        m0.execute("open_account", acct, 100, rid=f"open-{acct}")
-    ms = [m0, open_master(tmp_path, "m1", now_ms=clock), open_master(tmp_path, "m2", now_ms=clock)]
-    sync_until_quiet(ms)
+    clock, ms = _three_masters_syncing_in_rounds_of_3(tmp_path, monkeypatch)
     with pytest.raises(Rejected):
         ms[0].execute("transfer", "a", "a", 1, rid="w0")
     ms.append(open_master(tmp_path, "m3", now_ms=clock))
