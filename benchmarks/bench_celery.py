@@ -68,8 +68,8 @@ def percentile(values: list[float], fraction: float) -> float:
 def make_app(cluster: Any) -> Any:
     from celery import Celery
 
-    from config.celeryconfig import celery_settings
-    from config.settings import load_settings
+    from workers.celeryconfig import celery_settings
+    from workers.settings import load_settings
 
     env = {k: v for k, v in cluster.env().items() if k.startswith(("PREVALENCE_", "CELERY_"))}
     app = Celery("bench-client", set_as_current=False)
@@ -240,7 +240,7 @@ def bench_lag(cluster: Any, app: Any, *, samples: int, broker_kind: str) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from workers.localcluster import LocalCluster, start_broker
+    from workers.local.cluster import LocalCluster, start_broker
 
     parser = argparse.ArgumentParser(description="Celery-tier benchmarks (JSON lines)")
     parser.add_argument("--quick", action="store_true", help="smoke run")
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         # One master per variant for throughput, all up at once (idle ones wait on Redis):
         # the shared queue is not involved, nothing syncs. Each on its own database.
         base_url = broker.url.rsplit("/", 1)[0]
-        from workers.localcluster import Broker
+        from workers.local.cluster import Broker
 
         clusters, apps = [], {}
         for index, (variant, env, _note) in enumerate(VARIANTS):

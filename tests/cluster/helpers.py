@@ -1,25 +1,10 @@
-"""Helpers for multi-master tests: open several masters on one folder, sync to quiescence."""
+"""Helpers for multi-master tests: sync to quiescence, check convergence (opening members and
+the clock are in `tests.support`)."""
 
 from __future__ import annotations
 
 from workers.models.ledger import model
-from workers.prevalence import Master, verify
-
-
-class FakeClock:
-    """An injectable wall clock in ms, shared by masters in one test."""
-
-    def __init__(self, start_ms: int = 1_700_000_000_000):
-        self.ms = start_ms
-
-    def __call__(self) -> int:
-        return self.ms
-
-
-def open_master(shared, name, **kw):
-    kw.setdefault("fsync", "never")
-    kw.setdefault("gc_grace_s", 0)
-    return Master.open(model, str(shared), name, **kw)
+from workers.prevalence import verify
 
 
 def sync_until_quiet(masters, rounds_max: int = 20) -> int:

@@ -5,14 +5,15 @@ import pytest
 from workers.prevalence import Rejected
 from workers.prevalence.errors import NotReady
 
-from .helpers import FakeClock, assert_converged, open_master, sync_until_quiet
+from tests.support import FakeClock, open_member
+from .helpers import assert_converged, sync_until_quiet
 
 
 def make_pair(tmp_path, clock=None):
     kw = {"now_ms": clock} if clock else {}
-    a = open_master(tmp_path, "alpha", **kw)
+    a = open_member(tmp_path, "alpha", **kw)
     a.execute("open_account", "acct", 100, rid="open")
-    b = open_master(tmp_path, "beta", **kw)
+    b = open_member(tmp_path, "beta", **kw)
     sync_until_quiet([a, b])
     assert b.joined and b.query("balance", "acct") == 100
     return a, b
@@ -65,7 +66,7 @@ def test_same_request_id_on_two_masters_takes_effect_once(tmp_path):
 
 def test_idle_cluster_goes_quiet_and_writes_nothing(tmp_path):
     a, b = make_pair(tmp_path)
-    c = open_master(tmp_path, "gamma")
+    c = open_member(tmp_path, "gamma")
     sync_until_quiet([a, b, c])
     a.execute("deposit", "acct", 1)
     rounds = sync_until_quiet([a, b, c])
@@ -80,9 +81,9 @@ def test_idle_cluster_goes_quiet_and_writes_nothing(tmp_path):
 
 
 def test_joiner_takes_no_writes_until_every_member_counts_it(tmp_path):
-    a = open_master(tmp_path, "alpha")
+    a = open_member(tmp_path, "alpha")
     a.execute("open_account", "x", 5)
-    b = open_master(tmp_path, "beta")
+    b = open_member(tmp_path, "beta")
     assert not b.joined
     with pytest.raises(NotReady, match="alpha"):
         b.execute("deposit", "x", 1)
@@ -99,15 +100,15 @@ def test_joiner_takes_no_writes_until_every_member_counts_it(tmp_path):
 def test_joiner_never_writes_at_or_below_a_committed_frontier(tmp_path):
     """DESIGN §3's six-step counterexample for a joiner that writes at once."""
     clock = FakeClock()
-    a = open_master(tmp_path, "alpha", now_ms=clock)
-    b = open_master(tmp_path, "beta", now_ms=clock)
+    a = open_member(tmp_path, "alpha", now_ms=clock)
+    b = open_member(tmp_path, "beta", now_ms=clock)
     sync_until_quiet([a, b])
     clock.ms += 5
     a.execute("open_account", "r", 1)        # A writes r
     b.sync()                                  # B reads it and ticks
     a.snapshot()                              # A's view has not read B's tick
     clock.ms -= 3                             # C's wall clock lags
-    c = open_master(tmp_path, "gamma", now_ms=clock)
+    c = open_member(tmp_path, "gamma", now_ms=clock)
     a.sync()                                  # A reads B's tick: frontier moves
     frontier_a = a.frontier
     with pytest.raises(NotReady):
@@ -127,7 +128,7 @@ def test_joiner_never_writes_at_or_below_a_committed_frontier(tmp_path):
 def test_down_member_holds_the_frontier_until_retired(tmp_path):
     from workers.prevalence import retire
     a, b = make_pair(tmp_path)
-    c = open_master(tmp_path, "gamma")
+    c = open_member(tmp_path, "gamma")
     sync_until_quiet([a, b, c])
     c.execute("deposit", "acct", 7)
     sync_until_quiet([a, b, c])
@@ -141,7 +142,7 @@ def test_down_member_holds_the_frontier_until_retired(tmp_path):
     assert a.status()["tentative"] == 0 and b.status()["tentative"] == 0
     assert_converged(tmp_path, [a, b])
     with pytest.raises(Exception, match="retired"):
-        open_master(tmp_path, "gamma")
+        open_member(tmp_path, "gamma")
 
 
 def test_record_naming_an_unknown_transaction_stops_that_peer_until_code_knows_it(tmp_path):
@@ -172,9 +173,9 @@ def test_record_naming_an_unknown_transaction_stops_that_peer_until_code_knows_i
 
 def test_peer_whose_clock_runs_far_ahead_is_held_and_reported_not_followed(tmp_path):
     slow, fast = FakeClock(), FakeClock()
-    a = open_master(tmp_path, "alpha", now_ms=slow, drift_max_ms=1000)
+    a = open_member(tmp_path, "alpha", now_ms=slow, drift_max_ms=1000)
     a.execute("open_account", "acct", 100)
-    b = open_master(tmp_path, "beta", now_ms=fast, drift_max_ms=1000)
+    b = open_member(tmp_path, "beta", now_ms=fast, drift_max_ms=1000)
     sync_until_quiet([a, b])
     fast.ms += 60_000                         # beta's clock jumps a minute ahead
     b.execute("deposit", "acct", 5)
@@ -198,7 +199,7 @@ def test_check_mode_warns_when_a_refused_transaction_mutated_first(tmp_path, cap
 
     model.transaction(sloppy_withdraw)
     try:
-        a = open_master(tmp_path, "alpha", check_transactions=True)
+        a = open_member(tmp_path, "alpha", check_transactions=True)
         a.execute("open_account", "x", 5)
         with pytest.raises(Rejected):
             a.execute("sloppy_withdraw", "x", 10)
@@ -216,7 +217,7 @@ def test_a_long_backlog_is_caught_up_in_bounded_rounds_without_rebasing(tmp_path
     from workers.prevalence.cluster import syncing
     clock = FakeClock()
     a, b = make_pair(tmp_path, clock)
-    c = open_master(tmp_path, "gamma", now_ms=clock)
+    c = open_member(tmp_path, "gamma", now_ms=clock)
     sync_until_quiet([a, b, c])
     c.close()  # gamma is down while alpha and beta write, interleaved in time
     for i in range(120):
@@ -234,7 +235,7 @@ def test_a_long_backlog_is_caught_up_in_bounded_rounds_without_rebasing(tmp_path
         return real_ingest(self, new)
 
     monkeypatch.setattr(syncing.Syncing, "_ingest", spy)
-    c = open_master(tmp_path, "gamma", now_ms=clock)  # recovery ends with one sync
+    c = open_member(tmp_path, "gamma", now_ms=clock)  # recovery ends with one sync
     assert len(rounds) >= 12 and max(n for n, _lo, _hi in rounds) <= 10, rounds  # 5 per peer
     # Each round is the next stretch of the key order: chunking never makes a rebase.
     assert all(prev[2] < cur[1] for prev, cur in zip(rounds, rounds[1:])), rounds
@@ -249,10 +250,10 @@ def _three_masters_syncing_in_rounds_of_3(tmp_path, monkeypatch):
     from workers.prevalence.cluster import syncing
     monkeypatch.setattr(syncing, "SYNC_CHUNK_RECORDS", 3)
     clock = FakeClock()
-    m0 = open_master(tmp_path, "m0", now_ms=clock)
+    m0 = open_member(tmp_path, "m0", now_ms=clock)
     for acct in "abc":
         m0.execute("open_account", acct, 100, rid=f"open-{acct}")
-    ms = [m0, open_master(tmp_path, "m1", now_ms=clock), open_master(tmp_path, "m2", now_ms=clock)]
+    ms = [m0, open_member(tmp_path, "m1", now_ms=clock), open_member(tmp_path, "m2", now_ms=clock)]
     sync_until_quiet(ms)
     return clock, ms
 
@@ -273,7 +274,7 @@ def test_a_tick_committed_after_a_batch_applied_once_does_not_lower_the_committe
         expected = applied[0].seq - 1 if applied else m2.peers[name].reader.last_seq
         assert m2.committed_cursors[name] == expected
     m2.snapshot()
-    ms.append(open_master(tmp_path, "m3", now_ms=clock))  # joins from m2's snapshot
+    ms.append(open_member(tmp_path, "m3", now_ms=clock))  # joins from m2's snapshot
     sync_until_quiet(ms, rounds_max=30)
     assert_converged(tmp_path, ms)
 
@@ -285,7 +286,7 @@ def test_a_joiner_catching_up_in_rounds_keeps_its_frontier_below_uncounted_peers
     clock, ms = _three_masters_syncing_in_rounds_of_3(tmp_path, monkeypatch)
     with pytest.raises(Rejected):
         ms[0].execute("transfer", "a", "a", 1, rid="w0")
-    ms.append(open_master(tmp_path, "m3", now_ms=clock))
+    ms.append(open_member(tmp_path, "m3", now_ms=clock))
     with pytest.raises(Rejected):
         ms[1].execute("transfer", "a", "a", 1, rid="w1")
     sync_until_quiet(ms, rounds_max=30)

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from .helpers import assert_converged, open_master, sync_until_quiet
+from tests.support import open_member
+from .helpers import assert_converged, sync_until_quiet
 
 POINTS = [
     ("after-write", 3), ("after-fsync", 4), ("between-fsync-and-apply", 2),
@@ -37,10 +38,10 @@ def run_child(shared, name, point, n, partners=(), writes=12):
 
 
 def _cluster(tmp_path):
-    a = open_master(tmp_path, "alpha", fsync="always", segment_bytes_max=400)
+    a = open_member(tmp_path, "alpha", fsync="always", segment_bytes_max=400)
     a.execute("open_account", "acct", 0)
     a.execute("open_account", "noise", 0)
-    b = open_master(tmp_path, "beta", fsync="always", segment_bytes_max=400)
+    b = open_member(tmp_path, "beta", fsync="always", segment_bytes_max=400)
     sync_until_quiet([a, b])
     return a, b
 
@@ -53,7 +54,7 @@ def test_member_killed_mid_step_restarts_and_converges(tmp_path, point, n):
     code, acked = run_child(tmp_path, "beta", point, n, partners=[a])
     assert code == -9, f"fault point {point} was never reached (exit {code})"
     # The killed master restarts at once (its lease names a dead pid) and converges.
-    b = open_master(tmp_path, "beta", fsync="always", segment_bytes_max=400)
+    b = open_member(tmp_path, "beta", fsync="always", segment_bytes_max=400)
     a.execute("deposit", "acct", 1, rid="after-crash")
     sync_until_quiet([a, b])
     assert_converged(tmp_path, [a, b])
@@ -78,7 +79,7 @@ def test_joiner_killed_while_joining_restarts_and_converges(tmp_path, point, n):
     sync_until_quiet([a, b])
     code, acked = run_child(tmp_path, "gamma", point, n, partners=[a, b])
     assert code == -9, f"fault point {point} was never reached (exit {code})"
-    c = open_master(tmp_path, "gamma", fsync="always", segment_bytes_max=400)
+    c = open_member(tmp_path, "gamma", fsync="always", segment_bytes_max=400)
     for _ in range(4):
         for m in (a, b, c):
             m.sync()

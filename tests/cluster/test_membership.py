@@ -12,11 +12,12 @@ from workers.prevalence import journal
 from workers.prevalence.cluster import folder
 from workers.prevalence.errors import LeaseHeld, LostRecords
 
-from .helpers import assert_converged, open_master, sync_until_quiet
+from tests.support import open_member
+from .helpers import assert_converged, sync_until_quiet
 
 
 def test_second_process_claiming_a_live_master_name_refuses_to_start(tmp_path):
-    a = open_master(tmp_path, "alpha")
+    a = open_member(tmp_path, "alpha")
     code = ("import sys; from workers.models.ledger import model; from workers.prevalence import Master\n"
             "from workers.prevalence.errors import LeaseHeld\n"
             "try:\n  Master.open(model, sys.argv[1], 'alpha')\nexcept LeaseHeld as e:\n  print(e); sys.exit(3)\n")
@@ -33,15 +34,15 @@ def test_lease_of_a_live_process_on_another_host_is_held_until_its_ttl(tmp_path)
     with open(folder.lease_path(str(tmp_path), "alpha"), "w") as f:
         json.dump(lease, f)
     with pytest.raises(LeaseHeld, match="other-host"):
-        open_master(tmp_path, "alpha", lease_ttl_s=30)
+        open_member(tmp_path, "alpha", lease_ttl_s=30)
     lease["heartbeat"] = time.time() - 31
     with open(folder.lease_path(str(tmp_path), "alpha"), "w") as f:
         json.dump(lease, f)
-    open_master(tmp_path, "alpha", lease_ttl_s=30).close()
+    open_member(tmp_path, "alpha", lease_ttl_s=30).close()
 
 
 def test_lease_left_by_a_dead_process_on_this_host_is_stale_at_once(tmp_path):
-    a = open_master(tmp_path, "alpha")
+    a = open_member(tmp_path, "alpha")
     a.execute("open_account", "x", 1)
     a.crash()  # lease left behind, as after kill -9 ...
     import json
@@ -52,15 +53,15 @@ def test_lease_left_by_a_dead_process_on_this_host_is_stale_at_once(tmp_path):
     lease["pid"] = proc.pid  # ... naming a process that is gone
     with open(path, "w") as f:
         json.dump(lease, f)
-    b = open_master(tmp_path, "alpha")
+    b = open_member(tmp_path, "alpha")
     assert b.query("balance", "x") == 1
     b.close()
 
 
 def test_segments_are_collected_only_once_every_member_read_and_snapshotted_them(tmp_path):
-    a = open_master(tmp_path, "alpha", segment_bytes_max=300)
+    a = open_member(tmp_path, "alpha", segment_bytes_max=300)
     a.execute("open_account", "x", 0)
-    b = open_master(tmp_path, "beta", segment_bytes_max=300)
+    b = open_member(tmp_path, "beta", segment_bytes_max=300)
     sync_until_quiet([a, b])
     for i in range(40):
         a.execute("deposit", "x", 1)
@@ -75,7 +76,7 @@ def test_segments_are_collected_only_once_every_member_read_and_snapshotted_them
     a.sync()
     assert len(segs()) < n_before
     # Folder-only verification and a late joiner still work after collection.
-    c = open_master(tmp_path, "gamma", segment_bytes_max=300)
+    c = open_member(tmp_path, "gamma", segment_bytes_max=300)
     for _ in range(3):
         for m in (a, b, c):
             m.sync()
@@ -86,9 +87,9 @@ def test_segments_are_collected_only_once_every_member_read_and_snapshotted_them
 
 
 def test_master_whose_journal_lost_records_peers_have_read_refuses_to_start(tmp_path):
-    a = open_master(tmp_path, "alpha")
+    a = open_member(tmp_path, "alpha")
     a.execute("open_account", "x", 0)
-    b = open_master(tmp_path, "beta")
+    b = open_member(tmp_path, "beta")
     sync_until_quiet([a, b])
     for _ in range(3):
         a.execute("deposit", "x", 1)
@@ -101,14 +102,14 @@ def test_master_whose_journal_lost_records_peers_have_read_refuses_to_start(tmp_
     with open(seg, "r+b") as f:
         f.truncate(len(data) - len(journal.frame(journal.codec.encode_record(res.records[-1]), None)))
     with pytest.raises(LostRecords, match="beta"):
-        open_master(tmp_path, "alpha")
+        open_member(tmp_path, "alpha")
 
 
 @pytest.mark.skipif(os.environ.get("PREVALENCE_FAST") == "1", reason="10 s load run")
 def test_sync_every_10ms_under_load_for_10s_loses_nothing(tmp_path):
-    a = open_master(tmp_path, "alpha", fsync="always")
+    a = open_member(tmp_path, "alpha", fsync="always")
     a.execute("open_account", "x", 0)
-    b = open_master(tmp_path, "beta", fsync="always")
+    b = open_member(tmp_path, "beta", fsync="always")
     sync_until_quiet([a, b])
     stop = time.monotonic() + 10
     acked = {"alpha": 0, "beta": 0}
@@ -136,9 +137,9 @@ def test_sync_every_10ms_under_load_for_10s_loses_nothing(tmp_path):
 
 
 def test_joiner_whose_segments_were_collected_before_it_announced_joins_again(tmp_path):
-    a = open_master(tmp_path, "alpha", segment_bytes_max=300)
+    a = open_member(tmp_path, "alpha", segment_bytes_max=300)
     a.execute("open_account", "x", 0)
-    b = open_master(tmp_path, "beta", segment_bytes_max=300)
+    b = open_member(tmp_path, "beta", segment_bytes_max=300)
     sync_until_quiet([a, b])
     a.snapshot(); b.snapshot()
 
@@ -160,7 +161,7 @@ def test_joiner_whose_segments_were_collected_before_it_announced_joins_again(tm
             os.rename(str(tmp_path / "gamma-hidden"), here)
             assert journal.list_segments(folder.journal_dir(str(tmp_path), "alpha"))[0][0] > 1
 
-    c = open_master(tmp_path, "gamma", segment_bytes_max=300, fault=members_move_on)
+    c = open_member(tmp_path, "gamma", segment_bytes_max=300, fault=members_move_on)
     for _ in range(4):
         for m in (a, b, c):
             m.sync()
@@ -171,7 +172,7 @@ def test_joiner_whose_segments_were_collected_before_it_announced_joins_again(tm
 
 def test_a_batch_is_one_frame_and_a_reader_can_start_inside_it(tmp_path):
     from workers.prevalence.cluster.reader import JournalReader
-    a = open_master(tmp_path, "alpha")
+    a = open_member(tmp_path, "alpha")
     a.execute("open_account", "x", 0)
     a.execute_many([("deposit", ["x", 1], None) for _ in range(10)])
     seg = journal.list_segments(folder.journal_dir(str(tmp_path), "alpha"))[0][1]
@@ -190,23 +191,23 @@ def test_a_batch_is_one_frame_and_a_reader_can_start_inside_it(tmp_path):
     a.crash()
     with open(seg, "r+b") as f:
         f.truncate(off - 3)
-    b = open_master(tmp_path, "alpha")
+    b = open_member(tmp_path, "alpha")
     assert b.seq == 1 and b.query("balance", "x") == 0
 
 
 def test_batch_too_large_for_one_frame_is_split_and_replays(tmp_path, monkeypatch):
     monkeypatch.setattr(journal, "RECORD_BYTES_MAX", 400)
-    a = open_master(tmp_path, "alpha")
+    a = open_member(tmp_path, "alpha")
     a.execute("open_account", "x", 0)
     outs = a.execute_many([("deposit", ["x", 1], None) for _ in range(50)])
     assert [o["status"] for o in outs] == ["ok"] * 50
     a.close()
-    b = open_master(tmp_path, "alpha")
+    b = open_member(tmp_path, "alpha")
     assert b.query("balance", "x") == 50 and b.seq == 51
 
 
 def test_status_digest_auto_skips_the_state_pass_until_the_state_holds_still(tmp_path):
-    a = open_master(tmp_path, "alpha")
+    a = open_member(tmp_path, "alpha")
     a.execute("open_account", "x", 0)
     assert a.status()["digest"] == a.digest()  # default: always computed
     a.execute("deposit", "x", 1)

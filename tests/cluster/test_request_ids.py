@@ -10,7 +10,8 @@ from workers.prevalence.clock import from_ms
 from workers.prevalence.codec import Record
 from workers.prevalence.model import PRUNE_MARK, Context
 
-from .helpers import FakeClock, sync_until_quiet
+from tests.support import FakeClock
+from .helpers import sync_until_quiet
 
 KEPT_S = 8  # epochs of 1 s
 

@@ -9,7 +9,8 @@ import pytest
 
 from workers.prevalence import Rejected
 
-from .helpers import assert_converged, open_master, sync_until_quiet
+from tests.support import open_member
+from .helpers import assert_converged, sync_until_quiet
 
 pytestmark = [pytest.mark.soak,
               pytest.mark.skipif(os.environ.get("PREVALENCE_SOAK") != "1", reason="soak runs are opt-in: PREVALENCE_SOAK=1")]
@@ -17,11 +18,11 @@ pytestmark = [pytest.mark.soak,
 
 def test_three_masters_writing_and_syncing_for_minutes_converge_and_conserve_money(tmp_path):
     duration_s = float(os.environ.get("PREVALENCE_SOAK_S", "300"))
-    masters = [open_master(tmp_path, n, fsync="always", segment_bytes_max=1 << 20) for n in ("alpha",)]
+    masters = [open_member(tmp_path, n, fsync="always", segment_bytes_max=1 << 20) for n in ("alpha",)]
     for i in range(20):
         masters[0].execute("open_account", f"acct{i}", 1000)
     for n in ("beta", "gamma"):
-        masters.append(open_master(tmp_path, n, fsync="always", segment_bytes_max=1 << 20))
+        masters.append(open_member(tmp_path, n, fsync="always", segment_bytes_max=1 << 20))
     sync_until_quiet(masters)
     stop = time.monotonic() + duration_s
     errors = []

@@ -12,7 +12,8 @@ from workers.prevalence import Rejected, journal
 from workers.prevalence.cluster import folder, syncing
 from workers.prevalence.errors import NotReady, TransactionFailed
 
-from .helpers import FakeClock, assert_converged, open_master, sync_until_quiet
+from tests.support import FakeClock, open_member
+from .helpers import assert_converged, sync_until_quiet
 
 ACCOUNTS = ["a", "b", "c"]
 INITIAL = 100
@@ -32,14 +33,14 @@ class Cluster(RuleBasedStateMachine):
         self.names = ["m0", "m1", "m2", "m3", "m4"][:n]
         self.frontiers = {}
         self.masters = {}
-        first = open_master(self.dir, self.names[0], now_ms=self.clock, **self.open_kw)
+        first = open_member(self.dir, self.names[0], now_ms=self.clock, **self.open_kw)
         self.acked = {}   # rid -> (tx, args) acknowledged to a caller
         for acct in ACCOUNTS:
             first.execute("open_account", acct, INITIAL, rid=f"open-{acct}")
             self.acked[f"open-{acct}"] = ("open_account", [acct, INITIAL])
         self.masters[self.names[0]] = first
         for name in self.names[1:]:
-            self.masters[name] = open_master(self.dir, name, now_ms=self.clock, **self.open_kw)
+            self.masters[name] = open_member(self.dir, name, now_ms=self.clock, **self.open_kw)
         sync_until_quiet(list(self.masters.values()))
         self.counter = 0
         self.acked_by = {}
@@ -108,7 +109,7 @@ class Cluster(RuleBasedStateMachine):
     def restart(self, i):
         name, m = self._alive(i)
         if m is None:
-            self.masters[name] = open_master(self.dir, name, now_ms=self.clock, **self.open_kw)
+            self.masters[name] = open_member(self.dir, name, now_ms=self.clock, **self.open_kw)
 
     @precondition(lambda self: len(self.names) < 6)
     @rule()
@@ -116,7 +117,7 @@ class Cluster(RuleBasedStateMachine):
         # A new master joins mid-run, from the newest snapshot (or the initial state).
         name = f"m{len(self.names)}"
         self.names.append(name)
-        self.masters[name] = open_master(self.dir, name, now_ms=self.clock, **self.open_kw)
+        self.masters[name] = open_member(self.dir, name, now_ms=self.clock, **self.open_kw)
 
     @invariant()
     def frontiers_never_move_backwards_and_nothing_arrives_below_them(self):
@@ -148,7 +149,7 @@ class Cluster(RuleBasedStateMachine):
     def quiesce_and_check(self):
         for name in self.names:
             if self.masters[name] is None:
-                self.masters[name] = open_master(self.dir, name, now_ms=self.clock, **self.open_kw)
+                self.masters[name] = open_member(self.dir, name, now_ms=self.clock, **self.open_kw)
         masters = list(self.masters.values())
         sync_until_quiet(masters, rounds_max=30)
         ref = assert_converged(self.dir, masters)

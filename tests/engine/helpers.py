@@ -1,29 +1,13 @@
-"""Helpers for engine tests: a probe model, opening a master, reading a journal's frames."""
+"""Helpers for engine tests: a probe model and reading a journal's frames (opening a master
+and the clock are in `tests.support`)."""
 
 from __future__ import annotations
 
 import os
 
-from workers.models.ledger import model as ledger
-from workers.prevalence import Master, Model, Rejected, codec, journal
+from tests.support import NAME
+from workers.prevalence import Model, Rejected, codec, journal
 from workers.prevalence.cluster import folder
-
-NAME = "solo"
-
-
-class FakeClock:
-    """An injectable wall clock in ms; tests move it by hand (even backwards)."""
-
-    def __init__(self, start_ms: int = 1_700_000_000_000):
-        self.ms = start_ms
-
-    def __call__(self) -> int:
-        return self.ms
-
-
-def open_master(shared, model=ledger, name=NAME, **kw) -> Master:
-    kw.setdefault("fsync", "never")
-    return Master.open(model, str(shared), name, **kw)
 
 
 def journal_dir(shared, name=NAME) -> str:

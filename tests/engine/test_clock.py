@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 from workers.prevalence import clock
 from workers.prevalence.clock import HybridClock
 
-from .helpers import FakeClock
+from tests.support import FakeClock
 
 
 def test_tick_follows_the_wall_clock_when_it_moves_forward():

@@ -10,7 +10,8 @@ from workers.prevalence import codec
 from workers.prevalence.codec import Record
 from workers.prevalence.errors import BadArguments
 
-from .helpers import journal_bytes, open_master
+from tests.support import open_master
+from .helpers import journal_bytes
 
 
 @pytest.mark.parametrize("args", [[object()], [2 ** 70], [{"k": lambda: 1}], [1 + 2j]],
@@ -98,14 +99,14 @@ def test_state_keyed_by_integers_has_a_digest_and_snapshots(tmp_path):
     def put(root, ctx, key, value):
         root["accounts"][key] = value
 
-    m = open_master(tmp_path, by_id)
+    m = open_master(tmp_path, model=by_id)
     m.execute("put", 2, "two")
     m.execute("put", 1, "one")
     digest = m.digest()
     assert digest == codec.digest_of({"accounts": {1: "one", 2: "two"}}, {})  # insertion order aside
     m.snapshot()
     m.close()
-    m = open_master(tmp_path, by_id)
+    m = open_master(tmp_path, model=by_id)
     assert m.digest() == digest
     m.close()
 
@@ -149,13 +150,13 @@ def _struct_model(name, root_type):
 
 def test_struct_state_survives_snapshot_and_recovery(tmp_path):
     model = _struct_model("typed", TypedRoot)
-    m = open_master(tmp_path, model)
+    m = open_master(tmp_path, model=model)
     m.execute("add", "x", 3)
     m.snapshot()
     m.execute("add", "x", 2)
     digest = m.digest()
     m.close()
-    m = open_master(tmp_path, model)
+    m = open_master(tmp_path, model=model)
     assert m.live_root == TypedRoot(accounts={"x": Account(5)})
     assert m.digest() == digest
     m.close()
@@ -164,7 +165,7 @@ def test_struct_state_survives_snapshot_and_recovery(tmp_path):
 def test_state_that_does_not_survive_the_codec_is_refused_at_snapshot(tmp_path):
     from workers.prevalence.errors import PrevalenceError
     model = _struct_model("untyped", UntypedRoot)
-    m = open_master(tmp_path, model)
+    m = open_master(tmp_path, model=model)
     m.execute("add", "x", 3)
     with pytest.raises(PrevalenceError):
         m.snapshot()

@@ -20,7 +20,7 @@ from workers.prevalence import verify
 from workers.prevalence.cluster import folder
 
 from .crash_child import SEGMENT_BYTES_MAX
-from .helpers import open_master
+from tests.support import open_master
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WRITES = 12

@@ -17,7 +17,7 @@ from workers.prevalence import verify
 from workers.prevalence.durable import AsyncDataSync
 from workers.prevalence.errors import StorageError
 
-from .helpers import open_master
+from tests.support import open_master
 
 AIO = AsyncDataSync.open()
 needs_aio = pytest.mark.skipif(AIO is None, reason="no Linux AIO data sync on this machine")

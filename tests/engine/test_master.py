@@ -10,7 +10,8 @@ from workers.prevalence import verify
 from workers.prevalence.errors import InvariantViolation, LeaseHeld, Rejected
 from workers.models.ledger import model as ledger
 
-from .helpers import journal_bytes, open_master, records_in, segments
+from tests.support import open_master
+from .helpers import journal_bytes, records_in, segments
 
 
 def _busy_history(m, n=20):

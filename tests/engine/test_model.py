@@ -10,12 +10,13 @@ from workers.prevalence import Model, clock
 from workers.prevalence.errors import (BadArguments, Rejected, TransactionFailed, UnknownRecordTransaction,
                                        UnknownTransaction)
 
-from .helpers import FakeClock, journal_bytes, open_master, probe, records_in, segments
+from tests.support import FakeClock, open_master
+from .helpers import journal_bytes, probe, records_in, segments
 
 
 def test_context_now_is_the_records_timestamp(tmp_path):
     wall = FakeClock(1_700_000_000_123)
-    m = open_master(tmp_path, probe, now_ms=wall)
+    m = open_master(tmp_path, model=probe, now_ms=wall)
     hlc, now_iso, rid = m.execute("stamp", rid="req-1")
     assert clock.physical_ms(hlc) == 1_700_000_000_123
     assert now_iso == dt.datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=dt.timezone.utc).isoformat()
@@ -28,14 +29,14 @@ def test_context_now_is_the_records_timestamp(tmp_path):
 
 def test_context_now_replays_as_the_records_timestamp_not_the_replay_time(tmp_path):
     wall = FakeClock(1_700_000_000_000)
-    m = open_master(tmp_path, probe, now_ms=wall)
+    m = open_master(tmp_path, model=probe, now_ms=wall)
     m.execute("stamp")
     wall.ms += 5_000
     m.execute("stamp")
     log, digest = m.query("log"), m.digest()
     m.close()
     wall.ms += 86_400_000  # replayed a day later
-    m = open_master(tmp_path, probe, now_ms=wall)
+    m = open_master(tmp_path, model=probe, now_ms=wall)
     assert m.query("log") == log
     assert m.digest() == digest
     assert [e[2] for e in log] == ["solo:1", "solo:2"]  # ctx.rid falls back to master:seq
@@ -43,19 +44,19 @@ def test_context_now_replays_as_the_records_timestamp_not_the_replay_time(tmp_pa
 
 
 def test_context_random_draws_the_same_on_replay(tmp_path):
-    m = open_master(tmp_path, probe)
+    m = open_master(tmp_path, model=probe)
     draws = [m.execute("draw") for _ in range(5)]
     assert len(set(draws)) == 5  # seeded per record, not once per process
     digest = m.digest()
     m.close()
-    m = open_master(tmp_path, probe)
+    m = open_master(tmp_path, model=probe)
     assert m.query("log") == draws
     assert m.digest() == digest
     m.close()
 
 
 def test_transaction_that_raises_type_error_is_recorded_as_error_and_replays_the_same(tmp_path):
-    m = open_master(tmp_path, probe)
+    m = open_master(tmp_path, model=probe)
     m.execute("add", 2)
     seq = m.seq
     with pytest.raises(TransactionFailed) as err:
@@ -68,7 +69,7 @@ def test_transaction_that_raises_type_error_is_recorded_as_error_and_replays_the
     assert m.query("log") == ["add", "add"] and m.query("n") == 2
     digest = m.digest()
     m.close()
-    m = open_master(tmp_path, probe)
+    m = open_master(tmp_path, model=probe)
     assert m.digest() == digest
     assert m.outcome("bad-add") == out
     with pytest.raises(TransactionFailed):  # a retry with the same request id answers the same
@@ -96,7 +97,7 @@ def test_rejected_transaction_is_a_recorded_outcome(tmp_path):
 
 
 def test_execute_many_reports_each_outcome(tmp_path):
-    m = open_master(tmp_path, probe)
+    m = open_master(tmp_path, model=probe)
     outs = m.execute_many([("add", [1], None), ("refuse", ["no"], None), ("add", ["x"], None), ("add", [2], None)])
     assert [o["status"] for o in outs] == ["ok", "rejected", "error", "ok"]
     assert outs[0]["value"] == 1 and outs[3]["value"] == 3
@@ -142,7 +143,7 @@ def test_transactions_can_be_named_by_their_function(tmp_path):
 
 
 def test_own_record_of_an_undeclared_transaction_stops_recovery_and_is_not_applied(tmp_path):
-    m = open_master(tmp_path, probe)
+    m = open_master(tmp_path, model=probe)
     m.execute("add", 1)
     m.execute("draw", rid="newer-code")
     m.close()
@@ -150,7 +151,7 @@ def test_own_record_of_an_undeclared_transaction_stops_recovery_and_is_not_appli
     older = Model("probe", lambda: {"log": [], "n": 0})  # the code before `draw` existed
     older.transaction(probe.transactions["add"], name="add")
     with pytest.raises(UnknownRecordTransaction) as err:
-        open_master(tmp_path, older)
+        open_master(tmp_path, model=older)
     assert "draw" in str(err.value) and err.value.seq == 2
     assert journal_bytes(tmp_path) == before
 
@@ -164,13 +165,13 @@ def test_outcome_that_returns_part_of_the_state_is_frozen_when_recorded(tmp_path
         root["items"].append(x)
         return root["items"]  # the live list itself
 
-    m = open_master(tmp_path, aliasing)
+    m = open_master(tmp_path, model=aliasing)
     m.execute("push", 1, rid="first")
     m.snapshot()
     m.execute("push", 2, rid="second")
     assert m.outcome("first")["value"] == [1]
     m.close()
-    m = open_master(tmp_path, aliasing)  # from the snapshot, then the tail
+    m = open_master(tmp_path, model=aliasing)  # from the snapshot, then the tail
     assert m.outcome("first")["value"] == [1]
     assert m.digest() == verify(str(tmp_path), aliasing)["digest"]
     m.close()
@@ -181,7 +182,7 @@ def test_outcome_that_returns_part_of_the_state_is_frozen_when_recorded(tmp_path
     pytest.param(True, id="execute_many"),
 ])
 def test_check_mode_counts_a_failed_transaction_that_left_a_partial_mutation(tmp_path, caplog, batch):
-    m = open_master(tmp_path, probe, check_transactions=True)
+    m = open_master(tmp_path, model=probe, check_transactions=True)
 
     def run(tx, *args):
         if batch:

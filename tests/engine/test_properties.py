@@ -20,7 +20,8 @@ from workers.models.ledger import model as ledger
 from workers.prevalence import verify
 from workers.prevalence.errors import Corruption, LostRecords, PrevalenceError, Rejected
 
-from .helpers import frames, journal_bytes, open_master, segments
+from tests.support import open_master
+from .helpers import frames, journal_bytes, segments
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -292,10 +293,11 @@ probe_op = st.one_of(
        clock_steps=st.lists(st.integers(-2_000, 2_000), min_size=20, max_size=20))
 def test_time_randomness_and_failures_replay_identically(steps, cut, clock_steps):
     from workers.prevalence.errors import TransactionFailed
-    from .helpers import FakeClock, probe
+    from tests.support import FakeClock
+    from .helpers import probe
     with tempfile.TemporaryDirectory() as shared:
         wall = FakeClock()
-        m = open_master(shared, probe, now_ms=wall)
+        m = open_master(shared, model=probe, now_ms=wall)
         for i, ((tx, args), r) in enumerate(steps):
             if i == cut:
                 m.snapshot()
@@ -306,7 +308,7 @@ def test_time_randomness_and_failures_replay_identically(steps, cut, clock_steps
                 pass
         before = (m.query("log"), m.query("n"), m.digest(), m.seq)
         m.close()
-        m = open_master(shared, probe, now_ms=FakeClock(wall.ms - 10_000))
+        m = open_master(shared, model=probe, now_ms=FakeClock(wall.ms - 10_000))
         assert (m.query("log"), m.query("n"), m.digest(), m.seq) == before
         assert verify(shared, probe)["digest"] == before[2]
         m.close()

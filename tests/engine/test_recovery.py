@@ -16,7 +16,8 @@ from workers.prevalence.errors import Corruption
 
 from tests.fixtures import make_fixtures as fx
 
-from .helpers import flip, frames, middle, journal_bytes, journal_dir, open_master, segments, snapshots_dir
+from tests.support import open_master
+from .helpers import flip, frames, middle, journal_bytes, journal_dir, segments, snapshots_dir
 
 FIXTURES = os.path.dirname(os.path.abspath(fx.__file__))
 FIRST_SEGMENT = journal.format_segment_name(1)

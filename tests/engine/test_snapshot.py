@@ -13,7 +13,8 @@ from workers.prevalence import codec, snapshot
 from workers.prevalence.errors import Corruption
 from workers.prevalence.snapshot import SnapshotBody
 
-from .helpers import flip, open_master, snapshots_dir
+from tests.support import open_master
+from .helpers import flip, snapshots_dir
 
 KEY_A = b"cluster-key-A"
 KEY_B = b"cluster-key-B"

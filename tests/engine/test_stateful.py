@@ -14,7 +14,8 @@ from workers.models.ledger import model as ledger
 from workers.prevalence import verify
 from workers.prevalence.errors import Rejected
 
-from .helpers import open_master, segments
+from tests.support import open_master
+from .helpers import segments
 
 ACCOUNTS = ["a", "b", "c"]
 account = st.sampled_from(ACCOUNTS)

@@ -1,0 +1,272 @@
+"""The Celery tasks of a master: thin wrappers that check arguments, call one engine
+method and return plain data.
+
+Outcome documents (what `execute`, `query` and each item of `execute_many` return)::
+
+    {"status": "ok" | "rejected" | "error",
+     "value": <result, JSON builtins>, "error": str | None, "error_type": str | None,
+     "master": <name of the master that answered>, "rid": <request id>,
+     "duplicate": bool}   # True: the request id had already been applied; recorded outcome
+
+A refused or failed transaction is an outcome, not a task failure: the caller gets a
+clear error and Flower shows what happened. A task fails (raises) only on a bug, after
+logging the task id.
+
+Idempotence: the request id (`rid`) is the client's key when given, else the Celery task
+id, so a message redelivered after a crash (same task id) applies once. For a batch the
+item ids are ``<key or task id>:<index>`` unless an item carries its own.
+
+Routing is chosen by the sender (`workers.client`): `prevalence.write` lets any master
+answer, ``master.<name>`` picks one; `sync` and `snapshot` are broadcast (see
+`workers.celeryconfig`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from workers.master import runtime
+from workers.celery import app
+
+logger = logging.getLogger("workers.master.tasks")
+
+#: Largest batch accepted by `execute_many` (items): bounded so one message cannot hold a
+#: worker (and the broadcast syncs behind it) for minutes.
+BATCH_ITEMS_MAX = 10_000
+#: Longest request id accepted (characters).
+RID_CHARS_MAX = 200
+#: A joining master is not ready for writes; the task is retried this often, this long.
+NOT_READY_RETRY_S = 0.5
+NOT_READY_RETRIES_MAX = 240
+
+
+def _outcome(status: str, *, value: Any = None, error: str | None = None,
+             error_type: str | None = None, rid: str | None = None,
+             duplicate: bool = False) -> dict[str, Any]:
+    current = runtime.get()
+    return {"status": status, "value": runtime.plain(value), "error": error,
+            "error_type": error_type, "master": current.name if current else None,
+            "rid": rid, "duplicate": duplicate}
+
+
+def _bad_request(message: str, rid: str | None = None) -> dict[str, Any]:
+    return _outcome("error", error=message, error_type="BadRequest", rid=rid)
+
+
+def _check_call(name: Any, args: Any, what: str) -> str | None:
+    """Return an error message when a (name, args) pair is malformed, else None."""
+    if not isinstance(name, str) or not name:
+        return f"the {what} name must be a non-empty string, got {name!r}"
+    if not isinstance(args, (list, tuple)):
+        return f"the arguments of {what} {name!r} must be a list, got {type(args).__name__}"
+    return None
+
+
+def _check_rid(rid: Any) -> str | None:
+    if rid is None:
+        return None
+    if not isinstance(rid, str) or not rid or len(rid) > RID_CHARS_MAX:
+        return f"a request key must be a string of 1..{RID_CHARS_MAX} characters, got {rid!r}"
+    return None
+
+
+def _item_outcome(out: Any, tx: Any) -> dict[str, Any]:
+    """An engine outcome dict (``status``, ``value``, ``error``, maybe ``duplicate_of``) as
+    the short outcome of a batch item: ``status`` and ``value``; ``error`` and
+    ``error_type`` only when not ok; ``duplicate: true`` only when it is one. A transaction
+    that raised is reported as ``TransactionFailed``. (A 1000-item reply stays small:
+    master and request ids are implied by the batch and the item's position.)"""
+    status = out.get("status")
+    item: dict[str, Any] = {"status": status, "value": runtime.plain(out.get("value"))}
+    if status == "rejected":
+        item.update(error=out.get("error"), error_type="Rejected")
+    elif status != "ok":
+        item.update(error=f"transaction {tx!r} raised {out.get('error')}",
+                    error_type="TransactionFailed")
+    if "duplicate_of" in out:
+        item["duplicate"] = True
+    return item
+
+
+def _from_engine(out: Any, tx: Any, rid: str | None) -> dict[str, Any]:
+    """An engine outcome dict as a full outcome document (module doc)."""
+    item = _item_outcome(out, tx)
+    return _outcome(str(item["status"]), value=item["value"], error=item.get("error"),
+                    error_type=item.get("error_type"), rid=rid,
+                    duplicate=item.get("duplicate", False))
+
+
+def _refused(exc: Exception, rid: str | None) -> dict[str, Any]:
+    """An outcome document for a request the engine refused before writing anything."""
+    return _outcome("error", error=str(exc), error_type=type(exc).__name__, rid=rid)
+
+
+def _retry_not_ready(task: Any, exc: Exception, rid: str | None) -> dict[str, Any]:
+    """Put the task back (same task id, so same request id) while the master is joining;
+    after `NOT_READY_RETRIES_MAX` attempts give the caller an error outcome instead."""
+    if task.request.retries >= NOT_READY_RETRIES_MAX:
+        return _outcome("error", error=f"master not ready after "
+                        f"{NOT_READY_RETRIES_MAX * NOT_READY_RETRY_S:.0f} s: {exc}",
+                        error_type=type(exc).__name__, rid=rid)
+    raise task.retry(exc=exc, countdown=NOT_READY_RETRY_S)
+
+
+@app.task(name="prevalence.execute", bind=True, acks_late=True,
+          max_retries=NOT_READY_RETRIES_MAX)
+def execute(self: Any, tx: str, args: list | None = None, key: str | None = None) -> dict:
+    """Apply one transaction on this master; idempotent on ``key`` or the task id.
+
+    Args: ``tx`` the transaction name, ``args`` its positional arguments (a list), ``key``
+    an optional client request key. Returns an outcome document (module doc). A request
+    id the master already knows is not applied again: its recorded outcome comes back
+    with ``duplicate: true``.
+    """
+    from workers.prevalence import errors
+
+    args = [] if args is None else args
+    rid = key or self.request.id
+    problem = _check_call(tx, args, "transaction") or _check_rid(key)
+    if problem:
+        return _bad_request(problem, rid)
+    current = runtime.require()
+    try:
+        [out] = current.master.execute_many([(tx, list(args), rid)])
+    except errors.NotReady as exc:
+        # A joining master takes no writes yet; put the task back (same id, same rid).
+        return _retry_not_ready(self, exc, rid)
+    except errors.PrevalenceError as exc:
+        if not isinstance(exc, errors.RequestError):
+            logger.error("prevalence.execute[%s] %s on %s failed: %s", self.request.id, tx,
+                         current.name, exc)
+        return _refused(exc, rid)
+    return _from_engine(out, tx, rid)
+
+
+@app.task(name="prevalence.execute_many", bind=True, acks_late=True,
+          max_retries=NOT_READY_RETRIES_MAX)
+def execute_many(self: Any, items: list, key: str | None = None) -> dict:
+    """Apply a batch of transactions with one fsync; each item is idempotent on its id.
+
+    Args: ``items`` a list of ``[tx, args]`` or ``[tx, args, rid]``; ``key`` an optional
+    batch key (item ids default to ``<key or task id>:<index>``). Returns
+    ``{"master": name, "outcomes": [item outcome, ...]}`` in item order (see `_item_outcome`),
+    or a single outcome
+    document with ``status: error`` when the batch is refused as a whole (malformed, an
+    unknown transaction, arguments that do not fit): then nothing is applied.
+    """
+    from workers.prevalence import errors
+
+    base = key or self.request.id
+    problem = _check_rid(key)
+    if problem:
+        return _bad_request(problem)
+    if not isinstance(items, (list, tuple)):
+        return _bad_request(f"items must be a list of [tx, args(, rid)], got "
+                            f"{type(items).__name__}")
+    if len(items) > BATCH_ITEMS_MAX:
+        return _bad_request(f"a batch holds at most {BATCH_ITEMS_MAX} items, got {len(items)}; "
+                            "split it")
+    calls: list[tuple[str, list, str]] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, (list, tuple)) or len(item) not in (2, 3):
+            return _bad_request(f"item {index} must be [tx, args] or [tx, args, rid], "
+                                f"got {item!r:.80}")
+        rid = item[2] if len(item) == 3 and item[2] is not None else f"{base}:{index}"
+        problem = _check_call(item[0], item[1], "transaction") or _check_rid(rid)
+        if problem:
+            return _bad_request(f"item {index}: {problem}")
+        calls.append((item[0], list(item[1]), rid))
+
+    current = runtime.require()
+    try:
+        results = current.master.execute_many(calls)
+    except errors.NotReady as exc:
+        return _retry_not_ready(self, exc, None)
+    except errors.PrevalenceError as exc:
+        if not isinstance(exc, errors.RequestError):
+            logger.error("prevalence.execute_many[%s] on %s failed: %s", self.request.id,
+                         current.name, exc)
+        return _refused(exc, None)
+    return {"master": current.name,
+            "outcomes": [_item_outcome(out, tx) for out, (tx, _args, _rid) in zip(results, calls)]}
+
+
+@app.task(name="prevalence.query", bind=True, acks_late=True,
+          max_retries=NOT_READY_RETRIES_MAX)
+def query(self: Any, name: str, args: list | None = None) -> dict:
+    """Run a query on this master's current (possibly tentative) state; an outcome."""
+    from workers.prevalence import errors
+
+    args = [] if args is None else args
+    problem = _check_call(name, args, "query")
+    if problem:
+        return _bad_request(problem)
+    current = runtime.require()
+    model = current.master.model
+    try:
+        # Check the name and the arity first, so a wrong call is a clear BadArguments
+        # rather than a TypeError from inside the query.
+        model.query_fn(name)
+        model.check_arguments(name, args, is_query=True)
+        value = current.master.query(name, *args)
+    except errors.NotReady as exc:
+        return _retry_not_ready(self, exc, None)
+    except errors.PrevalenceError as exc:
+        return _refused(exc, None)
+    except Exception as exc:  # the model's query code raised: report it, keep serving
+        logger.warning("prevalence.query[%s] %s on %s raised %s: %s", self.request.id, name,
+                       current.name, type(exc).__name__, exc)
+        return _outcome("error", error=f"query {name!r} raised {type(exc).__name__}: {exc}",
+                        error_type="QueryFailed")
+    return _outcome("ok", value=value)
+
+
+# Broadcast tasks: at-most-once per worker and one task id for all recipients, so no
+# acks_late (a broadcast is never redelivered) and no stored result (every master would
+# overwrite the same key). Flower still shows each master's report via task events.
+
+@app.task(name="prevalence.sync", bind=True, acks_late=False, ignore_result=True)
+def sync(self: Any) -> dict:
+    """Catch up with the other masters' journals, then publish this master's status."""
+    from workers.prevalence import errors
+
+    current = runtime.require()
+    try:
+        report = current.master.sync()
+    except errors.PrevalenceError as exc:
+        logger.error("prevalence.sync[%s] on %s failed: %s", self.request.id, current.name, exc)
+        report = {"error": str(exc), "error_type": type(exc).__name__}
+    summary = current.record_sync(report, self.request.id)
+    summary = dict(summary)
+    summary["master"] = current.name
+    return summary
+
+
+@app.task(name="prevalence.snapshot", bind=True, acks_late=False, ignore_result=True)
+def snapshot(self: Any) -> dict:
+    """Write a snapshot of this master's state; returns its path."""
+    from workers.prevalence import errors
+
+    current = runtime.require()
+    try:
+        path = current.master.snapshot()
+    except errors.PrevalenceError as exc:
+        logger.error("prevalence.snapshot[%s] on %s failed: %s", self.request.id,
+                     current.name, exc)
+        return {"master": current.name, "error": str(exc), "error_type": type(exc).__name__}
+    return {"master": current.name, "path": str(path)}
+
+
+@app.task(name="prevalence.status", acks_late=False)
+def status() -> dict:
+    """This master's status document (send it to ``master.<name>``)."""
+    return runtime.require().status_document()
+
+
+@app.task(name="prevalence.ping", acks_late=True)
+def ping() -> dict:
+    """Answer at once without touching the state: a round trip through the broker to
+    this master (health checks, and the no-op baseline of benchmarks/bench_celery.py)."""
+    current = runtime.get()
+    return {"master": current.name if current else None}
