@@ -39,7 +39,7 @@ def test_the_request_id_table_stays_bounded_and_forgets_only_expired_ids():
         assert ids <= (KEPT_S + KEPT_S / 8 + 1) * 10, ids  # never more than the window and an epoch
     assert root["accounts"]["a"] == 600
     newest = from_ms(1_000 + 59 * 1000 + 900)
-    ages_ms = [(newest - first[0]) >> 16 for rid, first in dedup.items() if rid != PRUNE_MARK]
+    ages_ms = [(newest - first.hlc) >> 16 for rid, first in dedup.items() if rid != PRUNE_MARK]
     assert max(ages_ms) < (KEPT_S + 2) * 1000 and min(ages_ms) == 0
     # Within the window a retry takes no effect; after it, the id is forgotten.
     out = model.apply(root, dedup, Record("m", seq + 1, newest + 1, "r55.0", "deposit", ("a", 1)), ctx)

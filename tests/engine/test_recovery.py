@@ -289,7 +289,7 @@ def test_snapshot_makes_the_journal_durable_before_it_is_published(tmp_path, mon
     events.clear()
     m.snapshot()
     monkeypatch.undo()
-    assert ("fsync", m.writer._fd) in events[:events.index("before-snapshot-rename")]
+    assert ("fsync", m.writer.fd) in events[:events.index("before-snapshot-rename")]
     m.close()
 
 

@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from workers.prevalence import codec, snapshot
 from workers.prevalence.errors import Corruption
+from workers.prevalence.codec import RequestIdEntry
 from workers.prevalence.snapshot import SnapshotBody
 
 from tests.support import open_master
@@ -22,7 +23,7 @@ KEY_B = b"cluster-key-B"
 
 def body(frontier: int = 1234, accounts: dict | None = None) -> SnapshotBody:
     root = {"accounts": accounts if accounts is not None else {"a": 5, "b": 7}}
-    dedup = {"r1": (1, "m", 1, "ok", 5, None)}  # entries are tuples (model.apply)
+    dedup = {"r1": RequestIdEntry(1, "m", 1, "ok", 5, None)}  # as model.apply makes them
     return SnapshotBody(master="m", model="ledger", frontier=frontier, cursors={"m": 3}, clock=frontier + 1,
                         members=[], digest=codec.digest_of(root, dedup),
                         root=msgspec.Raw(msgspec.msgpack.encode(root)), dedup=dedup)

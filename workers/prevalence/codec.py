@@ -2,7 +2,7 @@
 
 Nothing read from the shared folder is unpickled or evaluated (invariant 9): every byte
 goes through msgspec, which builds only plain data (None, bool, int, float, str, bytes,
-lists, dicts) or the declared `Record` struct.
+lists, dicts) or declared structs such as `Record` and `RequestIdEntry`.
 
 A record's payload is the MessagePack array ``[master, seq, hlc, rid, tx, args]``. A tick
 is a record whose ``tx`` is the empty string: it carries no change, only a clock reading.
@@ -37,7 +37,10 @@ class Record(msgspec.Struct, array_like=True, frozen=True, gc=False):
 
     @property
     def key(self) -> tuple[int, str, int]:
-        """The order key every master computes alike: (hlc, master, seq)."""
+        """The order key every master computes alike: (hlc, master, seq).
+
+        The only definition of the order: sort records with ``key=Record.key.fget``.
+        """
         return (self.hlc, self.master, self.seq)
 
     @property
@@ -50,16 +53,43 @@ class Record(msgspec.Struct, array_like=True, frozen=True, gc=False):
         return self.tx == TICK
 
 
+class RequestIdEntry(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """What the request-id table (`model`) keeps of the first record that carried a
+    request id: its order key and its outcome.
+
+    Encoded, in snapshots and in the state digest, as the array ``[hlc, master, seq,
+    status, value, error]``, exactly as a tuple of those six. A struct like `Record`
+    rather than a NamedTuple: a table of millions of entries must stay out of the cyclic
+    GC's sight (``gc=False``), which CPython grants plain tuples but never a tuple
+    subclass. That is safe because an entry is in no reference cycle: its value is an atom
+    or a fresh copy (`Model.apply`).
+
+    The defaults exist only for decoding: the table also holds the prune mark (a
+    one-element array under `model.PRUNE_MARK`), which decodes as an entry with only `hlc`
+    set and which `snapshot.decode_snapshot` turns back into its plain tuple at once.
+    """
+
+    hlc: int
+    master: str = ""
+    seq: int = 0
+    status: str = ""
+    value: Any = None
+    error: str | None = None
+
+    @property
+    def record_id(self) -> str:
+        """`master:seq` of the first record that carried the request id."""
+        return f"{self.master}:{self.seq}"
+
+
 _record_encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(Record)
 _batch_decoder = msgspec.msgpack.Decoder(list[Record])
 _canonical_encoder = msgspec.msgpack.Encoder(order="deterministic")
-_any_decoder = msgspec.msgpack.Decoder()
 
 encode_record = _record_encoder.encode
 decode_record = _record_decoder.decode
 decode_batch = _batch_decoder.decode  # a batch frame: many records in one payload
-decode_any = _any_decoder.decode
 
 
 def encode_args(tx: str, args: Any) -> bytes:
@@ -97,6 +127,8 @@ def _canonical_form(value: Any) -> Any:
         return ["<map>", [[msgspec.Raw(k), v] for k, v in items]]
     if isinstance(value, (list, tuple)):
         return [_canonical_form(v) for v in value]
+    if value.__class__ is RequestIdEntry:  # the tuple it encodes as (to_builtins makes bytes base64)
+        return [_canonical_form(v) for v in msgspec.structs.astuple(value)]
     if isinstance(value, msgspec.Struct):
         return _canonical_form(msgspec.to_builtins(value, str_keys=False))
     return value

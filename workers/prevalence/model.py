@@ -13,7 +13,7 @@ master, so they agree (a partial mutation it left behind is left behind everywhe
 
 Request ids: a record carrying a client request id that already appeared earlier in the
 order takes no effect; its outcome is the first one's (kept in the replicated `dedup`
-table, which snapshots carry).
+table, which snapshots carry: request id -> `codec.RequestIdEntry`).
 
 Request ids are remembered for `request_ids_kept_s` of record time (default 7 days; every
 write through Celery carries one, so the table would otherwise grow for ever). Pruning is
@@ -35,6 +35,7 @@ import msgspec
 
 from . import codec
 from .clock import from_ms, physical_ms
+from .codec import RequestIdEntry
 from .errors import BadArguments, Rejected, UnknownTransaction
 
 OK = "ok"
@@ -130,7 +131,9 @@ class Model:
         self.transactions: dict[str, Callable] = {}
         self.queries: dict[str, Callable] = {}
         self._signatures: dict[str, inspect.Signature] = {}
-        self._arity: dict[str, tuple[int, int]] = {}  # name -> (min, max) extra positional args
+        # name -> (min, max) positional arguments after root (and ctx); (1, 0): check with
+        # `check_arguments`, which binds. Public so that the write path checks without a call.
+        self.arity: dict[str, tuple[int, int]] = {}
 
     def __repr__(self) -> str:
         return f"Model({self.name!r})"
@@ -143,7 +146,7 @@ class Model:
                 raise ValueError(f"transaction name {tx!r} is empty or already declared in {self!r}")
             self.transactions[tx] = f
             self._signatures[tx] = inspect.signature(f)
-            self._arity[tx] = _arity(self._signatures[tx], 2)
+            self.arity[tx] = _arity(self._signatures[tx], 2)
             f.tx_name = tx
             return f
         return register(fn) if fn is not None else register
@@ -156,7 +159,7 @@ class Model:
                 raise ValueError(f"query name {q!r} is empty or already declared in {self!r}")
             self.queries[q] = f
             self._signatures[q] = inspect.signature(f)
-            self._arity[q] = _arity(self._signatures[q], 1)
+            self.arity[q] = _arity(self._signatures[q], 1)
             f.query_name = q
             return f
         return register(fn) if fn is not None else register
@@ -186,7 +189,7 @@ class Model:
 
     def check_arguments(self, name: str, args: tuple | list, *, is_query: bool = False) -> None:
         """Refuse arguments that do not fit the signature, before anything is written."""
-        lo, hi = self._arity[name]
+        lo, hi = self.arity[name]
         if lo <= len(args) <= hi:
             return  # the common case, without inspect's slow bind
         sig = self._signatures[name]
@@ -240,8 +243,8 @@ class Model:
         if rid:
             first = dedup.get(rid)
             if first is not None:
-                return {"status": first[3], "value": first[4], "error": first[5],
-                        "duplicate_of": f"{first[1]}:{first[2]}"}
+                return {"status": first.status, "value": first.value, "error": first.error,
+                        "duplicate_of": first.record_id}
         fn = self.transactions[record.tx]  # outside the try: an unknown name is a bug here
         ctx.record = record
         ctx._random = None
@@ -264,9 +267,10 @@ class Model:
                     value = f"<unencodable {type(value).__name__}>"
             if self._kept_ms is not None:
                 self._prune_request_ids(dedup, record.hlc)
-            # A tuple: immutable, and untracked by the cyclic GC once it holds only atoms,
-            # so a table of millions of request ids does not slow every collection.
-            dedup[rid] = (record.hlc, record.master, record.seq, result["status"], value, result["error"])
+            # Immutable and never tracked by the cyclic GC (`RequestIdEntry`), so a table
+            # of millions of request ids does not slow every collection.
+            dedup[rid] = RequestIdEntry(record.hlc, record.master, record.seq, result["status"], value,
+                                        result["error"])
         return result
 
     def _prune_request_ids(self, dedup: dict, hlc: int) -> None:
@@ -277,7 +281,7 @@ class Model:
             return
         if mark is not None:
             cutoff = from_ms(epoch * self._epoch_ms - self._kept_ms)
-            expired = [rid for rid, first in dedup.items() if first[0] < cutoff and rid != PRUNE_MARK]
+            expired = [rid for rid, first in dedup.items() if rid != PRUNE_MARK and first.hlc < cutoff]
             for rid in expired:
                 del dedup[rid]
         dedup[PRUNE_MARK] = (epoch,)

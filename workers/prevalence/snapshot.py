@@ -16,8 +16,9 @@ The body carries the position (frontier and, for every member, the last seq the 
 includes), the state itself and its canonical digest, which is recomputed on load.
 
 Names: ``snapshots/<frontier>.snap`` (20 digits), so text order is frontier order.
-Writing: temp name unique per host and pid, write, fsync, rename, fsync the directory.
-A reader never sees a partial snapshot under its final name.
+Writing goes through `durable.publish_file`: temp name unique per host and pid, write,
+fsync, rename, fsync the directory. A reader never sees a partial snapshot under its
+final name.
 """
 
 from __future__ import annotations
@@ -25,16 +26,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import socket
 import struct
 import zlib
 from typing import Any
 
 import msgspec
 
+from .codec import RequestIdEntry
+from .durable import publish_file
 from .errors import Corruption, StorageError, check
-from .durable import fsync_dir
 from .journal import SEQ_DIGITS
+from .model import PRUNE_MARK
 
 MAGIC = b"PVSNAP\x00\x01"
 FORMAT_VERSION = 1
@@ -56,7 +58,7 @@ class SnapshotBody(msgspec.Struct, frozen=True):
     members: list          # the members counted in the frontier when it was written
     digest: str            # canonical digest of (root, dedup)
     root: msgspec.Raw      # the application state, decoded with the model's state type
-    dedup: dict[str, tuple]  # request id -> (hlc, master, seq, status, value, error) of its first record
+    dedup: dict[str, RequestIdEntry]  # request id -> its first record and outcome (+ the prune mark)
 
 
 def format_snapshot_name(frontier: int) -> str:
@@ -122,36 +124,34 @@ def decode_snapshot(data: bytes, path: str, key: bytes | None) -> SnapshotBody:
         if not hmac.compare_digest(want, data[HEADER_BYTES + n:]):
             raise bad("HMAC mismatch (wrong cluster key or forged snapshot)")
     try:
-        return msgspec.msgpack.decode(body, type=SnapshotBody)
+        decoded = msgspec.msgpack.decode(body, type=SnapshotBody)
     except msgspec.DecodeError as exc:
         raise bad(f"body does not decode: {exc}", HEADER_BYTES) from None
+    # The prune mark, a one-element array, decoded as an entry with only its hlc: give it
+    # back the plain tuple `Model.apply` keeps there (so it encodes to the same bytes again).
+    mark = decoded.dedup.get(PRUNE_MARK)
+    if mark is not None:
+        decoded.dedup[PRUNE_MARK] = (mark.hlc,)
+    return decoded
 
 
 def write_snapshot(snap_dir: str, body: SnapshotBody, key: bytes | None, fault=None) -> str:
-    """Write a snapshot durably: temp + fsync + rename + directory fsync. Returns its path."""
-    fault = fault or (lambda point: None)
+    """Write a snapshot durably (`durable.publish_file`). Returns its path.
+
+    Args:
+        fault: test hook, called at ``mid-snapshot-write``, ``before-snapshot-rename``
+            and ``after-snapshot-rename``.
+
+    Raises:
+        StorageError: the disk refused; a temp file may be left behind.
+    """
     os.makedirs(snap_dir, exist_ok=True)
     data = encode_snapshot(body, key)
     # Check the key property twice: what we are about to publish must read back.
     decode_snapshot(data, "<snapshot being written>", key)
     final = os.path.join(snap_dir, format_snapshot_name(body.frontier))
-    tmp = os.path.join(snap_dir, f".tmp-{socket.gethostname()}-{os.getpid()}-{format_snapshot_name(body.frontier)}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            half = len(data) // 2
-            os.write(fd, data[:half])
-            fault("mid-snapshot-write")
-            view = memoryview(data)[half:]
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fault("before-snapshot-rename")
-        os.replace(tmp, final)
-        fault("after-snapshot-rename")
-        fsync_dir(snap_dir)
+        publish_file(final, data, fault, fault_name="snapshot")
     except OSError as exc:
         raise StorageError(f"writing snapshot {final} failed: {exc}") from exc
     return final

@@ -133,6 +133,12 @@ class JournalWriter:
             self._flusher = threading.Thread(target=self._flush_loop, name="journal-fsync", daemon=True)
             self._flusher.start()
 
+    @property
+    def fd(self) -> int:
+        """The descriptor of the current segment (-1 once closed). Read-only: for tests and
+        diagnostics; everything written goes through `append`."""
+        return self._fd
+
     def _open_new_segment(self, first_seq: int) -> None:
         self.segment_first = first_seq
         self.path = os.path.join(self.journal_dir, format_segment_name(first_seq))
@@ -340,6 +346,18 @@ class JournalWriter:
                     self._seal()
             except OSError as exc:
                 raise _storage_error("closing", self.path, exc) from exc
+
+    def abandon(self) -> None:
+        """Tests: drop the journal as a kill -9 would. The descriptor is closed without a
+        sync, a truncation of the reservation or a seal; afterwards `append` refuses and
+        `close` does nothing."""
+        if self._aio:
+            self._aio.close()
+        self._closed = True
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
 
     def _seal(self) -> None:
         """Publish the seal of the current segment: its durable length and CRC-32."""

@@ -102,7 +102,7 @@ class Lease:
                             f"its local lock {lock_path} is held. Stop that process first") from None
         self._local_lock = fd
         try:
-            self._check_existing()
+            self.check_free()
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             self._write()
         except BaseException:
@@ -111,7 +111,10 @@ class Lease:
         self._thread = threading.Thread(target=self._heartbeat_loop, name=f"lease-{self.name}", daemon=True)
         self._thread.start()
 
-    def _check_existing(self) -> None:
+    def check_free(self) -> None:
+        """Raise LeaseHeld when a claim would be refused now (module docstring); claims
+        nothing. A lease naming this very process (same host, boot and pid) counts as free,
+        as a stale one does."""
         raw = folder.read_small(self.path)
         if raw is None:
             return

@@ -76,7 +76,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
                 they sync inline). The caller must call `settle()` before the outcome leaves
                 the process; every other method of the master settles first. The Celery
                 tier settles just before it publishes a result, so the sync overlaps
-                Celery's own work on the task (`workers.results`). DESIGN invariant 1
+                Celery's own work on the task (`workers.master.results`). DESIGN invariant 1
                 (success means on stable storage) then holds for the answer that leaves
                 the process, not for the return of the Python call; off by default.
             check_transactions: development aid (slow: a digest of the state per write):
@@ -209,8 +209,8 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
             self.settle()
         first = self.live_dedup.get(rid) if rid else None  # "" is no request id
         if first is not None:
-            return {"status": first[3], "value": first[4], "error": first[5], "record": f"{first[1]}:{first[2]}",
-                    "committed": first[0] <= self.frontier}
+            return {"status": first.status, "value": first.value, "error": first.error,
+                    "record": first.record_id, "committed": first.hlc <= self.frontier}
         kept = self.outcomes.get(rid)
         if kept is None:
             return None
@@ -242,13 +242,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         """Tests: drop this master as a kill -9 would (nothing flushed, lease left behind)."""
         self.closed = True
         if self.writer is not None:
-            if self.writer._aio:
-                self.writer._aio.close()
-            self.writer._closed = True
-            try:
-                os.close(self.writer._fd)
-            except OSError:
-                pass
+            self.writer.abandon()
         self.lease.abandon()
 
     def __enter__(self) -> "Master":

@@ -103,10 +103,8 @@ def retire(shared: str, name: str, *, force: bool = False, key: bytes | None = N
     if os.path.exists(folder.retired_path(shared, name)):
         raise PrevalenceError(f"master {name!r} is already retired")
     if not force:
-        probe = Lease(shared, name)
-        probe._me = dict(probe._me, pid=-1)  # look as another process would
         try:
-            probe._check_existing()
+            Lease(shared, name).check_free()
         except LeaseHeld as exc:
             raise PrevalenceError(f"refusing to retire a live master: {exc}. Stop it first, or pass --force") from None
     cut = last_written_seq(shared, name, key)

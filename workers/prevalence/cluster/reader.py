@@ -44,6 +44,16 @@ class JournalReader:
         self._offset = 0              # where the record after last_seq starts in _segment
         self._cache = None            # (path, file offset, bytes, trusted) of a segment read in chunks
 
+    @property
+    def position(self) -> tuple[int, str, int] | None:
+        """Where the record after `last_seq` starts: (first seq of its segment, that
+        segment's path, byte offset in it); None while no segment is located (nothing read
+        yet, or after `rewind`). The form `JournalWriter` takes as the `tail` to continue."""
+        if self._segment is None:
+            return None
+        first, path = self._segment
+        return (first, path, self._offset)
+
     def read_new(self, records_max: int | None = None) -> ReadResult:
         """Every complete record after `last_seq`, in seq order (up to records_max)."""
         out: list = []

@@ -228,10 +228,7 @@ class Recovering:
 
     def _open_writer(self) -> None:
         reader = self._own_reader
-        tail = None
-        if reader is not None and reader._segment is not None:
-            first, path = reader._segment
-            tail = (first, path, reader._offset)
+        tail = reader.position if reader is not None else None
         self.writer = JournalWriter(
             folder.journal_dir(self.shared, self.name), self.seq + 1, tail, fsync=self.fsync_mode,
             fsync_interval_ms=self._fsync_interval_ms, segment_bytes_max=self._segment_bytes_max,

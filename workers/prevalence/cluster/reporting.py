@@ -99,6 +99,6 @@ class Reporting:
             "state_size": _size(self.live_root), "request_ids": len(self.live_dedup) - (PRUNE_MARK in self.live_dedup), "fsync": self.fsync_mode,
             "snapshot_frontier": self.snapshot_frontier,
             "peer_errors": {m: p.error for m, p in self.peers.items() if p.error},
-            "held": {m: p.held for m, p in self.peers.items() if p.held},
+            "held": {m: p.held_reason for m, p in self.peers.items() if p.held_reason},
             "last_error": self.last_error or self.lease.lost,
         }

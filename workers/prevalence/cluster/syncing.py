@@ -7,7 +7,7 @@ newcomers, collects garbage and publishes progress.
 
 Catching up is bounded in memory: one round reads at most `SYNC_CHUNK_RECORDS` records
 across all peers. When a peer has more, records of other peers that order after the last
-one read from it are held back (`Peer.pending`) for the next round, so every round
+one read from it are deferred to the next round (`Peer.deferred_records`), so every round
 applies a prefix of the key order (no rebase from chunking); between rounds the frontier
 moves, which commits the round and frees its records. A long backlog (a master that was
 down, a joiner) therefore takes several rounds of one sync, never the backlog in memory.
@@ -44,7 +44,8 @@ SYNC_CHUNK_RECORDS = 200_000  # records read from all peers in one round of a sy
 class Peer:
     """What this master knows of one other member."""
 
-    __slots__ = ("name", "reader", "horizon", "max_real_hlc", "counted", "error", "held", "pending")
+    __slots__ = ("name", "reader", "horizon", "max_real_hlc", "counted", "error", "held_reason",
+                 "deferred_records")
 
     def __init__(self, name: str, reader: JournalReader, horizon: int):
         self.name = name
@@ -53,24 +54,28 @@ class Peer:
         self.max_real_hlc = 0         # hlc of the last real (non-tick) record read
         self.counted = False          # counted in the frontier
         self.error: str | None = None
-        self.held: str | None = None  # why reading is held back (clock ahead, retired cut)
-        self.pending: list = []       # read, checked, held back for the next round (key order)
+        self.held_reason: str | None = None  # why reading is held back (clock ahead, retired cut)
+        self.deferred_records: list = []     # read and checked, deferred to the next round (key order)
 
     @property
     def applied_seq(self) -> int:
-        """The last seq of this peer applied here (read ones held back do not count)."""
-        return self.pending[0].seq - 1 if self.pending else self.reader.last_seq
+        """The last seq of this peer applied here (deferred records do not count)."""
+        return self.deferred_records[0].seq - 1 if self.deferred_records else self.reader.last_seq
 
 
 class Syncing:
     """Mixin of `Master`: sync, reading peers, ingest and rebase, acks, frontier, joining."""
 
-    def sync(self, *, _again: bool = False) -> dict:
+    def sync(self) -> dict:
         """Catch up with every member now. Idempotent: call it as often as you like.
 
         Returns a report: records applied per peer, whether a rebase happened, whether a
         tick was written, the frontier, errors per peer.
         """
+        return self._sync(rejoined=False)
+
+    def _sync(self, *, rejoined: bool) -> dict:
+        """`sync`; `rejoined` is True on the one retry after joining again from scratch."""
         if self._unsettled:
             self.settle()
         if self.closed:
@@ -95,11 +100,11 @@ class Syncing:
             new, cap = self._read_peers()
             if self._rejoin:
                 self._rejoin = False
-                if not _again:
+                if not rejoined:
                     log.warning("master %s: records it needs were collected before it was counted; "
                                 "joining again from the newest snapshot", self.name)
                     self._restart_join()
-                    return self.sync(_again=True)
+                    return self._sync(rejoined=True)
             counts, again = self._ingest(new)
             rebased = rebased or again
             for m, n in counts.items():
@@ -135,7 +140,7 @@ class Syncing:
         errors = {m: p.error for m, p in self.peers.items() if p.error}
         return {"master": self.name, "applied": applied, "rebased": rebased, "ticked": ticked,
                 "frontier": self.frontier, "tentative": self._tentative_real(), "errors": errors,
-                "held": {m: p.held for m, p in self.peers.items() if p.held},
+                "held": {m: p.held_reason for m, p in self.peers.items() if p.held_reason},
                 "joined": self.joined, "duration_ms": round((time.perf_counter() - started) * 1000, 3)}
 
     def _peer(self, m: str) -> Peer:
@@ -152,16 +157,16 @@ class Syncing:
         Returns (records per peer, cap): cap is None when every peer was read to its end,
         else the hlc up to which every peer's records are in. A peer that filled its share
         may have records ordering before what the others returned: everything after its
-        last record is held back in `Peer.pending` until the next round.
+        last record is deferred to the next round in `Peer.deferred_records`.
         """
         share = max(1, SYNC_CHUNK_RECORDS // max(1, len(self.peers)))
         new: dict[str, list] = {}
         full = []
         for m, peer in self.peers.items():
-            held, peer.pending = peer.pending, []
-            room = share - len(held)
+            deferred, peer.deferred_records = peer.deferred_records, []
+            room = share - len(deferred)
             fresh = self._read_peer(peer, room) if room > 0 else []
-            recs = held + fresh if held else fresh
+            recs = deferred + fresh if deferred else fresh
             if room <= 0 or len(fresh) >= room:
                 full.append(m)
             if recs:
@@ -173,7 +178,7 @@ class Syncing:
                 recs = new[m]
                 if recs[-1].hlc > cap:
                     i = bisect.bisect_right(recs, cap, key=_hlc)
-                    self.peers[m].pending = recs[i:]
+                    self.peers[m].deferred_records = recs[i:]
                     if i:
                         new[m] = recs[:i]
                     else:
@@ -200,7 +205,7 @@ class Syncing:
             # Joining, step 1 again: segments we needed were collected before our
             # announcement reached that member. Nothing is written yet: start over.
             self._rejoin = True
-        peer.held = None
+        peer.held_reason = None
         cut = self.retired.get(peer.name)
         # Where reading must stop, if anywhere. A journal's seq and hlc only increase, so
         # each check looks at one end or bisects; only the transaction names need a pass.
@@ -225,12 +230,13 @@ class Syncing:
                 i = bisect.bisect_left(recs, True, key=lambda r: self.clock.too_far_ahead(r.hlc) > 0)
                 if i < stop:
                     ahead = self.clock.too_far_ahead(recs[i].hlc)
-                    stop, peer.held = i, (f"clock of {peer.name!r} is {ahead + self.clock.drift_max_ms} ms ahead "
-                                          f"of ours (more than the {self.clock.drift_max_ms} ms allowed); waiting")
+                    stop, peer.held_reason = i, (
+                        f"clock of {peer.name!r} is {ahead + self.clock.drift_max_ms} ms ahead of ours "
+                        f"(more than the {self.clock.drift_max_ms} ms allowed); waiting")
             if cut is not None and recs[-1].seq > cut:
                 i = bisect.bisect_right(recs, cut, key=_seq)
                 if i < stop:
-                    stop, peer.held = i, f"retired at seq {cut}"
+                    stop, peer.held_reason = i, f"retired at seq {cut}"
         stop = None if stop == len(recs) else stop
         if stop is not None:
             recs = recs[:stop]
@@ -248,7 +254,7 @@ class Syncing:
         if not incoming:
             return applied, False
         if len(new) > 1:
-            incoming.sort(key=_key)
+            incoming.sort(key=Record.key.fget)
         self.clock.observe(incoming[-1].hlc)
         self._version += 1
         with codec.gc_paused():
@@ -274,7 +280,7 @@ class Syncing:
                 self.live_root = self.model.copy_state(self.committed_root)
                 self.live_dedup = dict(self.committed_dedup)
                 return applied, False
-            if not self.tentative or _key(incoming[0]) > _key(self.tentative[-1]):
+            if not self.tentative or incoming[0].key > self.tentative[-1].key:
                 # Fast path: everything new orders after everything applied.
                 self.model.replay(self.live_root, self.live_dedup, incoming, self._ctx)
                 self.tentative.extend(incoming)
@@ -295,7 +301,7 @@ class Syncing:
     def _rebase(self, incoming: list) -> None:
         """Restore the committed state and replay every tentative record in key order."""
         merged = self.tentative + incoming
-        merged.sort(key=_key)
+        merged.sort(key=Record.key.fget)
         self.live_root = self.model.copy_state(self.committed_root)
         self.live_dedup = dict(self.committed_dedup)  # entries are replaced, never mutated
         apply = self.model.apply
@@ -412,10 +418,6 @@ class Syncing:
         except FileNotFoundError:
             pass
         log.info("master %s joined the cluster (clock past %d); taking writes", self.name, max(acks, default=0))
-
-
-def _key(rec: Record) -> tuple:
-    return (rec.hlc, rec.master, rec.seq)
 
 
 def _hlc(rec: Record) -> int:

@@ -59,7 +59,7 @@ class Writing:
             self._check_writable()
         model = self.model
         name = tx if tx.__class__ is str and tx in model.transactions else model.tx_name(tx)
-        lo, hi = model._arity[name]
+        lo, hi = model.arity[name]
         if not lo <= len(args) <= hi:
             model.check_arguments(name, args)
         if rid is not None:
@@ -68,7 +68,7 @@ class Writing:
             first = self.live_dedup.get(rid) if rid else None  # "" is no request id
             if first is not None:
                 # Idempotency: a known request id takes effect once; answer with its outcome.
-                return _result(name, {"status": first[3], "value": first[4], "error": first[5]})
+                return _result(name, {"status": first.status, "value": first.value, "error": first.error})
         seq = self.seq + 1
         try:
             rec = Record(self.name, seq, self.clock.tick(), rid or "", name, args)
@@ -121,7 +121,7 @@ class Writing:
             self._check_writable()
         model = self.model
         transactions = model.transactions
-        arity = model._arity
+        arity = model.arity
         dedup = self.live_dedup
         plans: list = []  # per request: a known outcome (dict), an earlier index (int) or (tx, args, rid)
         batch_rids: dict[str, int] = {}
@@ -146,8 +146,8 @@ class Writing:
                 first = dedup.get(rid)
                 if first is not None:
                     # Idempotency: a known request id takes effect once; answer with its outcome.
-                    plans.append({"status": first[3], "value": first[4], "error": first[5],
-                                  "duplicate_of": f"{first[1]}:{first[2]}"})
+                    plans.append({"status": first.status, "value": first.value, "error": first.error,
+                                  "duplicate_of": first.record_id})
                     continue
                 if rid in batch_rids:
                     plans.append(batch_rids[rid])  # the same request id twice in one batch
