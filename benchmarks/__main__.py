@@ -13,11 +13,11 @@ import argparse
 import json
 import sys
 
-from benchmarks import engine, sync
+from benchmarks import engine, nested, sync
 from benchmarks.harness import Reporter, end_line, markdown_table, meta_line, perf_counter
 from benchmarks.workload import make_workload
 
-GROUPS = {**engine.BENCHES, **sync.BENCHES}
+GROUPS = {**engine.BENCHES, **sync.BENCHES, **nested.BENCHES}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

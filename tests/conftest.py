@@ -6,6 +6,8 @@ fakeredis server and say so plainly at the end of the run. Each test gets its ow
 database number, so queues, fanout channels and status keys do not leak between tests.
 PREVALENCE_TEST_BROKER=embedded forces the fakeredis fallback.
 
+Check mode is on for every master (``PREVALENCE_CHECK_TRANSACTIONS=1``, below).
+
 Every test has a time limit (pytest-timeout, ``timeout`` in pyproject.toml): a hang fails
 that test fast instead of eating the run.
 """
@@ -19,6 +21,12 @@ import shutil
 import pytest
 
 from workers.local.broker import Broker, start_broker
+
+# Check mode for every master the tests open, in this process and in the workers and
+# children they start: each record is applied, undone and applied again, and the state
+# compared each time (`workers.prevalence.replica`), so a change the undo log missed or a
+# non-deterministic transaction fails the test that caused it.
+os.environ.setdefault("PREVALENCE_CHECK_TRANSACTIONS", "1")
 
 _databases = itertools.cycle(range(1, 16))
 EMBEDDED_NOTE = pytest.StashKey[str]()

@@ -213,7 +213,7 @@ def test_status_digest_auto_skips_the_state_pass_until_the_state_holds_still(tmp
     a.execute("deposit", "x", 1)
     assert a.status(digest=False)["digest"] is None
     auto = a.status(digest=None)  # first auto call after a change: not computed ...
-    assert auto["digest"] is None and a._digest_cache[0] != a._version
+    assert auto["digest"] is None and a._digest_cache[0] != a.replica.version
     assert a.status(digest=None)["digest"] == a.digest()  # ... then quiet: computed
     a.execute("deposit", "x", 1)
     a.digest()  # cached for this version: auto returns it at no cost

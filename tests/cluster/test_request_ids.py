@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from workers.models import ledger
-from workers.prevalence import Master, Model, verify
+from workers.prevalence import Master, Model, tracked, verify
 from workers.prevalence.clock import from_ms
 from workers.prevalence.codec import Record
 from workers.prevalence.model import PRUNE_MARK, Context
@@ -17,7 +17,7 @@ KEPT_S = 8  # epochs of 1 s
 
 
 def short_memory_ledger() -> Model:
-    m = Model("ledger", ledger._new_state, copy=ledger._copy_state, request_ids_kept_s=KEPT_S)
+    m = Model("ledger", ledger._new_state, request_ids_kept_s=KEPT_S)
     for name, fn in ledger.model.transactions.items():
         m.transaction(fn, name=name)
     for name, fn in ledger.model.queries.items():
@@ -27,14 +27,14 @@ def short_memory_ledger() -> Model:
 
 def test_the_request_id_table_stays_bounded_and_forgets_only_expired_ids():
     model = short_memory_ledger()
-    root, dedup, ctx = model.root_factory(), {}, Context()
-    model.apply(root, dedup, Record("m", 1, from_ms(1_000), "", "open_account", ("a", 0)), ctx)
+    root, dedup, ctx, log = tracked.convert(model.root_factory()), {}, Context(), tracked.UndoLog()
+    model.apply(root, dedup, Record("m", 1, from_ms(1_000), "", "open_account", ("a", 0)), ctx, log)
     seq = 1
     for second in range(60):  # 10 requests per second of record time for a minute
         for k in range(10):
             seq += 1
             ms = 1_000 + second * 1000 + k * 100
-            model.apply(root, dedup, Record("m", seq, from_ms(ms), f"r{second}.{k}", "deposit", ("a", 1)), ctx)
+            model.apply(root, dedup, Record("m", seq, from_ms(ms), f"r{second}.{k}", "deposit", ("a", 1)), ctx, log)
         ids = len(dedup) - 1
         assert ids <= (KEPT_S + KEPT_S / 8 + 1) * 10, ids  # never more than the window and an epoch
     assert root["accounts"]["a"] == 600
@@ -42,9 +42,9 @@ def test_the_request_id_table_stays_bounded_and_forgets_only_expired_ids():
     ages_ms = [(newest - first.hlc) >> 16 for rid, first in dedup.items() if rid != PRUNE_MARK]
     assert max(ages_ms) < (KEPT_S + 2) * 1000 and min(ages_ms) == 0
     # Within the window a retry takes no effect; after it, the id is forgotten.
-    out = model.apply(root, dedup, Record("m", seq + 1, newest + 1, "r55.0", "deposit", ("a", 1)), ctx)
+    out = model.apply(root, dedup, Record("m", seq + 1, newest + 1, "r55.0", "deposit", ("a", 1)), ctx, log)
     assert out["duplicate_of"] and root["accounts"]["a"] == 600
-    out = model.apply(root, dedup, Record("m", seq + 2, newest + 2, "r1.0", "deposit", ("a", 1)), ctx)
+    out = model.apply(root, dedup, Record("m", seq + 2, newest + 2, "r1.0", "deposit", ("a", 1)), ctx, log)
     assert "duplicate_of" not in out and root["accounts"]["a"] == 601
 
 
@@ -75,7 +75,7 @@ def test_masters_forget_request_ids_alike_and_a_late_retry_applies_once_everywhe
     assert b.query("balance", "x") == 60
     assert b.outcome("a28")["value"] == 57
     assert b.execute("deposit", "x", 1, rid="a28") == 57  # the first one's outcome, no effect
-    assert b.query("balance", "x") == 60 and "b2" not in b.live_dedup and "b2" not in a.live_dedup
+    assert b.query("balance", "x") == 60 and "b2" not in b.replica.dedup and "b2" not in a.replica.dedup
     assert a.execute("deposit", "x", 1, rid="b2") == 61
     sync_until_quiet([a, b])
     ref = verify(str(tmp_path), model)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import msgspec
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from workers.prevalence import codec
+from workers.prevalence import Struct, codec
 from workers.prevalence.codec import Record
 from workers.prevalence.errors import BadArguments
 
@@ -123,15 +122,15 @@ def test_arguments_too_large_for_one_record_are_bad_arguments_and_nothing_is_wri
     m.close()
 
 
-class Account(msgspec.Struct):
+class Account(Struct):  # state Structs derive from the change-tracked base
     balance: int = 0
 
 
-class TypedRoot(msgspec.Struct):
+class TypedRoot(Struct):
     accounts: dict[str, Account] = {}
 
 
-class UntypedRoot(msgspec.Struct):
+class UntypedRoot(Struct):
     accounts: dict = {}  # holds Account structs, but says only "dict"
 
 
@@ -157,7 +156,7 @@ def test_struct_state_survives_snapshot_and_recovery(tmp_path):
     digest = m.digest()
     m.close()
     m = open_master(tmp_path, model=model)
-    assert m.live_root == TypedRoot(accounts={"x": Account(5)})
+    assert m.replica.state == TypedRoot(accounts={"x": Account(5)})
     assert m.digest() == digest
     m.close()
 

@@ -65,8 +65,8 @@ def test_transaction_that_raises_type_error_is_recorded_as_error_and_replays_the
     assert m.seq == seq + 1  # it is a record all the same
     out = m.outcome("bad-add")
     assert out["status"] == "error" and out["error"].startswith("TypeError")
-    # The partial mutation it left behind (the "add" log entry) is part of the state.
-    assert m.query("log") == ["add", "add"] and m.query("n") == 2
+    # Atomic: what it changed before it raised (the "add" log entry) is undone.
+    assert m.query("log") == ["add"] and m.query("n") == 2
     digest = m.digest()
     m.close()
     m = open_master(tmp_path, model=probe)
@@ -181,8 +181,8 @@ def test_outcome_that_returns_part_of_the_state_is_frozen_when_recorded(tmp_path
     pytest.param(False, id="execute"),
     pytest.param(True, id="execute_many"),
 ])
-def test_check_mode_counts_a_failed_transaction_that_left_a_partial_mutation(tmp_path, caplog, batch):
-    m = open_master(tmp_path, model=probe, check_transactions=True)
+def test_a_transaction_that_raises_after_mutating_leaves_no_trace_here_or_after_replay(tmp_path, batch):
+    m = open_master(tmp_path, model=probe)
 
     def run(tx, *args):
         if batch:
@@ -193,12 +193,78 @@ def test_check_mode_counts_a_failed_transaction_that_left_a_partial_mutation(tmp
             return type(exc).__name__
         return "ok"
 
-    run("add", 1)
-    run("refuse", "clean refusal, nothing mutated")
-    assert m.status()["partial_mutations"] == 0
-    run("add", "x")  # appends to the log, then raises TypeError
-    assert m.status()["partial_mutations"] == 1
-    assert any("partial mutation" in r.getMessage() for r in caplog.records)
+    assert run("add", 1) == "ok"
+    before = m.digest()
+    assert run("add", "x") in ("error", "TransactionFailed")  # appends to the log, then raises
+    assert m.query("log") == ["add"] and m.digest() == before
+    m.close()
+    m = open_master(tmp_path, model=probe)  # replayed from the journal: the same
+    assert m.query("log") == ["add"] and m.digest() == before
+    m.close()
+
+
+def test_check_mode_names_a_transaction_that_changes_the_state_behind_the_undo_log(tmp_path):
+    from workers.prevalence import Model
+    from workers.prevalence.errors import InvariantViolation
+    sneaky = Model("sneaky", lambda: {"n": 0})
+
+    @sneaky.transaction
+    def bypass(root, ctx):
+        dict.__setitem__(root, "n", root["n"] + 1)  # the class's own method: no undo entry
+
+    @sneaky.transaction
+    def honest(root, ctx):
+        root["n"] += 1
+
+    m = open_master(tmp_path, model=sneaky, check_transactions=True)
+    m.execute("honest")
+    with pytest.raises(InvariantViolation, match="'bypass'.*undo log did not see"):
+        m.execute("bypass")
+    m.crash()
+
+
+def test_check_mode_names_a_transaction_that_is_not_deterministic(tmp_path):
+    import random
+    from workers.prevalence import Model
+    from workers.prevalence.errors import InvariantViolation
+    dice = Model("dice", lambda: {"n": 0})
+
+    @dice.transaction
+    def roll(root, ctx):
+        root["n"] = random.random()  # not ctx.random: differs on every master
+
+    m = open_master(tmp_path, model=dice, check_transactions=True)
+    with pytest.raises(InvariantViolation, match="'roll'.*not deterministic"):
+        m.execute("roll")
+    m.crash()
+
+
+def test_a_set_stored_in_the_state_is_refused_at_the_write_and_leaves_no_trace(tmp_path):
+    from workers.prevalence import Model
+    sets = Model("sets", lambda: {"tags": {}})
+
+    @sets.transaction
+    def tag(root, ctx, k):
+        root["tags"][k] = {"a", "b"}
+
+    m = open_master(tmp_path, model=sets)
+    before = m.digest()
+    with pytest.raises(TransactionFailed, match="UntrackableValue.*set"):
+        m.execute("tag", "x")
+    assert m.digest() == before
+    m.snapshot()  # the state is still one a snapshot can hold
+    m.close()
+
+
+def test_a_value_returned_from_the_state_cannot_be_mutated_by_the_caller(tmp_path):
+    from workers.prevalence.tracked import MutationOutsideTransaction
+    m = open_master(tmp_path, model=probe)
+    m.execute("stamp")
+    entries = m.query("log")  # the probe's query returns a copy: mutating it is harmless
+    entries.append("mine")
+    with pytest.raises(MutationOutsideTransaction):
+        m.replica.state["log"].append("behind the engine's back")
+    assert m.query("log") == entries[:-1]
     m.close()
 
 

@@ -27,8 +27,8 @@ committed
 tentative
     A record above the frontier: applied, but its outcome may still change.
 rebase
-    Restoring the committed state and replaying the tentative records in key order,
-    because a record arrived that orders before some already applied.
+    Undoing the tentative records back to where a newly read record belongs and applying
+    them again with it, in key order (the state is change-tracked: `tracked`).
 master
     One process holding a full copy of the state and its own journal.
 member
@@ -37,7 +37,8 @@ lease
     The file that says which process holds a master name (one process per name).
 
 Layers: `codec`, `journal` (format and reading), `writer`, `durable`, `snapshot`, `clock`,
-`model`, `errors` are the engine and
+`tracked` (change-tracked state), `model`, `replica` (state + tentative window), `errors`
+are the engine and
 import nothing of sync or Celery; `cluster` (shared folder, sync, membership, verify)
 builds on them. Public names are re-exported here.
 """
@@ -45,7 +46,8 @@ builds on them. Public names are re-exported here.
 from .errors import PrevalenceError, Rejected
 from . import errors
 from .model import Context, Model
+from .tracked import Struct
 from .cluster import Master, read_all_progress, retire, verify
 
-__all__ = ["Model", "Context", "Rejected", "Master", "verify", "retire", "read_all_progress",
+__all__ = ["Model", "Context", "Rejected", "Struct", "Master", "verify", "retire", "read_all_progress",
            "errors", "PrevalenceError"]

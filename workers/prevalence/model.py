@@ -9,7 +9,9 @@ that applies the record computes the same thing.
 Applying a record yields an **outcome**: ``ok`` with the returned value, ``rejected``
 when the transaction raised `Rejected` (the clean refusal), or ``error`` when it raised
 anything else. A raising transaction is still a record: it raises the same way on every
-master, so they agree (a partial mutation it left behind is left behind everywhere).
+master, so they agree, and it leaves no trace: whatever it changed before it raised is
+undone (the state is change-tracked, `tracked`). The same holds for a transaction that
+stores a value the state cannot hold (`tracked.UntrackableValue`: a set, an object...).
 
 Request ids: a record carrying a client request id that already appeared earlier in the
 order takes no effect; its outcome is the first one's (kept in the replicated `dedup`
@@ -33,7 +35,7 @@ from typing import Any, Callable
 
 import msgspec
 
-from . import codec
+from . import codec, tracked
 from .clock import from_ms, physical_ms
 from .codec import RequestIdEntry
 from .errors import BadArguments, Rejected, UnknownTransaction
@@ -102,23 +104,20 @@ class Model:
 
     Args:
         name: the model's name, recorded in snapshots.
-        root_factory: returns the initial state. The state must be plain data the codec
-            carries (dicts, lists, str, int, float, bytes, msgspec Structs).
+        root_factory: returns the initial state: dicts, lists, str, int, float, bool, None,
+            bytes, tuples of those, and msgspec Structs derived from
+            `workers.prevalence.Struct` (or frozen). It is made change-tracked when a
+            master opens (`tracked`); so is every value a transaction stores.
         state_type: the type snapshots decode the root into; defaults to the type of
             ``root_factory()`` when that is a msgspec Struct, else plain data.
-        copy: optional fast deep copy of the state, used to restore the committed state
-            at a rebase (default: through the codec, which is general but slower). It must
-            return a state equal to its argument sharing nothing mutable with it.
         request_ids_kept_s: how long (record time) a request id is remembered (module
             docstring); None = for ever. Part of the replicated semantics: every master
             must run the same value, as they run the same transactions.
     """
 
     def __init__(self, name: str, root_factory: Callable[[], Any], *, state_type: Any = None,
-                 copy: Callable[[Any], Any] | None = None,
                  request_ids_kept_s: float | None = REQUEST_IDS_KEPT_S_DEFAULT):
         self.name = name
-        self._copy = copy
         if request_ids_kept_s is not None and request_ids_kept_s <= 0:
             raise ValueError(f"request_ids_kept_s must be positive or None, got {request_ids_kept_s!r}")
         self._kept_ms = None if request_ids_kept_s is None else int(request_ids_kept_s * 1000)
@@ -164,12 +163,6 @@ class Model:
             return f
         return register(fn) if fn is not None else register
 
-    def copy_state(self, root: Any) -> Any:
-        """An independent copy of a state (the model's `copy`, else through the codec)."""
-        if self._copy is not None:
-            return self._copy(root)
-        return codec.round_trip(root, self.state_type)
-
     # -- requests ------------------------------------------------------------------
 
     def tx_name(self, tx: str | Callable) -> str:
@@ -205,39 +198,29 @@ class Model:
 
     # -- applying ------------------------------------------------------------------
 
-    def replay(self, root: Any, dedup: dict, records: list, ctx: Context) -> None:
-        """Apply many records (ticks skipped) without building outcomes: the replay path.
+    def replay(self, root: Any, dedup: dict, records: list, ctx: Context, log: tracked.UndoLog) -> None:
+        """Apply many records (ticks skipped) that commit at once: the replay path.
 
-        Same effects as `apply` on each record; kept lean because recovery and sync
-        spend their time here.
+        Same effects as `apply` on each record; the undo entries of each are forgotten as
+        soon as it is applied (nothing will undo a committed record).
         """
-        txs = self.transactions
+        apply = self.apply
         for record in records:
-            tx = record.tx
-            if not tx:
+            if not record.tx:
                 continue
             rid = record.rid
             if rid and rid in dedup:
                 continue
-            ctx.record = record
-            ctx._random = None
-            if not rid:
-                fn = txs[tx]  # outside the try: an unknown name is a bug here
-                try:
-                    fn(root, ctx, *record.args)
-                except Rejected:
-                    pass
-                # Deterministic outcome of the transaction itself (see `apply`).
-                except Exception:  # noqa: BLE001
-                    pass
-            else:
-                self.apply(root, dedup, record, ctx)
+            apply(root, dedup, record, ctx, log)
+            log.forget_before(log.mark())
 
-    def apply(self, root: Any, dedup: dict, record: codec.Record, ctx: Context) -> dict:
+    def apply(self, root: Any, dedup: dict, record: codec.Record, ctx: Context, log: tracked.UndoLog) -> dict:
         """Apply one record (not a tick) to the state. Returns its outcome.
 
-        The caller has checked that the transaction is known (version skew is caught at
-        read time, before anything is applied).
+        Every change goes to `log` (the caller keeps the entries while the record is
+        tentative). A transaction that raises leaves no trace: its changes are undone at
+        once, and its outcome is ``rejected`` or ``error``. The caller has checked that
+        the transaction is known (version skew is caught at read time).
         """
         rid = record.rid
         if rid:
@@ -248,15 +231,25 @@ class Model:
         fn = self.transactions[record.tx]  # outside the try: an unknown name is a bug here
         ctx.record = record
         ctx._random = None
+        mark = log.mark()
+        tracked.begin_record(log)
         try:
             value = fn(root, ctx, *record.args)
+            tracked.finish_record()  # plain values stored become tracked (or refused)
             result = {"status": OK, "value": value, "error": None}
         except Rejected as exc:
+            log.undo_to(mark)
             result = {"status": REJECTED, "value": None, "error": str(exc)}
         # A transaction's own exception is part of its deterministic outcome: replay must
         # raise it identically and carry on, so this one broad catch is on purpose.
         except Exception as exc:  # noqa: BLE001
+            log.undo_to(mark)
             result = {"status": ERROR, "value": None, "error": f"{type(exc).__name__}: {exc}"}
+        except BaseException:
+            log.undo_to(mark)  # interrupted: leave the state as it was before the record
+            raise
+        finally:
+            tracked.end_record()
         if rid:
             # Keep a copy: the value may be part of the state and change with it later.
             value = result["value"]
@@ -266,15 +259,19 @@ class Model:
                 except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
                     value = f"<unencodable {type(value).__name__}>"
             if self._kept_ms is not None:
-                self._prune_request_ids(dedup, record.hlc)
+                self._prune_request_ids(dedup, record.hlc, log)
             # Immutable and never tracked by the cyclic GC (`RequestIdEntry`), so a table
             # of millions of request ids does not slow every collection.
-            dedup[rid] = RequestIdEntry(record.hlc, record.master, record.seq, result["status"], value,
-                                        result["error"])
+            tracked.dict_set(log, dedup, rid, RequestIdEntry(record.hlc, record.master, record.seq,
+                                                              result["status"], value, result["error"]))
         return result
 
-    def _prune_request_ids(self, dedup: dict, hlc: int) -> None:
-        """Drop expired request ids when `hlc` starts a new epoch (module docstring)."""
+    def _prune_request_ids(self, dedup: dict, hlc: int, log: tracked.UndoLog) -> None:
+        """Drop expired request ids when `hlc` starts a new epoch (module docstring).
+
+        Undoable like any change of the record: once per epoch the table's contents are
+        logged whole (one entry), cheaper than one entry per expired id.
+        """
         epoch = physical_ms(hlc) // self._epoch_ms
         mark = dedup.get(PRUNE_MARK)
         if mark is not None and epoch <= mark[0]:
@@ -282,6 +279,8 @@ class Model:
         if mark is not None:
             cutoff = from_ms(epoch * self._epoch_ms - self._kept_ms)
             expired = [rid for rid, first in dedup.items() if rid != PRUNE_MARK and first.hlc < cutoff]
-            for rid in expired:
-                del dedup[rid]
-        dedup[PRUNE_MARK] = (epoch,)
+            if expired:
+                tracked.dict_restore_point(log, dedup)
+                for rid in expired:
+                    del dedup[rid]
+        tracked.dict_set(log, dedup, PRUNE_MARK, (epoch,))

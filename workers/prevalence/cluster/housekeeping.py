@@ -34,22 +34,7 @@ class Housekeeping:
         if self.writer is not None and self.fsync_mode != "always":
             # The snapshot is fsynced: the records it covers must be durable first.
             self.writer.flush()
-        root = self.committed_root if self.committed_root is not None else self.live_root
-        dedup = self.committed_dedup if self.committed_root is not None else self.live_dedup
-        body = SnapshotBody(master=self.name, model=self.model.name, frontier=self.frontier,
-                            cursors=dict(self.committed_cursors), clock=self.clock.last,
-                            members=sorted(m for m, p in self.peers.items() if p.counted),
-                            digest=codec.digest_of(root, dedup),
-                            root=_raw(root),
-                            dedup=dedup)
-        # Check the state survives the codec: a restart or a rebase would otherwise run
-        # transactions on something else than what they ran on live.
-        if decode_root(body, self.model.state_type) != root:
-            raise UnsupportedState(
-                f"the state of model {self.model.name!r} does not read back equal from the codec (a "
-                "container typed loosely, e.g. `dict` or `list`, holding msgspec Structs, tuples or "
-                "sets, decodes as plain data). Annotate the field types of the state; no snapshot "
-                "was written")
+        body = self.replica.with_committed(self._snapshot_body)
         snap_dir = folder.snapshots_dir(self.shared, self.name)
         path = write_snapshot(snap_dir, body, self.key, self._fault)
         self.snapshot_frontier = body.frontier
@@ -68,6 +53,24 @@ class Housekeeping:
         self._unknown_snapshots = False
         self._publish_progress()
         return path
+
+    def _snapshot_body(self, root: Any, dedup: dict) -> SnapshotBody:
+        """The snapshot of the committed state (called with the tentative window undone)."""
+        body = SnapshotBody(master=self.name, model=self.model.name, frontier=self.frontier,
+                            cursors=dict(self.replica.cursors), clock=self.clock.last,
+                            members=sorted(m for m, p in self.peers.items() if p.counted),
+                            digest=codec.digest_of(root, dedup),
+                            root=_raw(root),
+                            dedup=dict(dedup))  # entries are immutable: a shallow copy is a copy
+        # Check the state survives the codec: a restart or a rebase would otherwise run
+        # transactions on something else than what they ran on live.
+        if decode_root(body, self.model.state_type) != root:
+            raise UnsupportedState(
+                f"the state of model {self.model.name!r} does not read back equal from the codec (a "
+                "container typed loosely, e.g. `dict` or `list`, holding msgspec Structs, tuples or "
+                "sets, decodes as plain data). Annotate the field types of the state; no snapshot "
+                "was written")
+        return body
 
     @property
     def snapshot_cursors(self) -> dict[str, int]:

@@ -1,13 +1,11 @@
 """The master: one process's full copy of the state, its journal, and sync with the others.
 
-State is kept twice once the cluster has more than one member:
-
-* **live** = committed + every tentative record, in key order. Local transactions apply
-  here at once, so a caller reads its own write.
-* **committed** = every record with ``hlc <= frontier``. Rebase restores live from it.
-
-With one member there is no copy: the frontier is the master's own clock, so everything
-commits at once.
+The state is one copy, held by the master's `Replica` (`workers.prevalence.replica`):
+committed records (at or below the frontier) plus the tentative ones above it, applied in
+key order. Local transactions apply at once, so a caller reads its own write; a record
+that arrives out of order rebases the tentative window by undoing it (change-tracked
+state), never by copying the state. With one member the frontier is the master's own
+clock, so everything commits at once.
 
 Its behaviour comes from one mixin per concept, in the modules beside it:
 
@@ -27,9 +25,9 @@ from typing import Any, Callable
 
 from .. import journal
 from ..clock import HybridClock, wall_ms
-from ..codec import Record
 from ..errors import StorageError
-from ..model import Context, Model
+from ..model import Model
+from ..replica import Replica
 from ..writer import JournalWriter
 from . import folder
 from .housekeeping import Housekeeping
@@ -54,7 +52,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
              lease_ttl_s: float = LEASE_TTL_S_DEFAULT, gc_grace_s: float = 60.0,
              snapshots_kept: int = 2, drift_max_ms: int = 60_000,
              now_ms: Callable[[], int] = wall_ms, fault: Callable[[str], None] | None = None,
-             check_transactions: bool = False, deferred_sync: bool = False) -> "Master":
+             check_transactions: bool | None = None, deferred_sync: bool = False) -> "Master":
         """Open (recover, or found, or join) the master `name` on `shared_dir`.
 
         Args:
@@ -79,9 +77,12 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
                 Celery's own work on the task (`workers.master.results`). DESIGN invariant 1
                 (success means on stable storage) then holds for the answer that leaves
                 the process, not for the return of the Python call; off by default.
-            check_transactions: development aid (slow: a digest of the state per write):
-                warn when a transaction that refused or raised left a partial mutation
-                behind (`Rejected` must be raised before mutating).
+            check_transactions: check mode (slow: encodes the state three times per
+                record): every record is applied, undone and applied again, and the state
+                compared each time, so a change the undo log did not see, or a
+                non-deterministic transaction, stops the master with an error naming the
+                transaction. None (the default) = on when the environment sets
+                ``PREVALENCE_CHECK_TRANSACTIONS=1`` (the test suite does).
 
         Raises:
             LeaseHeld: another live process holds the name.
@@ -98,7 +99,9 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
                    journal_reserve_bytes=journal_reserve_bytes,
                    lease_ttl_s=lease_ttl_s, gc_grace_s=gc_grace_s, snapshots_kept=snapshots_kept,
                    drift_max_ms=drift_max_ms, now_ms=now_ms, fault=fault)
-        self.check_transactions = check_transactions
+        if check_transactions is None:
+            check_transactions = os.environ.get("PREVALENCE_CHECK_TRANSACTIONS", "") in ("1", "on", "true")
+        self.replica.check = bool(check_transactions)
         self.deferred_sync = deferred_sync and fsync == "always"
         try:
             self._recover()
@@ -134,18 +137,11 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         self.deferred_sync = False
         self.seq = 0                     # last own seq written
         self.own_horizon = 0             # hlc of the last own record
-        self.frontier = 0
+        self.replica = Replica(model)   # the state, the tentative window, frontier and cursors
         self.peers: dict[str, Peer] = {}
         self.acks: dict[str, int] = {}
         self.retired: dict[str, int] = {}
-        self.live_root: Any = None
-        self.live_dedup: dict = {}
-        self.committed_root: Any = None  # None while this master is the only member
-        self.committed_dedup: dict | None = None
-        self.committed_cursors: dict[str, int] = {}
-        self.tentative: list[Record] = []
         self.outcomes: dict = {}         # own request id (or master:seq) -> (hlc, outcome)
-        self.rebases = 0
         self.outcomes_changed = 0
         self.last_error: str | None = None
         self.snapshot_frontier = -1
@@ -153,8 +149,6 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         # them needs, so that falling back from a damaged newest snapshot still works.
         self.kept_snapshots: dict[int, dict] = {}
         self._unknown_snapshots = False
-        self._ctx = Context()
-        self._version = 0                # bumps at every apply to live
         self._digest_cache: tuple[int, str] | None = None
         self._published: bytes | None = None
         self._gc_seen: dict[str, float] = {}
@@ -162,8 +156,15 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         self._rejoin = False
         self._version_at_last_publish = -1
         self._version_at_last_status = -1
-        self.check_transactions = False
-        self.partial_mutations = 0
+
+    @property
+    def frontier(self) -> int:
+        """The stable frontier: records at or below it are committed."""
+        return self.replica.frontier
+
+    @property
+    def rebases(self) -> int:
+        return self.replica.rebases
 
     # -- reading ---------------------------------------------------------------------
 
@@ -201,13 +202,13 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         fn = self.model.queries.get(q) if isinstance(q, str) else None
         if fn is None:
             fn = self.model.query_fn(q)
-        return fn(self.live_root, *args)
+        return fn(self.replica.state, *args)
 
     def outcome(self, rid: str) -> dict | None:
         """The recorded outcome of a request id (or `master:seq`), with `committed`."""
         if self._unsettled:
             self.settle()
-        first = self.live_dedup.get(rid) if rid else None  # "" is no request id
+        first = self.replica.dedup.get(rid) if rid else None  # "" is no request id
         if first is not None:
             return {"status": first.status, "value": first.value, "error": first.error,
                     "record": first.record_id, "committed": first.hlc <= self.frontier}

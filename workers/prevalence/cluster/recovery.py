@@ -88,7 +88,8 @@ class Recovering:
                 if body.model != self.model.name:
                     raise Corruption(f"snapshot is of model {body.model!r}, this master runs {self.model.name!r}",
                                      path=path)
-                root = decode_root(body, self.model.state_type)
+                with codec.gc_paused():  # millions of new containers: no collections meanwhile
+                    root = decode_root(body, self.model.state_type)
                 dedup = body.dedup
                 got = codec.digest_of(root, dedup)
                 if got != body.digest:
@@ -109,11 +110,7 @@ class Recovering:
         return None
 
     def _set_base(self, root, dedup, frontier, cursors, clock, members) -> None:
-        self._version += 1
-        self.live_root = root
-        self.live_dedup = dedup
-        self.frontier = frontier
-        self.committed_cursors = cursors
+        self.replica.reset(root, dedup, frontier, cursors)
         self.clock.observe(max(clock, frontier))
         self.seq = cursors.get(self.name, 0)
         for m in set(members) | set(self.acks) | {m for m in cursors if m != self.name}:
@@ -123,7 +120,7 @@ class Recovering:
                 peer.horizon = max(peer.horizon, frontier, self.acks.get(m, 0))
         others = [m for m in folder.list_masters(self.shared) if m != self.name and m not in self.retired]
         if others or any(p.counted for p in self.peers.values()):
-            self._make_committed_copy()
+            self.replica.become_multi()
 
     def _announce_join(self) -> None:
         """Joining, step 1: load the newest snapshot of a member and announce ourselves."""
@@ -146,10 +143,7 @@ class Recovering:
     def _restart_join(self) -> None:
         """Forget everything read so far and announce again from the newest snapshot."""
         self.peers = {}
-        self.tentative = []
-        self.committed_root = self.committed_dedup = None
-        self.committed_cursors = {}
-        self._announce_join()
+        self._announce_join()  # a new base: the replica starts over from it
 
     def _recover_own_journal(self) -> None:
         """Read our own journal after the base; set a torn tail aside and truncate it."""

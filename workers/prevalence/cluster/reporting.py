@@ -8,26 +8,27 @@ tools (DESIGN §6); `digest()` is the canonical digest of the live state.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from .. import codec
 from ..clock import physical_ms
 from ..model import PRUNE_MARK
 from .progress import Progress, encode_progress, write_progress
-from .syncing import _size
 
 
 class Reporting:
     """Mixin of `Master`: progress, digest and status."""
 
     def _tentative_real(self) -> int:
-        return sum(1 for r in self.tentative if r.tx)
+        return self.replica.tentative_real()
 
     def digest(self) -> str:
         """Canonical digest of the live state (cached until the next apply)."""
         if self._unsettled:
             self.settle()
-        if self._digest_cache is None or self._digest_cache[0] != self._version:
-            self._digest_cache = (self._version, codec.digest_of(self.live_root, self.live_dedup))
+        replica = self.replica
+        if self._digest_cache is None or self._digest_cache[0] != replica.version:
+            self._digest_cache = (replica.version, codec.digest_of(replica.state, replica.dedup))
         return self._digest_cache[1]
 
     def _cursors(self) -> dict[str, int]:
@@ -42,8 +43,8 @@ class Reporting:
         # still for a whole sync (nothing tentative, nothing applied since the last one),
         # which is when operators compare digests, not at every sync under load.
         tentative = self._tentative_real()
-        quiet = tentative == 0 and self._version == self._version_at_last_publish
-        self._version_at_last_publish = self._version
+        quiet = tentative == 0 and self.replica.version == self._version_at_last_publish
+        self._version_at_last_publish = self.replica.version
         return Progress(master=self.name, joined=self.joined, seq=self.seq, horizon=self.own_horizon,
                         clock=self.clock.last, frontier=self.frontier, cursors=cursors,
                         snapshot_frontier=self.snapshot_frontier, snapshot_cursors=self.snapshot_cursors,
@@ -75,9 +76,9 @@ class Reporting:
         if self._unsettled:
             self.settle()
         if digest is None:
-            quiet = self._tentative_real() == 0 and self._version == self._version_at_last_status
-            self._version_at_last_status = self._version
-            cached = self._digest_cache is not None and self._digest_cache[0] == self._version
+            quiet = self._tentative_real() == 0 and self.replica.version == self._version_at_last_status
+            self._version_at_last_status = self.replica.version
+            cached = self._digest_cache is not None and self._digest_cache[0] == self.replica.version
             digest = quiet or cached
         cursors = self._cursors()
         now = self._now_ms()
@@ -95,10 +96,18 @@ class Reporting:
             "counted": sorted(m for m, p in self.peers.items() if p.counted),
             "retired": dict(self.retired),
             "digest": self.digest() if digest else None, "rebases": self.rebases, "outcomes_changed": self.outcomes_changed,
-            "partial_mutations": self.partial_mutations,
-            "state_size": _size(self.live_root), "request_ids": len(self.live_dedup) - (PRUNE_MARK in self.live_dedup), "fsync": self.fsync_mode,
+            "undone": self.replica.undone, "check_transactions": self.replica.check,
+            "state_size": _size(self.replica.state),
+            "request_ids": len(self.replica.dedup) - (PRUNE_MARK in self.replica.dedup), "fsync": self.fsync_mode,
             "snapshot_frontier": self.snapshot_frontier,
             "peer_errors": {m: p.error for m, p in self.peers.items() if p.error},
             "held": {m: p.held_reason for m, p in self.peers.items() if p.held_reason},
             "last_error": self.last_error or self.lease.lost,
         }
+
+
+def _size(root: Any) -> int:
+    """A cheap size of the state: total length of its top-level collections."""
+    if isinstance(root, dict):
+        return sum(len(v) if isinstance(v, (dict, list, set, tuple)) else 1 for v in root.values())
+    return len(root) if isinstance(root, (list, tuple, set)) else 1

@@ -26,7 +26,6 @@ import bisect
 import logging
 import os
 import time
-from typing import Any
 
 from .. import codec
 from ..codec import Record
@@ -37,7 +36,6 @@ from .reader import JournalReader
 
 log = logging.getLogger("prevalence.master")
 
-COPY_PER_APPLY = 8  # copying one state entry costs about 1/8 of applying one record (measured)
 SYNC_CHUNK_RECORDS = 200_000  # records read from all peers in one round of a sync (~100 MB)
 
 
@@ -89,9 +87,9 @@ class Syncing:
         for m in folder.list_masters(self.shared):
             if m != self.name:
                 self._peer(m)
-        if self.committed_root is None and any(m not in self.retired for m in self.peers):
+        if not self.replica.multi and any(m not in self.retired for m in self.peers):
             # Not alone any more: from now on records commit only below the frontier.
-            self._make_committed_copy()
+            self.replica.become_multi()
         # 2-3. Read every peer's new records and apply them in key order (fast path or
         # rebase), a bounded number per round; between rounds the frontier commits them.
         applied: dict[str, int] = {}
@@ -139,14 +137,14 @@ class Syncing:
             self._publish_progress()
         errors = {m: p.error for m, p in self.peers.items() if p.error}
         return {"master": self.name, "applied": applied, "rebased": rebased, "ticked": ticked,
-                "frontier": self.frontier, "tentative": self._tentative_real(), "errors": errors,
+                "frontier": self.frontier, "tentative": self.replica.tentative_real(), "errors": errors,
                 "held": {m: p.held_reason for m, p in self.peers.items() if p.held_reason},
                 "joined": self.joined, "duration_ms": round((time.perf_counter() - started) * 1000, 3)}
 
     def _peer(self, m: str) -> Peer:
         peer = self.peers.get(m)
         if peer is None:
-            start = self.committed_cursors.get(m, 0)
+            start = self.replica.cursors.get(m, 0)
             peer = Peer(m, JournalReader(self.shared, m, start, 0, self.key), 0)
             self.peers[m] = peer
         return peer
@@ -248,7 +246,8 @@ class Syncing:
         return recs
 
     def _ingest(self, new: dict[str, list]) -> tuple[dict, bool]:
-        """Apply newly read records in key order; rebase if one orders before applied ones."""
+        """Apply newly read records in key order (the replica rebases if one orders before
+        records already applied). Returns (records per peer, rebased)."""
         applied = {m: len(r) for m, r in new.items()}
         incoming = [r for recs in new.values() for r in recs]
         if not incoming:
@@ -256,69 +255,17 @@ class Syncing:
         if len(new) > 1:
             incoming.sort(key=Record.key.fget)
         self.clock.observe(incoming[-1].hlc)
-        self._version += 1
-        with codec.gc_paused():
-            if self.committed_root is None:
-                # Sole member (or recovering one): everything read commits in order at once.
-                self.model.replay(self.live_root, self.live_dedup, incoming, self._ctx)
-                cursors = self.committed_cursors
-                for m, recs in new.items():
-                    cursors[m] = recs[-1].seq
-                return applied, False
-            if (len(incoming) * COPY_PER_APPLY >= _size(self.committed_root)
-                    and self._commits_at_once(incoming[-1].hlc) and not any(r.tx for r in self.tentative)):
-                # Nothing tentative but ticks (live equals committed), everything new is at or
-                # below the frontier this sync will reach, and there are enough records that
-                # applying them twice costs more than a copy of the state: apply them once, to
-                # the committed state, and let live be a copy of it. Tentative ticks stay.
-                self.model.replay(self.committed_root, self.committed_dedup, incoming, self._ctx)
-                cursors = self.committed_cursors
-                for m, recs in new.items():
-                    # max: a tick of the same peer may still be tentative below these
-                    # (ticks change nothing; it commits later and must not lower this).
-                    cursors[m] = max(cursors.get(m, 0), recs[-1].seq)
-                self.live_root = self.model.copy_state(self.committed_root)
-                self.live_dedup = dict(self.committed_dedup)
-                return applied, False
-            if not self.tentative or incoming[0].key > self.tentative[-1].key:
-                # Fast path: everything new orders after everything applied.
-                self.model.replay(self.live_root, self.live_dedup, incoming, self._ctx)
-                self.tentative.extend(incoming)
-                return applied, False
-            self._rebase(incoming)
-        return applied, True
+        rebased = self.replica.ingest(incoming, watch=self.name, on_outcome=self._reapplied)
+        return applied, rebased
 
-    def _commits_at_once(self, hlc: int) -> bool:
-        """Will this sync's frontier reach `hlc`? (Not when a newcomer gets counted now.)"""
-        if any(not p.counted and m not in self.retired for m, p in self.peers.items()):
-            return False  # it gets counted this sync, at the current frontier
-        f = self.clock.last
-        for peer in self.peers.values():
-            if peer.counted and peer.horizon < f:
-                f = peer.horizon
-        return hlc <= f
-
-    def _rebase(self, incoming: list) -> None:
-        """Restore the committed state and replay every tentative record in key order."""
-        merged = self.tentative + incoming
-        merged.sort(key=Record.key.fget)
-        self.live_root = self.model.copy_state(self.committed_root)
-        self.live_dedup = dict(self.committed_dedup)  # entries are replaced, never mutated
-        apply = self.model.apply
-        for rec in merged:
-            if rec.tx == codec.TICK:
-                continue
-            out = apply(self.live_root, self.live_dedup, rec, self._ctx)
-            if rec.master == self.name:
-                before = self.outcomes.get(rec.rid or rec.record_id)
-                if before is not None and before[1]["status"] != out["status"]:
-                    self.outcomes_changed += 1
-                    log.warning("rebase changed the outcome of %s (%s%s) from %s to %s", rec.record_id, rec.tx,
-                                rec.args, before[1]["status"], out["status"])
-                self._remember(rec, out)
-        self.tentative = merged
-        self.rebases += 1
-        self._version += 1
+    def _reapplied(self, rec: Record, out: dict) -> None:
+        """A rebase applied one of our own tentative records again: its outcome may differ."""
+        before = self.outcomes.get(rec.rid or rec.record_id)
+        if before is not None and before[1]["status"] != out["status"]:
+            self.outcomes_changed += 1
+            log.warning("rebase changed the outcome of %s (%s%s) from %s to %s", rec.record_id, rec.tx,
+                        rec.args, before[1]["status"], out["status"])
+        self._remember(rec, out)
 
     def _ack_newcomers(self) -> None:
         """Count every member we see from now on, at our current frontier (joining, step 2)."""
@@ -332,19 +279,14 @@ class Syncing:
                 if not os.path.isdir(folder.master_dir(self.shared, m)):
                     continue
                 self.acks[m] = self.frontier
-                if self.committed_root is None:
-                    self._make_committed_copy()
+                if not self.replica.multi:
+                    self.replica.become_multi()
                 peer.counted = True
                 peer.horizon = max(peer.horizon, self.frontier)
                 log.info("master %s now counts %s (acknowledged at frontier %d)", self.name, m, self.frontier)
             elif not peer.counted:
                 peer.counted = True
                 peer.horizon = max(peer.horizon, self.acks[m])
-
-    def _make_committed_copy(self) -> None:
-        check(not self.tentative, "committed copy made while tentative records exist")
-        self.committed_root = self.model.copy_state(self.live_root)
-        self.committed_dedup = dict(self.live_dedup)  # entries are replaced, never mutated
 
     def _advance_frontier(self, cap: int | None = None) -> None:
         """Move the frontier to the lowest horizon of the counted members (our clock
@@ -359,25 +301,12 @@ class Syncing:
         for m, peer in self.peers.items():
             if peer.counted or (cap is not None and m not in self.retired):
                 f = min(f, peer.horizon)
-        check(f >= self.frontier or self.committed_root is None or cap is not None,
+        check(f >= self.frontier or not self.replica.multi or cap is not None,
               f"frontier of {self.name} would move backwards: {self.frontier} -> {f}")
         if f <= self.frontier:
             return
-        self.frontier = f
-        if self.committed_root is None:
-            return
         # Commit, in key order, every tentative record at or below the frontier.
-        tentative = self.tentative
-        n = bisect.bisect_right(tentative, f, key=_hlc)
-        if n:
-            done = tentative[:n]
-            with codec.gc_paused():
-                self.model.replay(self.committed_root, self.committed_dedup, done, self._ctx)
-            cursors = self.committed_cursors
-            for rec in done:
-                if rec.seq > cursors.get(rec.master, 0):
-                    cursors[rec.master] = rec.seq
-            del tentative[:n]
+        self.replica.commit(f)
 
     def _peer_progress(self, m: str) -> Progress | None:
         """Another master's progress; a damaged one counts as absent (and is reported)."""
@@ -426,10 +355,3 @@ def _hlc(rec: Record) -> int:
 
 def _seq(rec: Record) -> int:
     return rec.seq
-
-
-def _size(root: Any) -> int:
-    """A cheap size of the state: total length of its top-level collections."""
-    if isinstance(root, dict):
-        return sum(len(v) if isinstance(v, (dict, list, set, tuple)) else 1 for v in root.values())
-    return len(root) if isinstance(root, (list, tuple, set)) else 1

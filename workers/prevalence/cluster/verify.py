@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import codec, journal
+from .. import codec, journal, tracked
 from ..codec import Record
 from ..errors import Corruption
 from ..model import Context, Model
@@ -86,14 +86,15 @@ def verify(shared_dir: str, model: Model, *, cluster_key: bytes | None = None) -
     records.sort(key=Record.key.fget)
     digests = []
     for _ in range(2):
-        root = make_root()
+        root = tracked.convert(make_root())
         dedup = dict(dedup0)  # entries are replaced, never mutated
-        ctx = Context()
+        ctx, log = Context(), tracked.UndoLog()
         duplicates = 0
         for rec in records:
             if rec.tx != codec.TICK:
-                if "duplicate_of" in model.apply(root, dedup, rec, ctx):
+                if "duplicate_of" in model.apply(root, dedup, rec, ctx, log):
                     duplicates += 1
+                log.forget_before(log.mark())  # committed: nothing will undo it
         digests.append(codec.digest_of(root, dedup))
     return {"digest": digests[0], "deterministic": digests[0] == digests[1], "records": counts,
             "total": sum(counts.values()), "duplicates": duplicates, "ticks": ticks, "base": base, "errors": errors,

@@ -65,7 +65,7 @@ class Writing:
         if rid is not None:
             if rid.__class__ is not str:
                 raise BadArguments(f"request id must be a string, got {type(rid).__name__}")
-            first = self.live_dedup.get(rid) if rid else None  # "" is no request id
+            first = self.replica.dedup.get(rid) if rid else None  # "" is no request id
             if first is not None:
                 # Idempotency: a known request id takes effect once; answer with its outcome.
                 return _result(name, {"status": first.status, "value": first.value, "error": first.error})
@@ -90,19 +90,14 @@ class Writing:
             self._fault("between-fsync-and-apply")
         self.seq = seq
         self.own_horizon = rec.hlc
-        before = codec.digest_of(self.live_root) if self.check_transactions else None
-        out = model.apply(self.live_root, self.live_dedup, rec, self._ctx)
-        self._version += 1
-        if before is not None:
-            self._check_partial(rec, out, before)
-        if self.committed_root is not None:
+        replica = self.replica
+        out = replica.apply_own(rec)
+        if replica.multi:
             self._remember(rec, out)
-            self.tentative.append(rec)
         else:
             if rid:
                 self._remember(rec, out)
-            self.committed_cursors[self.name] = seq
-            self.frontier = self.clock.last
+            replica.commit(self.clock.last)
         status = out["status"]
         if status == OK:
             return out["value"]
@@ -122,7 +117,7 @@ class Writing:
         model = self.model
         transactions = model.transactions
         arity = model.arity
-        dedup = self.live_dedup
+        dedup = self.replica.dedup
         plans: list = []  # per request: a known outcome (dict), an earlier index (int) or (tx, args, rid)
         batch_rids: dict[str, int] = {}
         n_new = 0
@@ -199,44 +194,27 @@ class Writing:
             self.own_horizon = decoded[-1].hlc
             records = list(zip(index, decoded))
         # Apply in order, only now that the batch is durable.
-        multi = self.committed_root is not None
+        replica = self.replica
         outs: list = plans
-        apply = model.apply
-        root, ctx, check = self.live_root, self._ctx, self.check_transactions
-        for i, rec in records:
-            before = codec.digest_of(root) if check else None
-            out = apply(root, dedup, rec, ctx)
-            if before is not None:
-                self._check_partial(rec, out, before)
-            outs[i] = out
-            if multi or rec.rid:
-                self._remember(rec, out)
         if records:
-            if multi:
-                self.tentative.extend(rec for _i, rec in records)
-            else:
-                self.committed_cursors[self.name] = records[-1][1].seq
-        if records:
-            self._version += 1
+            applied = replica.apply_own_many([rec for _i, rec in records])
+            multi = replica.multi
+            for (i, rec), out in zip(records, applied):
+                outs[i] = out
+                if multi or rec.rid:
+                    self._remember(rec, out)
             if not multi:
-                self.frontier = self.clock.last
+                replica.commit(self.clock.last)
         for i, plan in enumerate(outs):
             if isinstance(plan, int):
                 first = dict(records)[plan]
                 outs[i] = dict(outs[plan], duplicate_of=first.record_id)
         return outs
 
-    def _check_partial(self, rec: Record, out: dict, before: str) -> None:
-        if out["status"] != OK and codec.digest_of(self.live_root) != before:
-            self.partial_mutations += 1
-            log.warning("transaction %s%s (%s) was %s but left a partial mutation behind: raise Rejected "
-                        "before mutating. Every master replays it the same way, so they still agree",
-                        rec.tx, tuple(rec.args), rec.record_id, out["status"])
-
     def _remember(self, rec: Record, out: dict) -> None:
         if rec.master != self.name:
             return
-        if not rec.rid and self.committed_root is None:
+        if not rec.rid and not self.replica.multi:
             return  # alone, an outcome never changes: the caller already has it
         outcomes = self.outcomes
         outcomes[rec.rid or f"{rec.master}:{rec.seq}"] = (rec.hlc, out)
@@ -250,10 +228,7 @@ class Writing:
         self.writer.append([codec.encode_record(rec)], self.key)
         self.seq = rec.seq
         self.own_horizon = rec.hlc
-        if self.committed_root is not None:
-            self.tentative.append(rec)
-        else:
-            self.committed_cursors[self.name] = rec.seq
+        self.replica.apply_own(rec)
 
 
 def _encode_batches(records: list, *, batch: bool) -> list[bytes]:

@@ -1,0 +1,235 @@
+"""The replica: one master's in-memory copy of the state, and the tentative window over it.
+
+No I/O. The master reads journals and decides where the frontier is; the replica applies
+records and keeps the state equal to
+
+    committed state (every record at or below the frontier, in key order)
+    + the tentative records (above it), applied in key order.
+
+One copy. Each record is applied once, inside a record of the undo log (`tracked`), and
+the log keeps the entries of the tentative records only:
+
+* **own record** (this master's new write): it orders after everything applied (the
+  clock has observed every record read), so it is applied at the end of the window.
+* **ingest** (records read from peers, in key order): when they all order after the
+  window, they are applied at its end (fast path). Otherwise **rebase**: undo the window
+  back to the first tentative record that orders after the earliest new one, newest
+  first, then apply that suffix and the new records merged in key order. The cost is the
+  part of the window that moved, never the size of the state.
+* **commit** (the frontier moved): the records at or below it leave the window; their
+  undo entries are forgotten.
+* **committed view** (snapshots): undo the whole window, look at the committed state,
+  apply the window again.
+
+With one member (`multi` false) every record commits as it is applied: the log only ever
+holds the record being applied (a transaction that raises is undone: atomic).
+
+Check mode (`check=True`): every record is applied, undone and applied again, and the
+state compared byte for byte each time: an undo that does not restore the state names the
+transaction that changed it behind the log's back, and a second application that differs
+names a non-deterministic transaction.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any, Callable, Iterable
+
+import msgspec
+
+from . import codec, tracked
+from .codec import Record
+from .errors import InvariantViolation, check
+from .model import Context, Model
+
+#: Called with (record, outcome) for every record of `watch` applied again at a rebase.
+OutcomeHook = Callable[[Record, dict], None]
+
+_check_encoder = msgspec.msgpack.Encoder()  # keeps dict order: order is part of the state
+
+
+def _hlc(rec: Record) -> int:
+    return rec.hlc
+
+
+class Replica:
+    """One master's state and tentative window (module docstring)."""
+
+    def __init__(self, model: Model, *, check: bool = False) -> None:
+        self.model = model
+        self.check = check
+        self.state: Any = None
+        self.dedup: dict = {}
+        self.log = tracked.UndoLog()
+        self.tentative: list[Record] = []  # applied, above the frontier, in key order (ticks too)
+        self._marks: list[int] = []        # undo-log position before each tentative record
+        self.frontier = 0
+        self.cursors: dict[str, int] = {}  # per master, the last seq committed here
+        self.multi = False                 # records wait for the frontier (more than one member)
+        self.version = 0                   # bumps at every change of the state
+        self.rebases = 0
+        self.undone = 0                    # undo entries undone by rebases (for status)
+        self._ctx = Context()
+
+    # -- base ----------------------------------------------------------------------------
+
+    def reset(self, state: Any, dedup: dict, frontier: int, cursors: dict[str, int]) -> None:
+        """Start from a base (a snapshot's committed state, or the initial state)."""
+        with codec.gc_paused():
+            self.state = tracked.convert(state)
+        self.dedup = dedup
+        self.frontier = frontier
+        self.cursors = cursors
+        self.tentative, self._marks = [], []
+        self.log = tracked.UndoLog()
+        self.multi = False
+        self.version += 1
+
+    def become_multi(self) -> None:
+        """Another member appeared: from now on records commit only below the frontier."""
+        check(not self.tentative, "replica became multi-member with tentative records")
+        self.multi = True
+
+    # -- applying --------------------------------------------------------------------------
+
+    def _apply(self, rec: Record) -> dict:
+        if self.check:
+            return self._apply_checked(rec)
+        return self.model.apply(self.state, self.dedup, rec, self._ctx, self.log)
+
+    def _apply_checked(self, rec: Record) -> dict:
+        before = self._bytes()
+        mark = self.log.mark()
+        out = self.model.apply(self.state, self.dedup, rec, self._ctx, self.log)
+        after = self._bytes()
+        self.log.undo_to(mark)
+        if self._bytes() != before:
+            raise InvariantViolation(
+                f"transaction {rec.tx!r} ({rec.record_id}) changed the state in a way the undo log did "
+                "not see (a write through dict.__setitem__/list.append called on the class, heapq, a C "
+                "extension, or a container shared with something outside the state): undoing it did "
+                "not restore the state")
+        again = self.model.apply(self.state, self.dedup, rec, self._ctx, self.log)
+        if self._bytes() != after or (again["status"], again["error"]) != (out["status"], out["error"]):
+            raise InvariantViolation(
+                f"transaction {rec.tx!r} ({rec.record_id}) is not deterministic: applied twice to the same "
+                "state it gave different results (use ctx.now and ctx.random, never the wall clock, "
+                "random, or anything outside the state and the arguments)")
+        return again
+
+    def _bytes(self) -> bytes:
+        # The model's state only: the request-id table is the engine's own, changed through
+        # `tracked.dict_set` alone, and would make each check cost the table's size.
+        return _check_encoder.encode(self.state)
+
+    def apply_own(self, rec: Record) -> dict:
+        """Apply this master's new record (it orders after everything applied)."""
+        tentative = self.tentative
+        if tentative:
+            check(rec.key > tentative[-1].key, f"own record {rec.record_id} orders before the tentative "
+                  f"record {tentative[-1].record_id}")
+        self.version += 1
+        if not self.multi:
+            out = self._apply(rec)
+            self.log.forget_before(self.log.mark())
+            self.cursors[rec.master] = rec.seq
+            return out
+        self._marks.append(self.log.mark())
+        tentative.append(rec)
+        return self._apply(rec) if rec.tx else _TICK_OUTCOME
+
+    def apply_own_many(self, recs: list[Record]) -> list[dict]:
+        """`apply_own` for a batch, in order."""
+        with codec.gc_paused():
+            return [self.apply_own(rec) for rec in recs]
+
+    def ingest(self, incoming: list[Record], *, watch: str | None = None,
+               on_outcome: OutcomeHook | None = None) -> bool:
+        """Apply records read from peers, given in key order. Returns True if it rebased.
+
+        `on_outcome(record, outcome)` is called for every record of master `watch` that a
+        rebase applied again (its outcome may have changed).
+        """
+        if not incoming:
+            return False
+        self.version += 1
+        with codec.gc_paused():
+            if not self.multi:
+                # Sole member (or recovering one): everything read commits in order at once.
+                self.model.replay(self.state, self.dedup, incoming, self._ctx, self.log)
+                cursors = self.cursors
+                for rec in incoming:
+                    if rec.seq > cursors.get(rec.master, 0):
+                        cursors[rec.master] = rec.seq
+                return False
+            tentative = self.tentative
+            first = incoming[0].key
+            if not tentative or first > tentative[-1].key:
+                self._extend(incoming)  # fast path
+                return False
+            # Rebase: undo back to the first tentative record ordering after the first new
+            # one, then apply that suffix and the new records merged in key order.
+            i = bisect.bisect_right(tentative, first, key=Record.key.fget)
+            self.undone += self.log.undo_to(self._marks[i])
+            moved = tentative[i:]
+            del tentative[i:], self._marks[i:]
+            merged = moved + incoming
+            merged.sort(key=Record.key.fget)
+            self._extend(merged, watch=watch, on_outcome=on_outcome)
+            self.rebases += 1
+            return True
+
+    def _extend(self, recs: Iterable[Record], *, watch: str | None = None,
+                on_outcome: OutcomeHook | None = None) -> None:
+        tentative, marks, log = self.tentative, self._marks, self.log
+        for rec in recs:
+            marks.append(log.mark())
+            tentative.append(rec)
+            if rec.tx:
+                out = self._apply(rec)
+                if on_outcome is not None and rec.master == watch:
+                    on_outcome(rec, out)
+
+    def commit(self, frontier: int) -> int:
+        """The frontier moved to `frontier`: records at or below it are committed.
+
+        Returns how many records (ticks included) left the window.
+        """
+        check(frontier >= self.frontier, f"frontier would move backwards: {self.frontier} -> {frontier}")
+        self.frontier = frontier
+        tentative = self.tentative
+        n = bisect.bisect_right(tentative, frontier, key=_hlc)
+        if n:
+            cursors = self.cursors
+            for rec in tentative[:n]:
+                if rec.seq > cursors.get(rec.master, 0):
+                    cursors[rec.master] = rec.seq  # never back (a late tick)
+            self.log.forget_before(self._marks[n] if n < len(self._marks) else self.log.mark())
+            del tentative[:n], self._marks[:n]
+        return n
+
+    def tentative_real(self) -> int:
+        """Tentative records that are not ticks."""
+        return sum(1 for r in self.tentative if r.tx)
+
+    # -- looking at the committed state --------------------------------------------------------
+
+    def with_committed(self, fn: Callable[[Any, dict], Any]) -> Any:
+        """Call ``fn(state, dedup)`` on the committed state and return its result.
+
+        The window is undone for the call and applied again after it (same records, same
+        order: the same state). `fn` must not keep references into the state.
+        """
+        if not self.tentative:
+            return fn(self.state, self.dedup)
+        window = self.tentative
+        self.log.undo_to(self._marks[0])
+        self.tentative, self._marks = [], []
+        try:
+            return fn(self.state, self.dedup)
+        finally:
+            with codec.gc_paused():
+                self._extend(window)
+
+
+_TICK_OUTCOME = {"status": "ok", "value": None, "error": None}
