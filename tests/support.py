@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from workers.models.ledger import model as ledger
-from workers.prevalence import Master
+from workers.prevalence import Master, Model, Rejected
 
 #: The name of the master a single-master test opens.
 NAME = "solo"
@@ -20,11 +22,19 @@ class FakeClock:
         return self.ms
 
 
-def open_master(shared, name: str = NAME, *, model=ledger, **kw) -> Master:
-    """Open master `name` of `model` (the ledger) on folder `shared`, ``fsync="never"``
-    unless told otherwise; every other keyword goes to `Master.open`."""
+def test_model() -> Model:
+    """The ledger the multi-master tests run on: the example (flat) one, or the same ledger
+    with a nested state (`nested_ledger`) when ``PREVALENCE_TEST_MODEL=nested`` (the
+    cluster tests run both: tests/cluster/conftest.py). Children the tests start inherit
+    the variable."""
+    return nested_ledger if os.environ.get("PREVALENCE_TEST_MODEL") == "nested" else ledger
+
+
+def open_master(shared, name: str = NAME, *, model=None, **kw) -> Master:
+    """Open master `name` of `model` (default `test_model()`) on folder `shared`,
+    ``fsync="never"`` unless told otherwise; every other keyword goes to `Master.open`."""
     kw.setdefault("fsync", "never")
-    return Master.open(model, str(shared), name, **kw)
+    return Master.open(model or test_model(), str(shared), name, **kw)
 
 
 def open_member(shared, name: str, **kw) -> Master:
@@ -32,3 +42,86 @@ def open_member(shared, name: str, **kw) -> Master:
     (``gc_grace_s=0``) so the tests reach garbage collection without waiting."""
     kw.setdefault("gc_grace_s", 0)
     return open_master(shared, name, **kw)
+
+
+# -- the ledger again, as a user would write it with a nested state --------------------
+#
+# Same transaction names, arguments, outcomes and queries as `workers.models.ledger`, so
+# any test written for the ledger runs on it; but each account is a dict holding a history
+# list and a nested dict, changed in place, and the refusals come *after* mutating (they
+# must leave no trace). No hand-written copy: rebases undo through the change log.
+
+nested_ledger = Model("ledger", lambda: {"accounts": {}, "journal": []})
+
+
+def _account(root, account_id):
+    acct = root["accounts"].get(account_id)
+    if acct is None:
+        raise Rejected(f"no account {account_id!r}")
+    return acct
+
+
+@nested_ledger.transaction
+def open_account(root, ctx, account_id, initial=0):
+    if account_id in root["accounts"]:
+        raise Rejected(f"account {account_id!r} already exists")
+    if type(initial) is not int or initial < 0:
+        raise Rejected(f"initial balance must be a non-negative integer, got {initial!r}")
+    root["accounts"][account_id] = {"balance": initial, "history": [["open", initial]],
+                                    "meta": {"opened_by": ctx.master, "moves": 0}}
+    return initial
+
+
+def _move(acct, what, amount):
+    acct["balance"] += amount
+    acct["history"].append([what, amount])
+    acct["meta"]["moves"] += 1
+    if len(acct["history"]) > 5:
+        del acct["history"][1]  # keep the opening entry and the last four
+
+
+@nested_ledger.transaction
+def deposit(root, ctx, account_id, amount):
+    acct = _account(root, account_id)
+    if type(amount) is not int or amount <= 0:
+        raise Rejected(f"amount must be a positive integer, got {amount!r}")
+    _move(acct, "deposit", amount)
+    return acct["balance"]
+
+
+@nested_ledger.transaction
+def withdraw(root, ctx, account_id, amount):
+    acct = _account(root, account_id)
+    if type(amount) is not int or amount <= 0:
+        raise Rejected(f"amount must be a positive integer, got {amount!r}")
+    _move(acct, "withdraw", -amount)
+    root["journal"].append(account_id)
+    if acct["balance"] < 0:  # after mutating: atomicity undoes all of the above
+        raise Rejected(f"insufficient funds in {account_id!r}")
+    return acct["balance"]
+
+
+@nested_ledger.transaction
+def transfer(root, ctx, src, dst, amount):
+    a, b = _account(root, src), _account(root, dst)
+    if type(amount) is not int or amount <= 0:
+        raise Rejected(f"amount must be a positive integer, got {amount!r}")
+    if src == dst:
+        raise Rejected("source and destination are the same account")
+    _move(a, "out", -amount)
+    _move(b, "in", amount)
+    root["journal"].append([src, dst])
+    if a["balance"] < 0:
+        raise Rejected(f"insufficient funds in {src!r}")
+    return a["balance"]
+
+
+@nested_ledger.query
+def balance(root, account_id):
+    acct = root["accounts"].get(account_id)
+    return None if acct is None else acct["balance"]
+
+
+@nested_ledger.query
+def total(root):
+    return sum(a["balance"] for a in root["accounts"].values())

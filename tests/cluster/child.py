@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 
-from workers.models.ledger import model
+from tests.support import test_model
 from workers.prevalence import Master, Rejected
 
 
@@ -24,7 +24,7 @@ def main():
             if hits["n"] >= n:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    m = Master.open(model, shared, name, fsync="always", fault=fault, gc_grace_s=0,
+    m = Master.open(test_model(), shared, name, fsync="always", fault=fault, gc_grace_s=0,
                     segment_bytes_max=400)
     print("ready", flush=True)
     for _ in range(5):

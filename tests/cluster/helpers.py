@@ -3,7 +3,6 @@ the clock are in `tests.support`)."""
 
 from __future__ import annotations
 
-from workers.models.ledger import model
 from workers.prevalence import verify
 
 
@@ -28,7 +27,7 @@ def assert_converged(shared, masters):
         assert not s["peer_errors"] and not s["held"], s
     cursors = [{k: v for k, v in s["cursors"].items() if k in {m.name for m in masters}} for s in statuses]
     assert all(c == cursors[0] for c in cursors), cursors
-    ref = verify(str(shared), model)
+    ref = verify(str(shared), masters[0].model)
     assert ref["deterministic"]
     digests = {s["master"]: s["digest"] for s in statuses}
     assert set(digests.values()) == {ref["digest"]}, (digests, ref)

@@ -145,6 +145,7 @@ def test_down_member_holds_the_frontier_until_retired(tmp_path):
         open_member(tmp_path, "gamma")
 
 
+@pytest.mark.ledger_only  # declares a transaction on the flat ledger
 def test_record_naming_an_unknown_transaction_stops_that_peer_until_code_knows_it(tmp_path):
     from workers.models.ledger import model
     a, b = make_pair(tmp_path)
@@ -189,6 +190,7 @@ def test_peer_whose_clock_runs_far_ahead_is_held_and_reported_not_followed(tmp_p
     assert_converged(tmp_path, [a, b])
 
 
+@pytest.mark.ledger_only  # declares a transaction on the flat ledger
 def test_a_refused_transaction_that_mutated_first_leaves_no_trace_on_any_master(tmp_path):
     from workers.models.ledger import model
 

@@ -13,6 +13,9 @@ from workers.prevalence.model import PRUNE_MARK, Context
 from tests.support import FakeClock
 from .helpers import sync_until_quiet
 
+# Builds its own short-memory copy of the flat ledger.
+pytestmark = pytest.mark.ledger_only
+
 KEPT_S = 8  # epochs of 1 s
 
 

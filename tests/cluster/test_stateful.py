@@ -12,7 +12,7 @@ from workers.prevalence import Rejected, journal
 from workers.prevalence.cluster import folder, syncing
 from workers.prevalence.errors import NotReady, TransactionFailed
 
-from tests.support import FakeClock, open_member
+from tests.support import FakeClock, nested_ledger, open_member
 from .helpers import assert_converged, sync_until_quiet
 
 ACCOUNTS = ["a", "b", "c"]
@@ -21,11 +21,15 @@ INITIAL = 100
 
 class Cluster(RuleBasedStateMachine):
     @initialize(n=st.integers(min_value=3, max_value=5), chunk=st.sampled_from([3, 8, 200_000]),
-                deferred=st.booleans())
-    def start(self, n, chunk, deferred):
+                deferred=st.booleans(), nested=st.booleans())
+    def start(self, n, chunk, deferred, nested):
         # deferred: every commit synced, the sync overlapped (as in a Celery worker) and
         # settled before the write counts as acknowledged.
         self.open_kw = {"fsync": "always", "deferred_sync": True} if deferred else {}
+        # nested: the same ledger written as a user would, nested state changed in place,
+        # refusals after mutating, no copy (tests.support.nested_ledger).
+        if nested:
+            self.open_kw["model"] = nested_ledger
         # Small rounds make a sync catch up in several of them (held-back records).
         self._chunk_was, syncing.SYNC_CHUNK_RECORDS = syncing.SYNC_CHUNK_RECORDS, chunk
         self.dir = tempfile.mkdtemp(prefix="pv-stateful-")

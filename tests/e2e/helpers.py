@@ -21,9 +21,9 @@ def one_master(make_cluster, env: dict[str, str], account: str):
     return cluster, client
 
 
-def converge(cluster) -> dict:
+def converge(cluster, state_model=model) -> dict:
     """Wait until every master agrees with `verify`; return the view (with "verify")."""
-    return cluster.wait_converged(CONVERGE_S, model=model)
+    return cluster.wait_converged(CONVERGE_S, model=state_model)
 
 
 def open_accounts(client, names: list[str], master: str | None = None) -> None:
