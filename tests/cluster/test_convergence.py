@@ -296,3 +296,32 @@ def test_a_joiner_catching_up_in_rounds_keeps_its_frontier_below_uncounted_peers
         ms[1].execute("transfer", "a", "a", 1, rid="w1")
     sync_until_quiet(ms, rounds_max=30)
     assert_converged(tmp_path, ms)
+
+
+@pytest.mark.ledger_only  # its own model
+def test_a_model_that_opts_out_of_change_tracking_converges_with_the_copying_fallback(tmp_path):
+    from workers.prevalence import Model
+    tags = Model("tags", lambda: {"tags": set(), "order": []}, tracking=False,
+                 copy=lambda root: {"tags": set(root["tags"]), "order": list(root["order"])})
+
+    @tags.transaction
+    def tag(root, ctx, t):
+        root["tags"].add(t)  # a set: the change log could not hold it
+        root["order"].append(t if len(root["order"]) % 2 else t.upper())  # not commutative
+
+    clock = FakeClock()
+    a = open_member(tmp_path, "alpha", model=tags, now_ms=clock)
+    b = open_member(tmp_path, "beta", model=tags, now_ms=clock)
+    sync_until_quiet([a, b])
+    for i in range(5):
+        a.execute("tag", f"a{i}")
+        b.execute("tag", f"b{i}")  # concurrent: every sync rebases by copy
+        clock.ms += 1
+        a.sync()
+        b.sync()
+    sync_until_quiet([a, b])
+    assert a.rebases + b.rebases > 0
+    assert a.digest() == b.digest()
+    assert a.replica.state["order"] == b.replica.state["order"]
+    a.close()
+    b.close()

@@ -1,4 +1,4 @@
-"""The replica alone (no I/O): random records from three masters arrive in random orders,
+"""The replica alone (no I/O), change-tracked and the copying fallback: random records from three masters arrive in random orders,
 the frontier moves when it legally can, and after every step
 
 * the live state equals a from-scratch replay of every applied record in key order, and
@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from workers.prevalence import Model, Rejected, tracked
 from workers.prevalence.codec import Record
 from workers.prevalence.model import Context
-from workers.prevalence.replica import Replica
+from workers.prevalence.replica import replica_for
 
 _encoder = msgspec.msgpack.Encoder()  # keeps dict order: order is part of the state
 
@@ -68,6 +68,12 @@ def boom(root, ctx, uid):
     raise ValueError("half way")
 
 
+# The same transactions on a model that opts out of change tracking: the copying replica
+# (a committed copy, rebase by copy; a refusal after mutating leaves its change behind).
+shop_plain = Model("replica-shop", lambda: {"users": {}, "log": []}, request_ids_kept_s=None, tracking=False)
+for _name, _fn in shop.transactions.items():
+    shop_plain.transaction(_fn, name=_name)
+
 UIDS = ("a", "b", "c")
 CALLS = st.one_of(
     st.tuples(st.just("put"), st.sampled_from(UIDS), st.integers(0, 5)),
@@ -80,21 +86,22 @@ PEERS = ("p1", "p2")
 ME = "me"
 
 
-def replay(records) -> bytes:
+def replay(model, records) -> bytes:
     """From scratch: every record in key order on a fresh state."""
-    state, dedup, log = tracked.convert(shop.root_factory()), {}, tracked.UndoLog()
+    state, dedup, log = model.new_state(), {}, tracked.UndoLog()
     for rec in sorted(records, key=Record.key.fget):
         if rec.tx:
-            shop.apply(state, dedup, rec, Context(), log)
+            model.apply(state, dedup, rec, Context(), log)
     return _encoder.encode((state, dedup))
 
 
 class ReplicaMachine(RuleBasedStateMachine):
     @initialize(journals=st.fixed_dictionaries({p: st.lists(st.tuples(st.integers(1, 4), CALLS), max_size=8)
-                                                for p in PEERS}), check=st.booleans())
-    def setup(self, journals, check):
-        self.replica = Replica(shop, check=check)
-        self.replica.reset(shop.root_factory(), {}, 0, {})
+                                                for p in PEERS}), check=st.booleans(), tracking=st.booleans())
+    def setup(self, journals, check, tracking):
+        self.model = shop if tracking else shop_plain
+        self.replica = replica_for(self.model, check=check)
+        self.replica.reset(self.model.root_factory(), {}, 0, {})
         self.replica.become_multi()
         # Each peer's journal: hlc strictly increasing (gaps drawn), seq gap-free.
         self.journals = {}
@@ -150,7 +157,7 @@ class ReplicaMachine(RuleBasedStateMachine):
     def live_state_is_the_replay_of_everything_applied(self):
         if not hasattr(self, "replica"):
             return
-        assert _encoder.encode((self.replica.state, self.replica.dedup)) == replay(self.applied)
+        assert _encoder.encode((self.replica.state, self.replica.dedup)) == replay(self.model, self.applied)
 
     @invariant()
     def committed_state_is_the_replay_of_the_committed_records(self):
@@ -159,7 +166,7 @@ class ReplicaMachine(RuleBasedStateMachine):
         f = self.replica.frontier
         committed = [r for r in self.applied if r.hlc <= f]
         got = self.replica.with_committed(lambda state, dedup: _encoder.encode((state, dedup)))
-        assert got == replay(committed)
+        assert got == replay(self.model, committed)
         assert sorted(r.key for r in self.replica.tentative) == sorted(r.key for r in self.applied if r.hlc > f)
 
 

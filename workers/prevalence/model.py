@@ -113,11 +113,24 @@ class Model:
         request_ids_kept_s: how long (record time) a request id is remembered (module
             docstring); None = for ever. Part of the replicated semantics: every master
             must run the same value, as they run the same transactions.
+        tracking: True (default): the state is change-tracked (`tracked`): one copy per
+            master, a rebase undoes the window, transactions are atomic. False opts out,
+            for a state the change log cannot hold (sets, objects): each master then keeps
+            a second, committed copy, a rebase restores it by copying (cost: the size of
+            the state) and a transaction that raises after mutating leaves its partial
+            change behind (identically everywhere). Part of the replicated semantics.
+        copy: with ``tracking=False``, a fast deep copy of the state (default: through the
+            codec). It must return a state equal to its argument sharing nothing mutable.
     """
 
     def __init__(self, name: str, root_factory: Callable[[], Any], *, state_type: Any = None,
-                 request_ids_kept_s: float | None = REQUEST_IDS_KEPT_S_DEFAULT):
+                 request_ids_kept_s: float | None = REQUEST_IDS_KEPT_S_DEFAULT, tracking: bool = True,
+                 copy: Callable[[Any], Any] | None = None):
         self.name = name
+        if copy is not None and tracking:
+            raise ValueError("copy= is for a model that opts out of change tracking (tracking=False)")
+        self.tracking = tracking
+        self._copy = copy
         if request_ids_kept_s is not None and request_ids_kept_s <= 0:
             raise ValueError(f"request_ids_kept_s must be positive or None, got {request_ids_kept_s!r}")
         self._kept_ms = None if request_ids_kept_s is None else int(request_ids_kept_s * 1000)
@@ -162,6 +175,18 @@ class Model:
             f.query_name = q
             return f
         return register(fn) if fn is not None else register
+
+    def new_state(self, state: Any = None) -> Any:
+        """The state a master starts from: `state` (a decoded snapshot) or the initial one,
+        made change-tracked unless the model opted out."""
+        state = self.root_factory() if state is None else state
+        return tracked.convert(state) if self.tracking else state
+
+    def copy_state(self, state: Any) -> Any:
+        """An independent copy of an untracked state (``tracking=False``)."""
+        if self._copy is not None:
+            return self._copy(state)
+        return codec.round_trip(state, self.state_type)
 
     # -- requests ------------------------------------------------------------------
 
@@ -231,7 +256,7 @@ class Model:
         fn = self.transactions[record.tx]  # outside the try: an unknown name is a bug here
         ctx.record = record
         ctx._random = None
-        mark = log.mark()
+        mark = log.base + len(log.entries)
         tracked.begin_record(log)
         try:
             value = fn(root, ctx, *record.args)

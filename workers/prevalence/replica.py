@@ -76,7 +76,7 @@ class Replica:
     def reset(self, state: Any, dedup: dict, frontier: int, cursors: dict[str, int]) -> None:
         """Start from a base (a snapshot's committed state, or the initial state)."""
         with codec.gc_paused():
-            self.state = tracked.convert(state)
+            self.state = self.model.new_state(state)
         self.dedup = dedup
         self.frontier = frontier
         self.cursors = cursors
@@ -123,20 +123,34 @@ class Replica:
         return _check_encoder.encode(self.state)
 
     def apply_own(self, rec: Record) -> dict:
-        """Apply this master's new record (it orders after everything applied)."""
+        """Apply this master's new record (it orders after everything applied).
+
+        Alone, it commits at once (`advance_alone` moves the frontier); otherwise it joins
+        the tentative window.
+        """
+        if not self.multi:
+            out = self._apply(rec) if rec.tx else _TICK_OUTCOME
+            log = self.log
+            if log.entries:  # committed: nothing will undo it
+                log.base += len(log.entries)
+                log.entries.clear()
+            self.cursors[rec.master] = rec.seq
+            self.version += 1
+            return out
         tentative = self.tentative
         if tentative:
             check(rec.key > tentative[-1].key, f"own record {rec.record_id} orders before the tentative "
                   f"record {tentative[-1].record_id}")
         self.version += 1
-        if not self.multi:
-            out = self._apply(rec)
-            self.log.forget_before(self.log.mark())
-            self.cursors[rec.master] = rec.seq
-            return out
         self._marks.append(self.log.mark())
         tentative.append(rec)
         return self._apply(rec) if rec.tx else _TICK_OUTCOME
+
+    def advance_alone(self, hlc: int) -> None:
+        """Sole member: the frontier is this master's own clock (everything is committed)."""
+        check(not self.multi and not self.tentative, "advance_alone on a replica with other members")
+        if hlc > self.frontier:
+            self.frontier = hlc
 
     def apply_own_many(self, recs: list[Record]) -> list[dict]:
         """`apply_own` for a batch, in order."""
@@ -230,6 +244,70 @@ class Replica:
         finally:
             with codec.gc_paused():
                 self._extend(window)
+
+
+class CopyingReplica(Replica):
+    """The fallback for a model that opts out of change tracking (``tracking=False``).
+
+    It keeps a second, committed copy of the state: a record is applied to the live state
+    and again to the committed copy when it commits, and a rebase restores the live state
+    by copying the committed one and applying the whole window again (cost: the size of
+    the state). The undo log only ever holds the record being applied.
+    """
+
+    def __init__(self, model: Model, *, check: bool = False) -> None:
+        super().__init__(model, check=False)  # check mode needs the undo log
+        self.committed_state: Any = None
+        self.committed_dedup: dict = {}
+
+    def reset(self, state: Any, dedup: dict, frontier: int, cursors: dict[str, int]) -> None:
+        super().reset(state, dedup, frontier, cursors)
+        self.committed_state, self.committed_dedup = None, {}
+
+    def become_multi(self) -> None:
+        super().become_multi()
+        self.committed_state = self.model.copy_state(self.state)
+        self.committed_dedup = dict(self.dedup)  # entries are immutable
+
+    def _apply(self, rec: Record) -> dict:
+        out = self.model.apply(self.state, self.dedup, rec, self._ctx, self.log)
+        self.log.forget_before(self.log.mark())
+        return out
+
+    def ingest(self, incoming: list[Record], *, watch: str | None = None,
+               on_outcome: OutcomeHook | None = None) -> bool:
+        if not incoming:
+            return False
+        if not self.multi or not self.tentative or incoming[0].key > self.tentative[-1].key:
+            return super().ingest(incoming, watch=watch, on_outcome=on_outcome)
+        self.version += 1
+        merged = self.tentative + incoming
+        merged.sort(key=Record.key.fget)
+        with codec.gc_paused():
+            self.state = self.model.copy_state(self.committed_state)
+            self.dedup = dict(self.committed_dedup)
+            self.tentative, self._marks = [], []
+            self._extend(merged, watch=watch, on_outcome=on_outcome)
+        self.rebases += 1
+        return True
+
+    def commit(self, frontier: int) -> int:
+        done = self.tentative[:bisect.bisect_right(self.tentative, frontier, key=_hlc)]
+        if done and self.multi:
+            log = tracked.UndoLog()
+            with codec.gc_paused():
+                self.model.replay(self.committed_state, self.committed_dedup, done, self._ctx, log)
+        return super().commit(frontier)
+
+    def with_committed(self, fn: Callable[[Any, dict], Any]) -> Any:
+        if not self.multi:
+            return fn(self.state, self.dedup)
+        return fn(self.committed_state, self.committed_dedup)
+
+
+def replica_for(model: Model, *, check: bool = False) -> Replica:
+    """The replica a model needs: change-tracked, or the copying fallback."""
+    return Replica(model, check=check) if model.tracking else CopyingReplica(model)
 
 
 _TICK_OUTCOME = {"status": "ok", "value": None, "error": None}

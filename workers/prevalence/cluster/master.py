@@ -27,7 +27,7 @@ from .. import journal
 from ..clock import HybridClock, wall_ms
 from ..errors import StorageError
 from ..model import Model
-from ..replica import Replica
+from ..replica import replica_for
 from ..writer import JournalWriter
 from . import folder
 from .housekeeping import Housekeeping
@@ -101,7 +101,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
                    drift_max_ms=drift_max_ms, now_ms=now_ms, fault=fault)
         if check_transactions is None:
             check_transactions = os.environ.get("PREVALENCE_CHECK_TRANSACTIONS", "") in ("1", "on", "true")
-        self.replica.check = bool(check_transactions)
+        self.replica.check = bool(check_transactions) and model.tracking
         self.deferred_sync = deferred_sync and fsync == "always"
         try:
             self._recover()
@@ -137,7 +137,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         self.deferred_sync = False
         self.seq = 0                     # last own seq written
         self.own_horizon = 0             # hlc of the last own record
-        self.replica = Replica(model)   # the state, the tentative window, frontier and cursors
+        self.replica = replica_for(model)  # the state, the tentative window, frontier and cursors
         self.peers: dict[str, Peer] = {}
         self.acks: dict[str, int] = {}
         self.retired: dict[str, int] = {}

@@ -86,7 +86,7 @@ def verify(shared_dir: str, model: Model, *, cluster_key: bytes | None = None) -
     records.sort(key=Record.key.fget)
     digests = []
     for _ in range(2):
-        root = tracked.convert(make_root())
+        root = model.new_state(make_root())
         dedup = dict(dedup0)  # entries are replaced, never mutated
         ctx, log = Context(), tracked.UndoLog()
         duplicates = 0

@@ -97,7 +97,7 @@ class Writing:
         else:
             if rid:
                 self._remember(rec, out)
-            replica.commit(self.clock.last)
+            replica.advance_alone(self.clock.last)
         status = out["status"]
         if status == OK:
             return out["value"]
@@ -204,7 +204,7 @@ class Writing:
                 if multi or rec.rid:
                     self._remember(rec, out)
             if not multi:
-                replica.commit(self.clock.last)
+                replica.advance_alone(self.clock.last)
         for i, plan in enumerate(outs):
             if isinstance(plan, int):
                 first = dict(records)[plan]
