@@ -1,9 +1,10 @@
-"""A master's status document in Redis: where it lives, for how long, how it is written.
+"""What a master publishes to Redis, and where: its status document after every sync, and
+the committed outcomes of its own requests.
 
-The one contract between the master that publishes its status after every sync
-(`workers.master.publisher`) and the operators' tools that read it
-(`workers.client.monitor`). Redis holds nothing that matters (DESIGN invariant 6): if the
-keys are flushed they come back at the next sync.
+The one contract between the master that publishes (`workers.master.publisher`) and the
+clients and operators' tools that read (`workers.client`). Redis holds nothing that
+matters (DESIGN invariant 6): status keys come back at the next sync; a flushed outcome
+key only makes a waiting client ask the master itself (the ``prevalence.outcome`` task).
 """
 
 from __future__ import annotations
@@ -16,6 +17,16 @@ STATUS_KEY_PREFIX = "prevalence:status:"
 STATUS_TTL_S_MIN = 60.0
 #: Redis calls from a master are best-effort monitoring: they must not stall a task.
 REDIS_TIMEOUT_S = 2.0
+
+
+OUTCOME_KEY_PREFIX = "prevalence:outcome:"
+#: How long a committed outcome waits in Redis for a client to read it (seconds).
+OUTCOME_TTL_S = 3600.0
+
+
+def outcome_key(rid: str) -> str:
+    """The Redis key of the committed outcome of request `rid`."""
+    return f"{OUTCOME_KEY_PREFIX}{rid}"
 
 
 def status_key(master: str) -> str:

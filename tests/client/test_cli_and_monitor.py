@@ -133,3 +133,27 @@ def test_a_retired_master_is_neither_expected_nor_evaluated(monkeypatch, tmp_pat
                                 read_retired=lambda shared: {"c": 3}, now_s=100.0)
     assert view["converged"], view["reasons"]
     assert view["retired"] == ["c"] and set(view["masters"]) == {"a"}
+
+
+def _cli(*args, env_extra):
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **env_extra}
+    return subprocess.run([sys.executable, "-m", "workers.client.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args", [("tx", "deposit", "a", "1", "--timeout", "3"), ("query", "balance", "a"),
+                                  ("sync",), ("outcome", "k1", "--timeout", "3")])
+def test_with_redis_down_the_cli_says_so_in_one_line_and_exits_4_within_its_timeout(tmp_path, args):
+    done = _cli(*args, env_extra={"CELERY_BROKER_URL": "redis://127.0.0.1:1/0",
+                                  "PREVALENCE_SHARED_DIR": str(tmp_path)})
+    assert done.returncode == 4, done.stderr
+    assert done.stderr.count("\n") == 1 and "cannot reach the broker" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_write_that_times_out_says_how_to_retry_and_prints_no_traceback(tmp_path, broker):
+    done = _cli("tx", "deposit", "a", "1", "--timeout", "1", "--key", "retry-me",
+                env_extra={"CELERY_BROKER_URL": broker.url, "PREVALENCE_SHARED_DIR": str(tmp_path)})
+    assert done.returncode == 4, done.stderr
+    assert "no reply" in done.stderr and "--key retry-me" in done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr

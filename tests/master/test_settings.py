@@ -8,6 +8,8 @@ import pytest
 
 from workers.settings import SettingsError, load_settings, parse_duration_s, read_env_file
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def load(tmp_path: Path, **env: str):
     return load_settings(env, cwd=tmp_path)
@@ -134,3 +136,18 @@ def test_settings_accept_exactly_the_engines_fsync_modes_and_master_names(tmp_pa
                  "x" * 64, "x" * 65, "é"]:
         engine_ok = bool(folder.NAME_RE.match(name))
         assert bool(config_settings._MASTER_NAME.match(name)) == engine_ok, name
+
+
+@pytest.mark.parametrize("command", [["worker", "-P", "solo"], ["beat"], ["flower"]])
+def test_a_bad_setting_stops_worker_beat_and_flower_with_one_line_and_exit_78(tmp_path, command):
+    import subprocess
+    import sys
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "PREVALENCE_FSYNC": "sometimes",
+           "PREVALENCE_SHARED_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "celery", "-A", "workers", *command], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert done.returncode == 78, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "prevalence: bad setting: PREVALENCE_FSYNC: 'sometimes' is not one of always, interval, never "
+        "(`always` is the safe default)"]

@@ -1,7 +1,8 @@
 """The `prevalence` command line.
 
     prevalence status [--json]                       the cluster, from Redis (or the folder)
-    prevalence tx NAME ARG... [--master M] [--key K] [--json]
+    prevalence tx NAME ARG... [--master M] [--key K] [--wait committed] [--route-key K] [--json]
+    prevalence outcome KEY [--master M] [--wait] [--json]   a request's (final) outcome
     prevalence query NAME ARG... [--master M] [--json]
     prevalence sync [--master M]                     broadcast, or one master with its report
     prevalence snapshot [--master M]
@@ -31,7 +32,9 @@ import json
 import math
 import re
 import sys
+import shlex
 import time
+import uuid
 from typing import Any, Sequence
 
 EXIT_OK = 0
@@ -179,7 +182,8 @@ def _report_outcome(outcome: dict, as_json: bool, *, write: bool = True) -> int:
         value = raise_for_outcome(outcome)
     except (TransactionRejected, TransactionFailed) as exc:
         if not as_json:
-            print(f"{outcome.get('status')}: {exc}", file=sys.stderr)
+            print(f"{outcome.get('status')}: {exc}" + (_tentative_note(outcome) if write else ""),
+                  file=sys.stderr)
         return EXIT_REFUSED
     except Exception as exc:  # RequestRefused
         if not as_json:
@@ -190,15 +194,61 @@ def _report_outcome(outcome: dict, as_json: bool, *, write: bool = True) -> int:
     if not as_json:
         suffix = " (already applied earlier: recorded outcome)" if outcome.get("duplicate") else ""
         print(json.dumps(value, default=str) + (f"   [master {outcome.get('master')}]"
-                                                 if outcome.get("master") else "") + suffix)
+                                                 if outcome.get("master") else "") + suffix
+              + (_tentative_note(outcome) if write else ""))
     return EXIT_OK
+
+
+def _tentative_note(outcome: dict) -> str:
+    """What a person must know of an answer that is not final yet."""
+    if outcome.get("committed", True):
+        return ""
+    key = outcome.get("rid")
+    return ("   TENTATIVE: a write of another master may still change this outcome; final: "
+            f"prevalence outcome {key} --wait" if key else "   TENTATIVE")
 
 
 def cmd_tx(args: argparse.Namespace) -> int:
     _check_master(args.master)
     values = parse_arguments(args.args, strings=args.strings)
     client = _client(args.timeout)
-    outcome = client.execute_outcome(args.name, *values, master=args.master, key=args.key)
+    master = args.master
+    if master is None and args.route_key is not None:
+        master = client.route(args.route_key)
+    deadline = time.monotonic() + args.timeout
+    from workers.client import BrokerUnavailable, NoReply
+
+    # The request id is the key, else the task id: known before sending, so that a lost
+    # reply can name the exact retry that applies once.
+    task_id = str(uuid.uuid4())
+    try:
+        outcome = client.execute_outcome(args.name, *values, master=master, key=args.key, task_id=task_id)
+    except BrokerUnavailable:
+        raise
+    except NoReply as exc:
+        retry = " ".join(["prevalence", "tx", args.name, *map(shlex.quote, args.args),
+                          *(["--master", master] if master else []), "--key", args.key or task_id])
+        raise CliError(f"{exc}\n  retry, applied at most once: {retry}", EXIT_NO_REPLY) from exc
+    if args.wait == "committed" and not outcome.get("committed") and outcome.get("rid"):
+        first = outcome
+        outcome = client.wait_committed(outcome, max(0.0, deadline - time.monotonic()))
+        if (first.get("status"), first.get("value")) != (outcome.get("status"), outcome.get("value")):
+            print(f"note: the first answer was {first.get('status')} "
+                  f"{json.dumps(first.get('value'), default=str)}; the committed order changed it",
+                  file=sys.stderr)
+    return _report_outcome(outcome, args.json)
+
+
+def cmd_outcome(args: argparse.Namespace) -> int:
+    _check_master(args.master)
+    client = _client(args.timeout)
+    outcome = client.outcome(args.key, master=args.master, wait=args.wait, timeout_s=args.timeout)
+    if outcome.get("status") == "unknown":
+        if args.json:
+            _print_json(outcome)
+        else:
+            print(f"unknown: {outcome.get('error')}", file=sys.stderr)
+        return EXIT_NO_REPLY
     return _report_outcome(outcome, args.json)
 
 
@@ -327,7 +377,21 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--key", help="request key: a retry with the same key applies once "
                            "(retry on the same --master to get the recorded outcome back "
                            "at once; elsewhere it is applied once after the next sync)")
+            p.add_argument("--wait", choices=("tentative", "committed"), default="tentative",
+                           help="tentative (default): the master's first answer, which a write "
+                           "of another master may still change; committed: wait for the final "
+                           "outcome (exit status follows it)")
+            p.add_argument("--route-key", metavar="K", help="send every write with this key to "
+                           "the same master while it is up (writes on one entity keep their order)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("outcome", help="the outcome of a request key, and whether it is final")
+    p.add_argument("key", help="the request key (--key of `tx`, or the task id it printed)")
+    p.add_argument("--master", "-m", help="ask this master (best: the one that answered)")
+    p.add_argument("--wait", action="store_true", help="wait until the outcome is committed")
+    p.add_argument("--json", action="store_true", help="print the outcome document")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
+    p.set_defaults(func=cmd_outcome)
 
     for name, func, what in (("sync", cmd_sync, "sync"), ("snapshot", cmd_snapshot, "snapshot")):
         p = sub.add_parser(name, help=f"{what} every master now (or one, with --master)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shlex
 import shutil
 import signal
 import sys
@@ -53,43 +54,64 @@ def _say(text: str) -> None:
 
 def workload(client: Any, masters: list[str], transactions: int, seed: int = 7,
              settle: Any = None) -> dict:
-    """Run the demo workload through Celery; returns counts of outcomes by status.
+    """Run the demo workload through Celery; returns counts of *final* outcomes.
 
-    `settle()`, when given, is called once the accounts are opened (the demo waits there
-    for convergence, so that later refusals are overdrafts, not unknown accounts)."""
+    Every write is answered at once (tentatively, with three masters); the counts are of
+    the committed outcomes, waited for after the workload, labelled by cause ("refused: no
+    account" is a transfer that reached a master before the account's record did, not an
+    overdraft), plus ``changed``: first answers the committed order changed. `settle()`,
+    when given, is called once the accounts are opened (the demo waits there for
+    convergence, so that later refusals are overdrafts, not unknown accounts)."""
     rng = random.Random(seed)
     run = f"{int(time.time())}"
-    counts: dict[str, int] = {}
-
-    def count(outcome: dict) -> None:
-        counts[outcome["status"]] = counts.get(outcome["status"], 0) + 1
+    answers: list[dict] = []
 
     # Each master opens its own accounts (aimed writes: master.<name>).
     accounts = []
     for name in masters:
         for i in range(3):
             account = f"{name}-{run}-{i}"
-            count(client.execute_outcome("open_account", account, 100, master=name))
+            answers.append(client.execute_outcome("open_account", account, 100, master=name))
             accounts.append(account)
-    counts["_example_account"] = accounts[0]  # type: ignore[assignment]
     if settle is not None:
         settle()
     # Deposits through the shared queue: whichever master is free takes each one.
     results = [client.app.send_task("prevalence.execute",
                                     args=["deposit", [rng.choice(accounts), rng.randint(1, 20)]])
                for _ in range(transactions // 2)]
-    for result in results:
-        count(result.get(timeout=60, interval=0.02))
-    # One batch on one master: one fsync for all of it.
+    answers += [result.get(timeout=60, interval=0.02) for result in results]
+    # One batch on one master: one fsync for all of it (item i's request id is KEY:i).
     batch = [("deposit", [rng.choice(accounts), 1]) for _ in range(transactions // 4)]
-    for outcome in client.execute_many(batch, master=masters[0]):
-        count(outcome)
-    # Transfers aimed at every master; some may be refused until accounts have synced.
+    key = f"demo-batch-{run}"
+    for i, outcome in enumerate(client.execute_many(batch, master=masters[0], key=key)):
+        answers.append(dict(outcome, rid=f"{key}:{i}", master=masters[0]))
+    # Transfers aimed at every master, concurrently: some conflict, and the committed order
+    # decides which pass.
     for i in range(transactions // 4):
         src, dst = rng.sample(accounts, 2)
-        count(client.execute_outcome("transfer", src, dst, rng.randint(1, 50),
-                                     master=masters[i % len(masters)]))
+        answers.append(client.execute_outcome("transfer", src, dst, rng.randint(1, 50),
+                                              master=masters[i % len(masters)]))
+    counts: dict = {"changed": 0}
+    for answer in answers:
+        final = answer if answer.get("committed") else client.wait_committed(answer, 60)
+        label = _label(final)
+        counts[label] = counts.get(label, 0) + 1
+        if (answer.get("status"), answer.get("value")) != (final.get("status"), final.get("value")):
+            counts["changed"] += 1
+    counts["_example_account"] = accounts[0]
     return counts
+
+
+def _label(outcome: dict) -> str:
+    """An outcome's status, with the cause of a refusal."""
+    status = outcome.get("status")
+    if status != "rejected":
+        return str(status)
+    error = outcome.get("error") or ""
+    for cause in ("insufficient funds", "no account"):
+        if cause in error:
+            return f"refused: {cause}"
+    return "refused"
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -141,8 +163,10 @@ def run_demo(args: argparse.Namespace) -> int:
         counts = workload(client, masters, args.transactions,
                           settle=lambda: cluster.wait_converged(CONVERGE_S))
         example = counts.pop("_example_account")
-        _say("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-             + " (a rejection is the model refusing an overdraft; it is recorded too)")
+        changed = counts.pop("changed")
+        _say("final (committed) outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+             + f"; {changed} first answer(s) changed by the committed order (tentative answers: "
+             "another master's write that orders first can change them; a refusal is recorded too)")
         _say("waiting for convergence ...")
         try:
             view = cluster.wait_converged(CONVERGE_S, model=model)
@@ -165,10 +189,12 @@ def run_demo(args: argparse.Namespace) -> int:
             _say(f"Flower: {cluster.flower_url}  (workers, tasks, each sync's report)")
         if not args.unattended and not stopping["flag"]:
             _say("cluster running. Try, in another shell with the same environment:")
+            # The command of this environment, by path: the venv is not on PATH in a new shell.
+            cli = shlex.quote(os.path.join(os.path.dirname(sys.executable), "prevalence"))
             print(f"    export CELERY_BROKER_URL={broker.url} PREVALENCE_SHARED_DIR={cluster.shared_dir}")
-            print(f"    prevalence tx deposit {example} 10 --master {masters[1]}")
-            print(f"    prevalence query balance {example} --master {masters[0]}")
-            print("    prevalence status")
+            print(f"    {cli} tx deposit {example} 10 --master {masters[1]} --wait committed")
+            print(f"    {cli} query balance {example} --master {masters[0]}")
+            print(f"    {cli} status")
             _say("press Ctrl-C to stop")
             while True:
                 time.sleep(3600)

@@ -72,6 +72,7 @@ class MasterRuntime:
         self.last_sync_at = time.time()
         self.last_sync_task_id = task_id
         self.publish()
+        self.publish_committed()
         return self.last_sync if isinstance(self.last_sync, dict) else {"report": self.last_sync}
 
     def status_document(self) -> dict[str, Any]:
@@ -107,6 +108,16 @@ class MasterRuntime:
     def publish(self) -> None:
         """Publish the status document to Redis (best effort; see `StatusPublisher`)."""
         self.publish_document(self.status_document())
+
+    def publish_committed(self) -> None:
+        """Publish the final outcomes of this master's requests committed since the last
+        sync, for clients waiting on them (``Client.execute(..., wait="committed")``)."""
+        documents = [plain(doc) for doc in self.master.drain_committed()]
+        if documents and self.publisher is not None:
+            master = self.name
+            for doc in documents:
+                doc["master"] = master
+            self.publisher.publish_outcomes(documents)
 
     def publish_document(self, document: dict[str, Any]) -> None:
         """Publish a given status document (used for the final one, after close)."""

@@ -6,7 +6,9 @@ Outcome documents (what `execute`, `query` and each item of `execute_many` retur
     {"status": "ok" | "rejected" | "error",
      "value": <result, JSON builtins>, "error": str | None, "error_type": str | None,
      "master": <name of the master that answered>, "rid": <request id>,
-     "duplicate": bool}   # True: the request id had already been applied; recorded outcome
+     "duplicate": bool,   # True: the request id had already been applied; recorded outcome
+     "committed": bool,   # False: tentative, a rebase may still change it (see `outcome`)
+     "record": "master:seq" | None}   # the journal record that carries it
 
 A refused or failed transaction is an outcome, not a task failure: the caller gets a
 clear error and Flower shows what happened. A task fails (raises) only on a bug, after
@@ -43,11 +45,12 @@ NOT_READY_RETRIES_MAX = 240
 
 def _outcome(status: str, *, value: Any = None, error: str | None = None,
              error_type: str | None = None, rid: str | None = None,
-             duplicate: bool = False) -> dict[str, Any]:
+             duplicate: bool = False, committed: bool = False,
+             record: str | None = None) -> dict[str, Any]:
     current = runtime.get()
     return {"status": status, "value": runtime.plain(value), "error": error,
             "error_type": error_type, "master": current.name if current else None,
-            "rid": rid, "duplicate": duplicate}
+            "rid": rid, "duplicate": duplicate, "committed": committed, "record": record}
 
 
 def _bad_request(message: str, rid: str | None = None) -> dict[str, Any]:
@@ -78,7 +81,8 @@ def _item_outcome(out: Any, tx: Any) -> dict[str, Any]:
     that raised is reported as ``TransactionFailed``. (A 1000-item reply stays small:
     master and request ids are implied by the batch and the item's position.)"""
     status = out.get("status")
-    item: dict[str, Any] = {"status": status, "value": runtime.plain(out.get("value"))}
+    item: dict[str, Any] = {"status": status, "value": runtime.plain(out.get("value")),
+                            "committed": bool(out.get("committed"))}
     if status == "rejected":
         item.update(error=out.get("error"), error_type="Rejected")
     elif status != "ok":
@@ -94,7 +98,8 @@ def _from_engine(out: Any, tx: Any, rid: str | None) -> dict[str, Any]:
     item = _item_outcome(out, tx)
     return _outcome(str(item["status"]), value=item["value"], error=item.get("error"),
                     error_type=item.get("error_type"), rid=rid,
-                    duplicate=item.get("duplicate", False))
+                    duplicate=item.get("duplicate", False), committed=item["committed"],
+                    record=out.get("record"))
 
 
 def _refused(exc: Exception, rid: str | None) -> dict[str, Any]:
@@ -256,6 +261,27 @@ def snapshot(self: Any) -> dict:
                      current.name, exc)
         return {"master": current.name, "error": str(exc), "error_type": type(exc).__name__}
     return {"master": current.name, "path": str(path)}
+
+
+@app.task(name="prevalence.outcome", acks_late=False)
+def outcome(key: str) -> dict:
+    """The recorded outcome of request `key` on this master, with ``committed``.
+
+    Send it to the master that answered the write: another master knows the outcome only
+    once it has read the record. ``status: "unknown"`` when this master has not seen it.
+    """
+    problem = _check_rid(key) if key else "a request key is required"
+    if problem:
+        return _bad_request(problem, key)
+    current = runtime.require()
+    doc = current.master.outcome(key)
+    if doc is None:
+        return _outcome("unknown", error=f"master {current.name!r} knows no request {key!r} (not "
+                        "written yet, or its record not read here yet)", error_type="UnknownRequest",
+                        rid=key)
+    error_type = {"rejected": "Rejected", "error": "TransactionFailed"}.get(doc["status"])
+    return _outcome(doc["status"], value=doc.get("value"), error=doc.get("error"), error_type=error_type,
+                    rid=key, committed=bool(doc.get("committed")), record=doc.get("record"))
 
 
 @app.task(name="prevalence.status", acks_late=False)

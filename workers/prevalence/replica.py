@@ -204,23 +204,24 @@ class Replica:
                 if on_outcome is not None and rec.master == watch:
                     on_outcome(rec, out)
 
-    def commit(self, frontier: int) -> int:
+    def commit(self, frontier: int) -> list[Record]:
         """The frontier moved to `frontier`: records at or below it are committed.
 
-        Returns how many records (ticks included) left the window.
+        Returns the records (ticks included) that left the window, in key order.
         """
         check(frontier >= self.frontier, f"frontier would move backwards: {self.frontier} -> {frontier}")
         self.frontier = frontier
         tentative = self.tentative
         n = bisect.bisect_right(tentative, frontier, key=_hlc)
+        done = tentative[:n]
         if n:
             cursors = self.cursors
-            for rec in tentative[:n]:
+            for rec in done:
                 if rec.seq > cursors.get(rec.master, 0):
                     cursors[rec.master] = rec.seq  # never back (a late tick)
             self.log.forget_before(self._marks[n] if n < len(self._marks) else self.log.mark())
             del tentative[:n], self._marks[:n]
-        return n
+        return done
 
     def tentative_real(self) -> int:
         """Tentative records that are not ticks."""
@@ -291,7 +292,7 @@ class CopyingReplica(Replica):
         self.rebases += 1
         return True
 
-    def commit(self, frontier: int) -> int:
+    def commit(self, frontier: int) -> list[Record]:
         done = self.tentative[:bisect.bisect_right(self.tentative, frontier, key=_hlc)]
         if done and self.multi:
             log = tracked.UndoLog()

@@ -142,6 +142,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         self.acks: dict[str, int] = {}
         self.retired: dict[str, int] = {}
         self.outcomes: dict = {}         # own request id (or master:seq) -> (hlc, outcome)
+        self._committed_rids: list[str] = []  # own request ids committed since the last drain
         self.outcomes_changed = 0
         self.last_error: str | None = None
         self.snapshot_frontier = -1

@@ -79,6 +79,7 @@ class Syncing:
         if self.closed:
             raise InvariantViolation(f"sync on closed master {self.name!r}")
         started = time.perf_counter()
+        changed_before = self.outcomes_changed
         # 1. Membership: retirements, newcomers.
         self.retired = membership.read_retired(self.shared)
         if self.name in self.retired:
@@ -139,6 +140,7 @@ class Syncing:
         return {"master": self.name, "applied": applied, "rebased": rebased, "ticked": ticked,
                 "frontier": self.frontier, "tentative": self.replica.tentative_real(), "errors": errors,
                 "held": {m: p.held_reason for m, p in self.peers.items() if p.held_reason},
+                "reversed": self.outcomes_changed - changed_before,
                 "joined": self.joined, "duration_ms": round((time.perf_counter() - started) * 1000, 3)}
 
     def _peer(self, m: str) -> Peer:
@@ -306,7 +308,7 @@ class Syncing:
         if f <= self.frontier:
             return
         # Commit, in key order, every tentative record at or below the frontier.
-        self.replica.commit(f)
+        self._note_committed(self.replica.commit(f))
 
     def _peer_progress(self, m: str) -> Progress | None:
         """Another master's progress; a damaged one counts as absent (and is reported)."""

@@ -24,6 +24,8 @@ from ..model import OK, REJECTED
 log = logging.getLogger("prevalence.master")
 
 OUTCOMES_KEPT = 100_000
+#: Committed own request ids kept for `drain_committed` between two drains.
+COMMITTED_PENDING_MAX = 100_000
 _args = operator.attrgetter("args")
 _FLAT = frozenset({str, int, float, bool, type(None), bytes})  # values the codec returns unchanged
 
@@ -108,7 +110,10 @@ class Writing:
 
         Every request is checked before anything is written: one bad request refuses the
         whole batch. Returns one outcome dict per request: {"status": "ok"|"rejected"|
-        "error", "value", "error"} (+ "duplicate_of" for a request id already known).
+        "error", "value", "error", "record": "master:seq", "committed": bool} (+
+        "duplicate_of" for a request id already known). ``committed`` False means
+        tentative: a rebase may still change the outcome (`outcome(rid)` tells the final one
+        once the frontier passes the record; with one member it is final at once).
         """
         if self._unsettled:
             self.settle()
@@ -142,7 +147,8 @@ class Writing:
                 if first is not None:
                     # Idempotency: a known request id takes effect once; answer with its outcome.
                     plans.append({"status": first.status, "value": first.value, "error": first.error,
-                                  "duplicate_of": first.record_id})
+                                  "duplicate_of": first.record_id, "record": first.record_id,
+                                  "committed": first.hlc <= self.replica.frontier})
                     continue
                 if rid in batch_rids:
                     plans.append(batch_rids[rid])  # the same request id twice in one batch
@@ -203,6 +209,9 @@ class Writing:
                 outs[i] = out
                 if multi or rec.rid:
                     self._remember(rec, out)
+                # Final at once for a sole member; else tentative until the frontier passes.
+                out["committed"] = not multi
+                out["record"] = rec.record_id
             if not multi:
                 replica.advance_alone(self.clock.last)
         for i, plan in enumerate(outs):
@@ -210,6 +219,29 @@ class Writing:
                 first = dict(records)[plan]
                 outs[i] = dict(outs[plan], duplicate_of=first.record_id)
         return outs
+
+    def _note_committed(self, records: list) -> None:
+        """Own records with a request id that just committed: their final outcomes wait
+        for `drain_committed` (bounded: the oldest are dropped, their waiters ask again)."""
+        me, pending = self.name, self._committed_rids
+        for rec in records:
+            if rec.rid and rec.master == me:
+                pending.append(rec.rid)
+        if len(pending) > COMMITTED_PENDING_MAX:
+            del pending[:len(pending) - COMMITTED_PENDING_MAX]
+
+    def drain_committed(self) -> list[dict]:
+        """The final outcomes of this master's own requests committed since the last call:
+        ``{"rid", "status", "value", "error", "record", "committed": True}`` each. The
+        Celery tier publishes them after every sync for clients waiting on them."""
+        rids, self._committed_rids = self._committed_rids, []
+        out = []
+        for rid in rids:
+            doc = self.outcome(rid)
+            if doc is not None and doc["committed"]:
+                doc["rid"] = rid
+                out.append(doc)
+        return out
 
     def _remember(self, rec: Record, out: dict) -> None:
         if rec.master != self.name:
