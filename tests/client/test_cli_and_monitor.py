@@ -157,3 +157,35 @@ def test_a_write_that_times_out_says_how_to_retry_and_prints_no_traceback(tmp_pa
     assert done.returncode == 4, done.stderr
     assert "no reply" in done.stderr and "--key retry-me" in done.stderr
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+
+
+def test_a_committed_wait_tells_the_caller_when_the_committed_order_reversed_the_answer(monkeypatch):
+    from workers.client import Client, TransactionRejected
+
+    client = Client(app=object())
+    first = {"status": "ok", "value": 20, "rid": "k", "master": "alpha", "committed": False}
+    final = {"status": "rejected", "value": None, "error": "insufficient funds", "rid": "k",
+             "master": "alpha", "committed": True}
+    monkeypatch.setattr(client, "execute_outcome", lambda *a, **k: first)
+    monkeypatch.setattr(client, "wait_committed", lambda answer, timeout_s: final)
+    seen = []
+    with pytest.raises(TransactionRejected, match="insufficient funds"):
+        client.execute("withdraw", "a", 80, wait="committed", on_change=lambda t, f: seen.append((t, f)))
+    assert seen == [(first, final)]
+    assert client.execute("withdraw", "a", 80) == 20  # the default: the first answer
+
+
+def test_route_keys_are_spread_stable_and_move_only_off_a_master_that_went_down(monkeypatch):
+    from workers.client import Client
+
+    client = Client(app=object())
+    up = ["alpha", "beta", "gamma"]
+    monkeypatch.setattr(client, "members_up", lambda: list(up))
+    keys = [f"k{i}" for i in range(60)]
+    routes = {k: client.route(k) for k in keys}
+    assert set(routes.values()) == set(up)
+    up.remove("beta")
+    assert all(client.route(k) == r for k, r in routes.items() if r != "beta")
+    assert all(client.route(k) in up for k in keys)
+    up.clear()
+    assert client.route("k1") is None  # no master known up: any master

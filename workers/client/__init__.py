@@ -228,7 +228,9 @@ class Client:
                 (a stable hash over the masters that are up), so a rebase cannot reverse
                 their order.
             on_change: with ``wait="committed"``, called as ``on_change(tentative, final)``
-                (outcome documents) when the final outcome differs from the first answer.
+                (outcome documents) when the committed order reversed the first answer (its
+                status changed: ok <-> refused or failed). A value that depends on other
+                writes (a balance) may differ without that.
         """
         if wait not in ("tentative", "committed"):
             raise ValueError(f"wait must be 'tentative' or 'committed', got {wait!r}")
@@ -404,7 +406,8 @@ class Client:
 
 
 def _changed(tentative: dict[str, Any], final: dict[str, Any]) -> bool:
-    return (tentative.get("status"), tentative.get("value")) != (final.get("status"), final.get("value"))
+    """Whether the committed order reversed a first answer (its status changed)."""
+    return tentative.get("status") != final.get("status")
 
 
 def _as_outcome(doc: dict[str, Any], rid: str) -> dict[str, Any]:
