@@ -47,7 +47,7 @@ from .errors import PrevalenceError, Rejected
 from . import errors
 from .model import Context, Model
 from .tracked import Struct
-from .cluster import Master, read_all_progress, retire, verify
+from .cluster import Follower, Master, read_all_progress, retire, verify
 
-__all__ = ["Model", "Context", "Rejected", "Struct", "Master", "verify", "retire", "read_all_progress",
+__all__ = ["Model", "Context", "Rejected", "Struct", "Master", "Follower", "verify", "retire", "read_all_progress",
            "errors", "PrevalenceError"]
