@@ -117,9 +117,14 @@ class Client:
     Args:
         app: the Celery app (default: `workers.celery.app`).
         timeout_s: default reply timeout for every call.
+        coalesce_ms: when set, single writes (`execute`, `execute_outcome`) from concurrent
+            threads are gathered for up to this many milliseconds and sent as one
+            ``execute_many`` per master (`workers.client.coalescer`); each caller still gets
+            its own outcome. Call `close()` when done.
     """
 
-    def __init__(self, app: Any = None, *, timeout_s: float = REPLY_TIMEOUT_S_DEFAULT) -> None:
+    def __init__(self, app: Any = None, *, timeout_s: float = REPLY_TIMEOUT_S_DEFAULT,
+                 coalesce_ms: float | None = None) -> None:
         if app is None:
             from workers.celery import app as default_app
 
@@ -129,6 +134,25 @@ class Client:
         self._redis: Any = None
         self._members: tuple[float, list[str]] = (0.0, [])
         self._broker_ok_at = -BROKER_CHECK_S
+        self._coalescer = None
+        if coalesce_ms is not None:
+            if coalesce_ms < 0:
+                raise ValueError(f"coalesce_ms must be >= 0, got {coalesce_ms!r}")
+            from workers.client.coalescer import Coalescer
+
+            self._coalescer = Coalescer(self, coalesce_ms / 1000.0)
+
+    def close(self) -> None:
+        """Stop the coalescing thread (if any); pending writes are sent first."""
+        if self._coalescer is not None:
+            self._coalescer.close()
+            self._coalescer = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # -- sending -----------------------------------------------------------------------
 
@@ -207,6 +231,16 @@ class Client:
                         task_id: str | None = None) -> dict[str, Any]:
         """Run one transaction and return its outcome document (never raises for a
         refusal; raises `NoReply` on timeout and `RequestRefused` when unencodable)."""
+        if self._coalescer is not None and task_id is None:
+            from concurrent.futures import TimeoutError as FutureTimeout
+
+            wait_s = self.timeout_s if timeout_s is None else timeout_s
+            future = self._coalescer.submit(tx, list(args), master=master, key=key, timeout_s=wait_s)
+            try:
+                return future.result(timeout=wait_s + 1.0)
+            except FutureTimeout as exc:
+                raise NoReply(f"no reply to transaction {tx!r} within {wait_s:g} s (coalesced); it "
+                              "may or may not have been applied: retry with the same key") from exc
         result = self._send("prevalence.execute", [tx, list(args), key], master=master,
                             task_id=task_id)
         return self._wait(result, timeout_s, f"transaction {tx!r}")

@@ -82,7 +82,7 @@ def _item_outcome(out: Any, tx: Any) -> dict[str, Any]:
     master and request ids are implied by the batch and the item's position.)"""
     status = out.get("status")
     item: dict[str, Any] = {"status": status, "value": runtime.plain(out.get("value")),
-                            "committed": bool(out.get("committed"))}
+                            "committed": bool(out.get("committed")), "record": out.get("record")}
     if status == "rejected":
         item.update(error=out.get("error"), error_type="Rejected")
     elif status != "ok":
