@@ -39,6 +39,10 @@ PREVALENCE_SYNC_OVERLAP
     and the result is published, and the message acknowledged, only once the sync is done
     (`workers.master.results`): the same guarantee, in less time per write. ``off`` syncs before
     the task returns. Elsewhere than Linux it is always off.
+PREVALENCE_METRICS_PORT
+    Serve a worker's Prometheus metrics (`workers.master.metrics`) on this port: ``9808``
+    (loopback only) or ``HOST:PORT`` (``0.0.0.0:9808`` for a Prometheus on another host).
+    Unset: no metrics endpoint. Each master on a host needs its own port.
 PREVALENCE_CLUSTER_KEY_FILE
     Path of a file holding the cluster's HMAC key. Surrounding whitespace is stripped; the
     key must be at least 16 bytes. Without it records are checksummed but not signed.
@@ -108,6 +112,7 @@ class Settings:
     env_file: Path | None = None
     journal_reserve_bytes: int | None = None  # None = auto
     sync_overlap: bool = True
+    metrics_address: tuple[str, int] | None = None  # (host, port) of the metrics endpoint
 
     def require_master(self) -> str:
         """Return the master name, or raise `SettingsError` if PREVALENCE_MASTER is unset."""
@@ -359,6 +364,8 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
     if overlap_text not in ("on", "off"):
         raise SettingsError("PREVALENCE_SYNC_OVERLAP", f"{overlap_text!r} is not `on` or `off`")
 
+    metrics_address = parse_address("PREVALENCE_METRICS_PORT", get("PREVALENCE_METRICS_PORT", None))
+
     key_text = get("PREVALENCE_CLUSTER_KEY_FILE", None)
     cluster_key_file: Path | None = None
     if key_text is not None:
@@ -381,4 +388,17 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         env_file=env_file,
         journal_reserve_bytes=journal_reserve_bytes,
         sync_overlap=overlap_text == "on",
+        metrics_address=metrics_address,
     )
+
+
+def parse_address(variable: str, text: str | None) -> tuple[str, int] | None:
+    """``PORT`` (loopback) or ``HOST:PORT`` -> (host, port); None for unset."""
+    if text is None:
+        return None
+    host, sep, port_text = text.rpartition(":")
+    host = host if sep else "127.0.0.1"
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535 or (sep and not host):
+        raise SettingsError(variable, f"{text!r} is not a port (1-65535) or HOST:PORT, e.g. 9808 or "
+                            "0.0.0.0:9808")
+    return host, int(port_text)

@@ -64,6 +64,18 @@ class MasterRuntime:
         self.publisher = (StatusPublisher(settings.broker_url, self.name,
                                           status_ttl_s(settings.sync_interval_s))
                           if settings.is_redis else None)
+        self.metrics = None
+        if settings.metrics_address is not None:
+            from workers.master.metrics import Metrics
+
+            self.metrics = Metrics(self.name)
+            master.on_sync = self.metrics.observe_fsync
+            try:
+                self.metrics.serve(settings.metrics_address)
+            except OSError as exc:  # monitoring must never keep a master from running
+                logger.error("prevalence: cannot serve the metrics of %s on %s:%d (%s); running without "
+                             "them: fix PREVALENCE_METRICS_PORT (each master on a host needs its own "
+                             "port)", self.name, *settings.metrics_address, exc)
 
     def record_sync(self, report: Any, task_id: str | None) -> dict[str, Any]:
         """Remember a sync's report (as plain data) and publish the new status."""
@@ -106,8 +118,15 @@ class MasterRuntime:
         return document
 
     def publish(self) -> None:
-        """Publish the status document to Redis (best effort; see `StatusPublisher`)."""
-        self.publish_document(self.status_document())
+        """Publish the status document to Redis (best effort; see `StatusPublisher`), and
+        update the metrics from it."""
+        document = self.status_document()
+        self.publish_document(document)
+        if self.metrics is not None:
+            report = self.last_sync if isinstance(self.last_sync, dict) else None
+            journal_dir = os.path.join(self.master.shared, "masters", self.name, "journal")
+            self.metrics.update(document, report, up=self.consuming and self.state == "running",
+                                journal_dir=journal_dir)
 
     def publish_committed(self) -> None:
         """Publish the final outcomes of this master's requests committed since the last

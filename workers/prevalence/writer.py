@@ -27,6 +27,10 @@ from .journal import (FSYNC_INTERVAL_MS_DEFAULT, FSYNC_MODES, SEGMENT_BYTES_MAX_
 
 log = logging.getLogger("prevalence.journal")
 
+#: A commit's sync that takes longer than this is logged as a warning (etcd warns at 1 s:
+#: on NFS a slow sync is the first sign of trouble on the server or the network).
+SLOW_SYNC_WARN_S = 1.0
+
 #: Bytes of zeros the writer keeps ahead of its offset on a local disk (see `journal`).
 RESERVE_BYTES_DEFAULT = 256 * 1024
 #: Filesystem types (``/proc/self/mountinfo``) on which the writer reserves nothing.
@@ -116,6 +120,9 @@ class JournalWriter:
         self._closed = False
         self._failed: str | None = None  # set when a write or fsync failed: no more appends
         self.syncing = False  # a commit's sync started by append(wait=False), not waited for yet
+        self._sync_started = 0.0
+        #: Called with the seconds each commit's sync took (metrics); None = nobody asks.
+        self.on_sync = None
         self._aio: AsyncDataSync | None | bool = None  # opened at the first deferred commit
         os.makedirs(journal_dir, exist_ok=True)
         if reserve_bytes is None:
@@ -198,10 +205,14 @@ class JournalWriter:
                 self.offset += written
                 self.next_seq += count if count is not None else len(payloads)
                 if self.fsync_mode == "always":
+                    started = time.perf_counter()
                     if wait or not self._start_sync():
                         sync_data(self._fd)
+                        self._synced(started)
                         if self._fault_on:
                             self._fault("after-fsync")
+                    else:
+                        self._sync_started = started
                 else:
                     self._dirty = True
                     if self.fsync_mode == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s:
@@ -249,8 +260,18 @@ class JournalWriter:
             self._failed = str(err)
             raise err from exc
         self.syncing = False
+        self._synced(self._sync_started)
         if self._fault_on:
             self._fault("after-fsync")
+
+    def _synced(self, started: float) -> None:
+        """A commit's sync finished: report its duration, and warn when it was slow."""
+        took_s = time.perf_counter() - started
+        if took_s > SLOW_SYNC_WARN_S:
+            log.warning("journal %s: syncing a commit took %.3f s (more than %.1f s): the disk or the "
+                        "NFS server is slow; writes wait for it", self.path, took_s, SLOW_SYNC_WARN_S)
+        if self.on_sync is not None:
+            self.on_sync(took_s)
 
     def _roll(self) -> None:
         """Close the current segment durably and start the next one at next_seq."""
@@ -290,7 +311,9 @@ class JournalWriter:
             self._reserved = self.offset
 
     def _fsync_locked(self) -> None:
+        started = time.perf_counter()
         sync_data(self._fd)
+        self._synced(started)
         self._dirty = False
         self._last_fsync = time.monotonic()
 

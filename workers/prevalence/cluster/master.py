@@ -128,6 +128,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         self._now_ms = now_ms
         self.lease = Lease(self.shared, name, lease_ttl_s=lease_ttl_s)
         self.writer: JournalWriter | None = None
+        self._on_sync = None
         self.joined = False
         self.closed = False
         # True while something must happen before the live state may be read: a deferred
@@ -157,6 +158,17 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         self._rejoin = False
         self._version_at_last_publish = -1
         self._version_at_last_status = -1
+
+    @property
+    def on_sync(self):
+        """Called with the seconds each commit's journal sync took (metrics), or None."""
+        return self._on_sync
+
+    @on_sync.setter
+    def on_sync(self, fn) -> None:
+        self._on_sync = fn
+        if self.writer is not None:
+            self.writer.on_sync = fn
 
     @property
     def frontier(self) -> int:

@@ -227,3 +227,4 @@ class Recovering:
             folder.journal_dir(self.shared, self.name), self.seq + 1, tail, fsync=self.fsync_mode,
             fsync_interval_ms=self._fsync_interval_ms, segment_bytes_max=self._segment_bytes_max,
             reserve_bytes=self._journal_reserve_bytes, fault=self._fault)
+        self.writer.on_sync = self._on_sync
