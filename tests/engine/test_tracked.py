@@ -188,6 +188,33 @@ def test_deleting_an_old_key_and_undoing_puts_it_back_in_its_place(impl):
     assert list(users) == order
 
 
+class _Obj:
+    pass
+
+
+@both
+def test_the_newest_key_is_found_past_the_holes_deletions_leave(impl):
+    obj = _Obj()
+    obj.a, obj.b, obj.c = 1, 2, 3
+    for d in (impl.convert({f"k{i}": i for i in range(12)}), impl.convert({"x": obj.__dict__})["x"]):
+        log = impl.UndoLog()
+        order = list(d)
+        impl.begin_record(log)
+        try:
+            for _ in range(len(order) // 2):
+                newest = list(dict(d))[-1]
+                assert d.popitem()[0] == newest  # holes pile up at the end
+            d["new"] = 0
+            del d["new"]
+            del d[order[0]]
+            newest = list(dict(d))[-1]
+            assert d.popitem()[0] == newest
+        finally:
+            impl.end_record()
+        log.undo_to(0)
+        assert list(d) == order
+
+
 @both
 def test_engine_plain_dicts_change_undoably_and_keep_their_order(impl):
     d, log = {"a": 1, "b": 2, "c": 3}, impl.UndoLog()
@@ -247,6 +274,41 @@ def test_msgspec_encodes_tracked_containers_as_plain_ones(impl):
     for enc in (msgspec.msgpack.Encoder(), msgspec.msgpack.Encoder(order="deterministic"),
                 msgspec.json.Encoder(), msgspec.json.Encoder(order="deterministic")):
         assert enc.encode(state) == enc.encode(plain)
+
+
+@both
+def test_convert_leaves_its_argument_alone_unless_it_is_handed_over(impl):
+    plain = {"users": {"u1": {"tags": ["a"], "orders": [{"sku": "x"}]}}, "q": [[1], (2, "t")]}
+    reference = copy.deepcopy(plain)
+    state = impl.convert(plain)
+    assert type(plain) is dict and type(plain["users"]["u1"]) is dict
+    assert type(plain["users"]["u1"]["orders"][0]) is dict and type(plain["q"][0]) is list
+    assert plain == reference and state == reference and state["users"] is not plain["users"]
+    # Handed over: the result is tracked all the way down; a container the value holds
+    # twice still becomes two (the state is a tree, as a snapshot would make it).
+    shared = [1, {"x": 2}]
+    handed = impl.convert({"a": shared, "b": {"c": shared}, "d": copy.deepcopy(reference)}, adopt=True)
+    assert handed == {"a": shared, "b": {"c": shared}, "d": reference}
+    assert handed["a"] is not handed["b"]["c"] and handed["a"] is not shared
+    assert type(shared) is list and type(shared[1]) is dict
+    assert all(type(c) in (impl.TDict, impl.TList) for c in _containers(handed, impl))
+    item = impl.convert(Item(impl)("i", 1, [{"k": []}]))  # a Struct is converted in place
+    assert type(item.tags) is impl.TList and type(item.tags[0]["k"]) is impl.TList
+
+
+@both
+def test_a_stored_value_nothing_else_refers_to_is_tracked_in_place_or_copied_alike(impl):
+    state, log = fresh_state(impl), impl.UndoLog()
+
+    def tx():
+        state["users"]["fresh"] = {"orders": [{"sku": "z"}], "tags": []}
+        state["queue"].append({"a": [1]})
+        state["items"][0].tags = [{"b": 2}]
+    in_record(impl, log, tx)
+    assert all(type(c) in (impl.TDict, impl.TList) or isinstance(c, impl.Struct)
+               for c in _containers(state, impl))
+    log.undo_to(0)
+    assert snapshot(state) == snapshot(fresh_state(impl))
 
 
 @both

@@ -48,7 +48,6 @@ static int n_atoms;
 
 static PyObject *MISSING;          /* "the key was not there" (undo of a dict set) */
 static PyObject *END;              /* "the deleted key was the last one" */
-static PyObject *dict_reversed;    /* dict.__reversed__ */
 static PyObject *list_index;       /* list.index */
 static PyObject *list_sort;        /* list.sort */
 static PyObject *undo_dict_set_fn, *undo_dict_delete_fn, *undo_dict_restore_fn,
@@ -134,11 +133,17 @@ pack5(PyObject *a, PyObject *b, PyObject *c, PyObject *d, PyObject *e)
 }
 
 /* Append `item` (a new reference, stolen; NULL = an error already set) to `list`.
- * Returns the item (borrowed: the list holds it) or NULL. */
+ * Returns the item (borrowed: the list holds it) or NULL.
+ *
+ * The items are undo entries and pending conversions: tuples only a log holds, which no
+ * reference cycle can go through (the state never refers to a log), so they are taken
+ * out of the cyclic GC's sight. A window of thousands of entries then costs the
+ * collector nothing, as the Python implementation's tuples would at every collection. */
 static inline PyObject *
 append_new(PyObject *list, PyObject *item)
 {
     if (item == NULL) return NULL;
+    PyObject_GC_UnTrack(item);
     int r = PyList_Append(list, item);
     Py_DECREF(item);
     return r < 0 ? NULL : item;
@@ -273,12 +278,20 @@ check_key(PyObject *key, long depth)
 
 /* -- convert ---------------------------------------------------------------------------- */
 
-static PyObject *convert_value(PyObject *v, long depth);
+static PyObject *convert_value(PyObject *v, long depth, int own);
+
+/* Ownership (`own`): a plain dict or list that nothing but its one parent refers to is
+ * retyped in place instead of copied. Its parent is either changed in place (a TDict or
+ * TList being built or retyped, a Struct, a container a record stored it in) or a fresh
+ * copy, and then the child has two references and is copied. Retyping the only reference
+ * is indistinguishable from copying and dropping the original, and allocates nothing:
+ * that is what makes converting a freshly decoded snapshot cheap. The value given to
+ * convert itself is owned only when its caller says so (adopt=True). */
 
 static PyObject *
-convert_dict(PyObject *d, long depth)
+convert_dict(PyObject *d, long depth, int own)
 {
-    PyObject *out = PyDict_Copy(d);  /* new, exact, unshared: safe to retype */
+    PyObject *out = own ? Py_NewRef(d) : PyDict_Copy(d);  /* a copy: new, exact, unshared */
     if (out == NULL) return NULL;
     Py_SET_TYPE(out, &TDictType);
     Py_ssize_t pos = 0;
@@ -287,7 +300,7 @@ convert_dict(PyObject *d, long depth)
         if (!PyUnicode_CheckExact(k) && check_key(k, depth) < 0) goto fail;
         PyTypeObject *vt = Py_TYPE(v);
         if (vt == &PyUnicode_Type || vt == &TDictType || vt == &TListType) continue;
-        PyObject *cv = convert_value(v, depth);
+        PyObject *cv = convert_value(v, depth, Py_REFCNT(v) == 1);
         if (cv == NULL) goto fail;
         if (cv != v) {
             /* Same key: the value is replaced in place, the iteration is not disturbed. */
@@ -305,15 +318,15 @@ fail:
 }
 
 static PyObject *
-convert_list(PyObject *l, long depth)
+convert_list(PyObject *l, long depth, int own)
 {
-    PyObject *out = PyList_GetSlice(l, 0, PyList_GET_SIZE(l));  /* new, exact, unshared */
+    PyObject *out = own ? Py_NewRef(l) : PyList_GetSlice(l, 0, PyList_GET_SIZE(l));
     if (out == NULL) return NULL;
     Py_SET_TYPE(out, &TListType);
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(out); i++) {
         PyObject *x = PyList_GET_ITEM(out, i);
         if (Py_IS_TYPE(x, &PyUnicode_Type)) continue;
-        PyObject *cx = convert_value(x, depth);
+        PyObject *cx = convert_value(x, depth, Py_REFCNT(x) == 1);
         if (cx == NULL) { Py_DECREF(out); return NULL; }
         if (cx != x) {
             PyList_SET_ITEM(out, i, cx);
@@ -335,7 +348,7 @@ convert_tuple(PyObject *value, long depth)
     int same = 1;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *x = PyTuple_GET_ITEM(value, i);
-        PyObject *cx = convert_value(x, depth);
+        PyObject *cx = convert_value(x, depth, 0);  /* a tuple is never changed in place */
         if (cx == NULL) { Py_DECREF(items); return NULL; }
         if (cx != x) same = 0;
         PyTuple_SET_ITEM(items, i, cx);
@@ -371,7 +384,8 @@ convert_struct(PyObject *value, long depth)
         PyObject *name = PySequence_Fast_GET_ITEM(seq, i);
         PyObject *field = PyObject_GetAttr(value, name);
         if (field == NULL) goto fail;
-        PyObject *cf = convert_value(field, depth);
+        /* converted in place: a field only the Struct refers to (and `field`) is owned */
+        PyObject *cf = convert_value(field, depth, Py_REFCNT(field) == 2);
         if (cf == NULL) { Py_DECREF(field); goto fail; }
         int r = 0;
         if (cf != field) r = msgspec_setattro(value, name, cf);
@@ -416,7 +430,7 @@ convert_frozen(PyObject *value, long depth)
         PyObject *name = PySequence_Fast_GET_ITEM(seq, i);
         PyObject *field = PyObject_GetAttr(value, name);
         if (field == NULL) goto fail;
-        PyObject *cf = convert_value(field, depth);
+        PyObject *cf = convert_value(field, depth, 0);  /* a frozen Struct is never changed */
         if (cf == NULL) {
             Py_DECREF(field);
             if (PyErr_ExceptionMatches(UntrackableValue)) {
@@ -457,7 +471,7 @@ fail:
 
 /* convert() of a value at nesting level `depth` (the value given to convert is at 1). */
 static PyObject *
-convert_value(PyObject *v, long depth)
+convert_value(PyObject *v, long depth, int own)
 {
     PyTypeObject *t = Py_TYPE(v);
     if (t == &PyUnicode_Type || t == &TDictType || t == &TListType) return Py_NewRef(v);
@@ -484,38 +498,51 @@ convert_value(PyObject *v, long depth)
     }
     if (depth > max_depth) { raise_too_deep(); return NULL; }
     depth++;
-    if (t == &PyDict_Type) return convert_dict(v, depth);
-    if (t == &PyList_Type) return convert_list(v, depth);
+    if (t == &PyDict_Type) return convert_dict(v, depth, own);
+    if (t == &PyList_Type) return convert_list(v, depth, own);
     if (t == &PyTuple_Type) return convert_tuple(v, depth);
     if (StructBase && PyType_IsSubtype(t, StructBase)) return convert_struct(v, depth);
     return convert_frozen(v, depth);
 }
 
 static PyObject *
-tracked_convert(PyObject *module, PyObject *value)
+tracked_convert(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    return convert_value(value, 1);
+    static char *kwlist[] = {"value", "adopt", NULL};
+    PyObject *value;
+    int adopt = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$p:convert", kwlist, &value, &adopt)) return NULL;
+    return convert_value(value, 1, adopt);
 }
 
 /* -- dict order: the key after `key` -------------------------------------------------- */
+
+/* The newest key of `d` (borrowed), NULL if it is empty. Like reversed(d), it skips the
+ * holes deletions left at the end of the entries, without making an iterator: the
+ * position PyDict_Next takes is an index into the entries (in insertion order, holes
+ * included), and the last of `n` live entries is at index n - 1 or after. */
+static PyObject *
+last_key(PyObject *d)
+{
+    Py_ssize_t pos = PyDict_GET_SIZE(d) - 1;
+    PyObject *k, *v, *last = NULL;
+    if (pos < 0) return NULL;
+    while (PyDict_Next(d, &pos, &k, &v)) last = k;
+    return last;
+}
 
 /* The key after `key` in `d`'s order (new reference), END if it is the last; NULL on error.
  * O(1) for the newest key, as _successor. */
 static PyObject *
 successor(PyObject *d, PyObject *key)
 {
-    PyObject *it = PyObject_CallOneArg(dict_reversed, d);
-    if (it == NULL) return NULL;
-    PyObject *last = PyIter_Next(it);
-    Py_DECREF(it);
+    PyObject *last = last_key(d);
     if (last != NULL) {
+        Py_INCREF(last);
         int eq = PyObject_RichCompareBool(last, key, Py_EQ);
         Py_DECREF(last);
         if (eq < 0) return NULL;
         if (eq) return Py_NewRef(END);
-    }
-    else if (PyErr_Occurred()) {
-        return NULL;
     }
     Py_ssize_t pos = 0;
     PyObject *k, *v;
@@ -755,12 +782,9 @@ tdict_popitem(PyObject *self, PyObject *unused)
         PyErr_SetString(PyExc_KeyError, "popitem(): dictionary is empty");
         return NULL;
     }
-    PyObject *it = PyObject_CallOneArg(dict_reversed, self);
-    if (it == NULL) return NULL;
-    PyObject *key = PyIter_Next(it);
-    Py_DECREF(it);
+    PyObject *key = Py_XNewRef(last_key(self));
     if (key == NULL) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyError, "popitem(): dictionary is empty");
+        PyErr_SetString(PyExc_KeyError, "popitem(): dictionary is empty");
         return NULL;
     }
     PyObject *value = PyDict_GetItemWithError(self, key);
@@ -877,7 +901,7 @@ tdict_init(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     PyObject *plain = PyObject_Call((PyObject *)&PyDict_Type, args, kwargs);
     if (plain == NULL) return -1;
-    PyObject *converted = convert_value(plain, 1);
+    PyObject *converted = convert_value(plain, 1, 1);  /* `plain` is ours alone */
     Py_DECREF(plain);
     if (converted == NULL) return -1;
     int r = PyDict_Update(self, converted);
@@ -1207,9 +1231,12 @@ tlist_init(PyObject *self, PyObject *args, PyObject *kwargs)
     if (items == NULL) { Py_DECREF(it); return -1; }
     PyObject *x;
     while ((x = PyIter_Next(it)) != NULL) {
-        PyObject *cx = convert_value(x, 1);
+        PyObject *cx = convert_value(x, 1, Py_REFCNT(x) == 1);
         Py_DECREF(x);
-        if (cx == NULL || append_new(items, cx) == NULL) goto fail;
+        if (cx == NULL) goto fail;
+        int r = PyList_Append(items, cx);  /* a container of the state: stays in the GC's sight */
+        Py_DECREF(cx);
+        if (r < 0) goto fail;
     }
     if (PyErr_Occurred()) goto fail;
     Py_DECREF(it);
@@ -1485,7 +1512,8 @@ tracked_finish_record(PyObject *module, PyObject *unused)
             PyObject *current = PyDict_GetItemWithError(container, key);
             if (current == NULL && PyErr_Occurred()) r = -1;
             else if (current == value) {
-                PyObject *cv = convert_value(value, 1);
+                /* owned if only the container and this pending entry refer to it */
+                PyObject *cv = convert_value(value, 1, Py_REFCNT(value) == 2);
                 if (cv == NULL) r = -1;
                 else {
                     if (cv != value) r = PyDict_SetItem(container, key, cv);
@@ -1504,7 +1532,7 @@ tracked_finish_record(PyObject *module, PyObject *unused)
                 }
             }
             if (index >= 0) {
-                PyObject *cv = convert_value(value, 1);
+                PyObject *cv = convert_value(value, 1, Py_REFCNT(value) == 2);
                 if (cv == NULL) r = -1;
                 else if (cv != value) {
                     if (index < PyList_GET_SIZE(container)) PyList_SetItem(container, index, cv);  /* steals */
@@ -1517,8 +1545,8 @@ tracked_finish_record(PyObject *module, PyObject *unused)
             PyObject *current = PyObject_GetAttr(container, key);
             if (current == NULL) r = -1;
             else {
-                if (current == value) {
-                    PyObject *cv = convert_value(value, 1);
+                if (current == value) {  /* the Struct, this entry and `current` */
+                    PyObject *cv = convert_value(value, 1, Py_REFCNT(value) == 3);
                     if (cv == NULL) r = -1;
                     else {
                         if (cv != value) r = msgspec_setattro(container, key, cv);
@@ -1688,8 +1716,9 @@ tracked_current_log(PyObject *module, PyObject *unused)
 }
 
 static PyMethodDef module_methods[] = {
-    {"convert", tracked_convert, METH_O,
-     PyDoc_STR("`value` with every plain dict and list in it replaced by a tracked one.")},
+    {"convert", (PyCFunction)(void (*)(void))tracked_convert, METH_VARARGS | METH_KEYWORDS,
+     PyDoc_STR("convert(value, *, adopt=False): `value` with every plain dict and list in it "
+               "replaced by a tracked one (adopt: the caller hands `value` over).")},
     {"begin_record", tracked_begin_record, METH_O,
      PyDoc_STR("From now until end_record, tracked state changes in this thread go to `log`.")},
     {"finish_record", tracked_finish_record, METH_NOARGS,
@@ -1778,8 +1807,7 @@ PyInit__tracked(void)
     if (MISSING == NULL || END == NULL) goto fail;
     if (PyModule_AddObjectRef(m, "_MISSING", MISSING) < 0 || PyModule_AddObjectRef(m, "_END", END) < 0)
         goto fail;
-    if (get_attr((PyObject *)&PyDict_Type, "__reversed__", &dict_reversed) < 0
-        || get_attr((PyObject *)&PyList_Type, "index", &list_index) < 0
+    if (get_attr((PyObject *)&PyList_Type, "index", &list_index) < 0
         || get_attr((PyObject *)&PyList_Type, "sort", &list_sort) < 0
         || get_attr(m, "_undo_dict_set", &undo_dict_set_fn) < 0
         || get_attr(m, "_undo_dict_delete", &undo_dict_delete_fn) < 0

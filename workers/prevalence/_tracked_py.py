@@ -152,12 +152,17 @@ def finish_record() -> None:
     pending.clear()
 
 
-def convert(value: Any) -> Any:
+def convert(value: Any, *, adopt: bool = False) -> Any:
     """`value` with every plain dict and list in it replaced by a tracked one.
 
     Tracked containers are returned as they are (their contents are tracked already);
     Structs derived from `Struct` are converted in place. Raises `UntrackableValue` for a
     value whose changes could not be tracked, or nested deeper than `MAX_DEPTH`.
+
+    `value` itself is left as it was, unless `adopt` is true: the caller hands it over
+    (a freshly decoded snapshot) and must not use it afterwards, so an implementation may
+    turn its containers into tracked ones in place instead of copying them (the C one
+    does; this one always copies, which the contract allows).
     """
     return _convert(value, 1)
 
