@@ -25,11 +25,15 @@ from hypothesis import given, settings, strategies as st
 
 from workers.prevalence import _tracked_py, tracked
 
+_C_BROKEN = None
 try:
     from workers.prevalence import _tracked_c
-except ImportError as exc:  # no compiler where this was installed: the Python one still runs
+except ModuleNotFoundError as exc:  # no compiler where this was installed: the Python one still runs
     _tracked_c = None
     _C_MISSING = f"the C extension is not built ({exc})"
+except ImportError as exc:  # built but stale: fail below rather than test Python twice
+    _tracked_c = None
+    _C_MISSING = _C_BROKEN = str(exc)
 
 IMPLS = [pytest.param(_tracked_py, id="python"),
          pytest.param(_tracked_c, id="c", marks=pytest.mark.skipif(_tracked_c is None,
@@ -85,6 +89,10 @@ def fresh_state(impl):
 
 
 # -- the facade --------------------------------------------------------------------------
+
+def test_the_c_extension_if_built_is_current():
+    assert _C_BROKEN is None, _C_BROKEN
+
 
 def test_the_facade_uses_the_implementation_asked_for():
     choice = os.environ.get("PREVALENCE_TRACKED", "")

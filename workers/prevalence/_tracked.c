@@ -30,6 +30,10 @@
 #include <Python.h>
 #include <structmember.h>
 
+#ifndef TRACKED_SOURCE_SHA256
+#define TRACKED_SOURCE_SHA256 ""  /* built without setup.py: no stale-build check */
+#endif
+
 /* -- configuration (set by _setup) ---------------------------------------------------- */
 
 static PyObject *MutationOutsideTransaction; /* the exception classes (shared with _tracked_py) */
@@ -1057,8 +1061,9 @@ tlist_ass_sub(PyObject *self, PyObject *index, PyObject *value)
         if (i < 0 || i >= n) return index_error();  /* before anything is logged */
         PyObject *iobj = PyLong_FromSsize_t(i);
         if (iobj == NULL) return -1;
-        PyObject *entry = append_new(log->entries,
-                                     pack4(undo_list_set_fn, self, iobj, PyList_GET_ITEM(self, i)));
+        PyObject *old = Py_NewRef(PyList_GET_ITEM(self, i));
+        PyObject *entry = append_new(log->entries, pack4(undo_list_set_fn, self, iobj, old));
+        Py_DECREF(old);
         if (entry == NULL) { Py_DECREF(iobj); return -1; }
         Py_INCREF(value);
         PyList_SetItem(self, i, value);  /* in range: cannot fail; the old value is in the entry */
@@ -1798,6 +1803,7 @@ PyInit__tracked(void)
     if (r < 0) goto fail;
     PyType_Modified(&TDictType);
     PyType_Modified(&TListType);
+    if (PyModule_AddStringConstant(m, "SOURCE_SHA256", TRACKED_SOURCE_SHA256) < 0) goto fail;
     if (PyModule_AddObjectRef(m, "TDict", (PyObject *)&TDictType) < 0
         || PyModule_AddObjectRef(m, "TList", (PyObject *)&TListType) < 0
         || PyModule_AddObjectRef(m, "UndoLog", (PyObject *)&UndoLogType) < 0)

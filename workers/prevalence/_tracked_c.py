@@ -5,16 +5,28 @@ The extension holds the containers (`TDict`, `TList`), the undo log (`UndoLog`, 
 the undo functions. This module gives it what it shares with the specification
 (`_tracked_py`): the exception classes (one pair for both implementations), the immutable
 types stored as they are, the limits; and it declares `Struct`, whose ``__setattr__`` is
-a C method. Importing it raises ImportError when the extension is not built.
+a C method. Importing it raises ModuleNotFoundError when the extension is not built, ImportError
+when it was built from another version of `_tracked.c` (a stale build in a source tree).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import importlib
+import os
 
 import msgspec
 
-from . import _tracked as _c
+_c = importlib.import_module("._tracked", __package__)  # ModuleNotFoundError when not built
+
+_SOURCE = os.path.join(os.path.dirname(__file__), "_tracked.c")
+if _c.SOURCE_SHA256 and os.path.exists(_SOURCE):  # a source tree: is the build current?
+    with open(_SOURCE, "rb") as _f:
+        if hashlib.sha256(_f.read()).hexdigest() != _c.SOURCE_SHA256:
+            raise ImportError("workers.prevalence._tracked was built from another version of _tracked.c: "
+                              "rebuild it (pip install -e . or python setup.py build_ext --inplace)")
+
 from ._tracked_py import (_ATOMS, INT_MAX, INT_MIN, MAX_DEPTH, MutationOutsideTransaction,
                           UntrackableValue)
 

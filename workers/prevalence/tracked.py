@@ -47,6 +47,7 @@ Two implementations, one contract
 from __future__ import annotations
 
 import os as _os
+import warnings as _warnings
 
 _CHOICE = _os.environ.get("PREVALENCE_TRACKED", "").strip().lower()
 if _CHOICE not in ("", "c", "python"):
@@ -56,9 +57,11 @@ if _CHOICE == "python":
 else:
     try:
         from . import _tracked_c as _impl
-    except ImportError:
+    except ImportError as _exc:
         if _CHOICE == "c":
             raise
+        if not isinstance(_exc, ModuleNotFoundError):  # built but unusable (a stale build)
+            _warnings.warn(f"change-tracked state falls back to Python: {_exc}", RuntimeWarning, stacklevel=2)
         from . import _tracked_py as _impl
 
 __all__ = ["TDict", "TList", "Struct", "UndoLog", "MutationOutsideTransaction", "UntrackableValue",
