@@ -19,6 +19,9 @@ Each conversion gets its own freshly decoded copy, converted as `convert(s)` (th
 left as it was: a copy) and as `convert(s, adopt=True)` (handed over, as recovery does with
 a decoded snapshot: the C implementation retypes it in place, the Python one copies
 anyway). "load" = decode + convert.
+
+Opening a master: the same state in a snapshot file's bytes, through the steps recovery
+takes (`workers.prevalence.cluster.recovery`), each timed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import gc
 import sys
 import time
+from typing import Any
 
 import msgspec
 
@@ -218,6 +222,48 @@ def _load(impl, data: bytes, adopt: bool) -> tuple[float, float]:
     return decoded - start, converted - decoded
 
 
+def _recovery_bytes(state: dict) -> bytes:
+    """A snapshot file's bytes holding `state`, as a master writes it."""
+    from workers.prevalence import codec, snapshot
+    body = snapshot.SnapshotBody(master="alpha", model="bench", frontier=1, cursors={"alpha": 1}, clock=1,
+                                 members=["alpha"], digest=codec.digest_of(state, {}),
+                                 root=msgspec.Raw(msgspec.msgpack.encode(state)), dedup={})
+    return snapshot.encode_snapshot(body, None)
+
+
+def _recovery(impl, data: bytes) -> dict[str, float]:
+    """Seconds of each step recovery takes to open a master from a snapshot's bytes
+    (`Recovery._load_base`): check and decode the file, decode the root and make it
+    tracked (handed over, `convert(adopt=True)`) with the GC paused, then frozen,
+    recompute the digest, and what `Replica.reset` then does."""
+    from workers.prevalence import codec, snapshot
+    gc.collect()
+    out = {}
+    start = time.perf_counter()
+    body = snapshot.decode_snapshot(data, "<bench>", None)
+    out["check + decode the file"] = time.perf_counter() - start
+    start = time.perf_counter()
+    with codec.gc_paused():
+        root = snapshot.decode_root(body, Any)
+        out["decode the root"] = time.perf_counter() - start
+        start = time.perf_counter()
+        root = impl.convert(root, adopt=True)
+        gc.freeze()
+    out["convert (adopt), freeze"] = time.perf_counter() - start
+    start = time.perf_counter()
+    assert codec.digest_of(root, body.dedup) == body.digest
+    out["recompute the digest"] = time.perf_counter() - start
+    start = time.perf_counter()
+    with codec.gc_paused():
+        state = impl.convert(root)
+    out["Replica.reset (keeps the root)"] = time.perf_counter() - start
+    assert state is root
+    gc.unfreeze()
+    del root, state, body
+    gc.collect()
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=1_000_000, help="users in the loaded state")
@@ -246,6 +292,15 @@ def main(argv=None) -> None:
             dec, conv = _load(impl, data, adopt)
             label = f"{name}, convert(s{', adopt=True' if adopt else ''})"
             print(f"  {label:28}{dec:10.2f}{conv:10.2f}{dec + conv:10.2f}")
+
+    print(f"\nopening a master from a snapshot of {args.users:,} users (the recovery path), seconds")
+    data = _recovery_bytes(msgspec.msgpack.decode(data))
+    steps = {name: _recovery(impl, data) for name, impl in impls if impl is not None}
+    names = list(steps)
+    print(f"  {'step':32}" + "".join(f"{n:>10}" for n in names))
+    for step in steps[names[0]]:
+        print(f"  {step:32}" + "".join(f"{steps[n][step]:10.2f}" for n in names))
+    print(f"  {'total':32}" + "".join(f"{sum(steps[n].values()):10.2f}" for n in names))
 
 
 if __name__ == "__main__":

@@ -92,6 +92,9 @@ class Recovering:
                     # Handed over to tracked at once (adopt): fresh from the decoder, it is
                     # made tracked in place instead of copied (the replica keeps it as is).
                     root = tracked.convert(decode_root(body, self.model.state_type), adopt=True)
+                    # Nor right after: the first allocation would walk them all in a young
+                    # collection. Long-lived (frozen again once open, below): freeze now.
+                    gc.freeze()
                 dedup = body.dedup
                 got = codec.digest_of(root, dedup)
                 if got != body.digest:
