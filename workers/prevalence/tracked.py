@@ -31,8 +31,9 @@ Undo entries are tuples ``(function, *arguments)``; undoing calls them newest fi
 Dict order is part of the state (transactions iterate), so undoing a delete puts the key
 back where it was: free for the newest key, O(keys after it) otherwise.
 
-The log is per thread (`_local`): each master applies its records in the thread that
-calls it, and two masters in one process never share a log.
+The current log is per thread (set by `begin_record`, cleared by `end_record`): each
+master applies its records in the thread that calls it, and two masters in one process
+never share a log.
 
 Two implementations, one contract
     The C extension `_tracked` (`_tracked_c` wires it up: `Struct`, the shared exception
@@ -41,7 +42,11 @@ Two implementations, one contract
     routes everything through it (the current log lives in that implementation: a C
     thread-local, or a `threading.local`): the C one when it is built, unless
     ``PREVALENCE_TRACKED=python`` is set (``PREVALENCE_TRACKED=c`` makes a missing
-    extension an error). `IMPLEMENTATION` says which ("c" or "python").
+    extension an error; a stale build, made from another version of `_tracked.c`, is
+    refused with a warning). `IMPLEMENTATION` says which ("c" or "python").
+
+`convert(value, adopt=True)`: the caller hands `value` over (a freshly decoded snapshot),
+so its containers may become tracked in place instead of being copied (recovery does).
 """
 
 from __future__ import annotations
