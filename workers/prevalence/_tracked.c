@@ -53,6 +53,7 @@ static int n_atoms;
 static PyObject *MISSING;          /* "the key was not there" (undo of a dict set) */
 static PyObject *END;              /* "the deleted key was the last one" */
 static PyObject *list_index;       /* list.index */
+static PyObject *dict_popitem;     /* dict.popitem */
 static PyObject *list_sort;        /* list.sort */
 static PyObject *undo_dict_set_fn, *undo_dict_delete_fn, *undo_dict_restore_fn,
     *undo_list_append_fn, *undo_list_truncate_fn, *undo_list_set_fn, *undo_list_restore_fn,
@@ -720,6 +721,39 @@ tdict_set(PyObject *self, PyObject *key, PyObject *value)
     return 0;
 }
 
+/* Delete `key` from `d`; `succ` is its successor (END: it is the newest key). The newest
+ * goes through dict.popitem, which also drops the holes deletions left at the end of the
+ * entries, so deleting newest keys one after the other stays O(1) each. */
+static int
+delete_key(PyObject *d, PyObject *key, PyObject *succ)
+{
+    if (succ != END) return PyDict_DelItem(d, key);  /* never through a TDict's own slot */
+    PyObject *pair = PyObject_CallOneArg(dict_popitem, d);
+    if (pair == NULL) return -1;
+    Py_DECREF(pair);
+    return 0;
+}
+
+/* `del self[key]`, its value `old` (a new reference, released here) looked up already. */
+static int
+tdict_del_known(PyObject *self, PyObject *key, PyObject *old)
+{
+    UndoLogObject *log = get_log();
+    if (log == NULL) { Py_DECREF(old); return -1; }
+    PyObject *succ = successor(self, key);
+    if (succ == NULL) { Py_DECREF(old); return -1; }
+    PyObject *entry = append_new(log->entries, pack5(undo_dict_delete_fn, self, key, old, succ));
+    Py_DECREF(old);
+    if (entry == NULL) { Py_DECREF(succ); return -1; }
+    int r = delete_key(self, key, succ);
+    Py_DECREF(succ);
+    if (r < 0) {
+        log_drop(log, entry);
+        return -1;
+    }
+    return 0;
+}
+
 static int
 tdict_del(PyObject *self, PyObject *key)
 {
@@ -730,18 +764,7 @@ tdict_del(PyObject *self, PyObject *key)
         if (!PyErr_Occurred()) set_key_error(key);
         return -1;
     }
-    Py_INCREF(old);
-    PyObject *succ = successor(self, key);
-    if (succ == NULL) { Py_DECREF(old); return -1; }
-    PyObject *entry = append_new(log->entries, pack5(undo_dict_delete_fn, self, key, old, succ));
-    Py_DECREF(old);
-    Py_DECREF(succ);
-    if (entry == NULL) return -1;
-    if (PyDict_DelItem(self, key) < 0) {
-        log_drop(log, entry);
-        return -1;
-    }
-    return 0;
+    return tdict_del_known(self, key, Py_NewRef(old));
 }
 
 static int
@@ -762,20 +785,15 @@ tdict_pop(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *key = args[0];
-    int has = PyDict_Contains(self, key);
-    if (has < 0) return NULL;
-    if (!has) {
+    PyObject *value = PyDict_GetItemWithError(self, key);
+    if (value == NULL) {
+        if (PyErr_Occurred()) return NULL;
         if (nargs == 2) return Py_NewRef(args[1]);
         set_key_error(key);
         return NULL;
     }
-    PyObject *value = PyDict_GetItemWithError(self, key);
-    if (value == NULL) {
-        if (!PyErr_Occurred()) set_key_error(key);
-        return NULL;
-    }
     Py_INCREF(value);
-    if (tdict_del(self, key) < 0) { Py_DECREF(value); return NULL; }
+    if (tdict_del_known(self, key, Py_NewRef(value)) < 0) { Py_DECREF(value); return NULL; }
     return value;
 }
 
@@ -806,7 +824,7 @@ tdict_popitem(PyObject *self, PyObject *unused)
     if (log == NULL) { Py_DECREF(result); return NULL; }
     PyObject *entry = append_new(log->entries, pack5(undo_dict_delete_fn, self, key, value, END));
     if (entry == NULL) { Py_DECREF(result); return NULL; }
-    if (PyDict_DelItem(self, key) < 0) {
+    if (delete_key(self, key, END) < 0) {
         log_drop(log, entry);
         Py_DECREF(result);
         return NULL;
@@ -1639,9 +1657,10 @@ tracked_dict_delete(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (succ == NULL) { Py_DECREF(old); return NULL; }
     PyObject *entry = append_new(log->entries, pack5(undo_dict_delete_fn, d, key, old, succ));
     Py_DECREF(old);
+    if (entry == NULL) { Py_DECREF(succ); return NULL; }
+    int r = delete_key(d, key, succ);
     Py_DECREF(succ);
-    if (entry == NULL) return NULL;
-    if (PyObject_DelItem(d, key) < 0) {
+    if (r < 0) {
         log_drop(log, entry);
         return NULL;
     }
@@ -1814,6 +1833,7 @@ PyInit__tracked(void)
     if (PyModule_AddObjectRef(m, "_MISSING", MISSING) < 0 || PyModule_AddObjectRef(m, "_END", END) < 0)
         goto fail;
     if (get_attr((PyObject *)&PyList_Type, "index", &list_index) < 0
+        || get_attr((PyObject *)&PyDict_Type, "popitem", &dict_popitem) < 0
         || get_attr((PyObject *)&PyList_Type, "sort", &list_sort) < 0
         || get_attr(m, "_undo_dict_set", &undo_dict_set_fn) < 0
         || get_attr(m, "_undo_dict_delete", &undo_dict_delete_fn) < 0
