@@ -31,514 +31,64 @@ Undo entries are tuples ``(function, *arguments)``; undoing calls them newest fi
 Dict order is part of the state (transactions iterate), so undoing a delete puts the key
 back where it was: free for the newest key, O(keys after it) otherwise.
 
-The log is per thread (`_local`): each master applies its records in the thread that
-calls it, and two masters in one process never share a log.
+The current log is per thread (set by `begin_record`, cleared by `end_record`): each
+master applies its records in the thread that calls it, and two masters in one process
+never share a log.
+
+Two implementations, one contract
+    The C extension `_tracked` (`_tracked_c` wires it up: `Struct`, the shared exception
+    classes) and the pure-Python `_tracked_py`, which is the specification: same undo
+    entries, same state after undo, same exceptions. This module picks one at import and
+    routes everything through it (the current log lives in that implementation: a C
+    thread-local, or a `threading.local`): the C one when it is built, unless
+    ``PREVALENCE_TRACKED=python`` is set (``PREVALENCE_TRACKED=c`` makes a missing
+    extension an error; a stale build, made from another version of `_tracked.c`, is
+    refused with a warning). `IMPLEMENTATION` says which ("c" or "python").
+
+`convert(value, adopt=True)`: the caller hands `value` over (a freshly decoded snapshot),
+so its containers may become tracked in place instead of being copied (recovery does).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import decimal
-import enum
-import threading
-import uuid
-from typing import Any
+import os as _os
+import warnings as _warnings
 
-import msgspec
+_CHOICE = _os.environ.get("PREVALENCE_TRACKED", "").strip().lower()
+if _CHOICE not in ("", "c", "python"):
+    raise ImportError(f"PREVALENCE_TRACKED={_CHOICE!r}: expected 'c' or 'python'")
+if _CHOICE == "python":
+    from . import _tracked_py as _impl
+else:
+    try:
+        from . import _tracked_c as _impl
+    except ImportError as _exc:
+        if _CHOICE == "c":
+            raise
+        if not isinstance(_exc, ModuleNotFoundError):  # built but unusable (a stale build)
+            _warnings.warn(f"change-tracked state falls back to Python: {_exc}", RuntimeWarning, stacklevel=2)
+        from . import _tracked_py as _impl
 
 __all__ = ["TDict", "TList", "Struct", "UndoLog", "MutationOutsideTransaction", "UntrackableValue",
            "convert", "begin_record", "finish_record", "end_record", "dict_set", "dict_delete",
-           "dict_restore_point",
-           "IMPLEMENTATION"]
-
-#: Which implementation of the containers is in use ("python" here; see `_tracked`).
-IMPLEMENTATION = "python"
-
-
-class MutationOutsideTransaction(TypeError):
-    """Raised when tracked state is changed outside a transaction (a query, a caller
-    holding a value returned by `execute`, code poking the state)."""
-
-
-class UntrackableValue(TypeError):
-    """Raised (as the outcome of the transaction) when a transaction stores into the state
-    a value whose changes could not be tracked; the message names the type and why."""
-
-
-_MISSING = object()
-_END = object()  # "the deleted key was the last one"
-
-_local = threading.local()
-
-#: Immutable values stored as they are.
-_ATOMS = frozenset({str, int, float, bool, type(None), bytes, _dt.datetime, _dt.date, _dt.time,
-                    _dt.timedelta, decimal.Decimal, uuid.UUID})
-
-_struct_setattr = msgspec.Struct.__setattr__
-
-#: The integers MessagePack can hold: a state holding another could never be snapshotted.
-INT_MIN, INT_MAX = -(1 << 63), (1 << 64) - 1
-
-
-class UndoLog:
-    """The undo entries of the records a replica has applied and not yet committed.
-
-    `mark()` is a position; `undo_to(mark)` undoes every entry after it, newest first, and
-    forgets them; `forget_before(mark)` drops entries that will never be undone (their
-    records committed). Positions stay valid across `forget_before` (a running base).
-    """
-
-    __slots__ = ("entries", "base", "pending")
-
-    def __init__(self) -> None:
-        self.entries: list = []
-        self.base = 0          # absolute position of entries[0]
-        self.pending: list = []  # (container, key, value) stored this record, to convert
-
-    def mark(self) -> int:
-        return self.base + len(self.entries)
-
-    def undo_to(self, mark: int) -> int:
-        """Undo every entry after `mark`, newest first. Returns how many were undone."""
-        entries = self.entries
-        start = mark - self.base
-        if start < 0:
-            raise ValueError(f"undo to {mark}, before the oldest kept entry {self.base}")
-        n = len(entries) - start
-        for i in range(len(entries) - 1, start - 1, -1):
-            entry = entries[i]
-            entry[0](*entry[1:])
-        del entries[start:]
-        return n
-
-    def forget_before(self, mark: int) -> None:
-        drop = mark - self.base
-        if drop > 0:
-            del self.entries[:drop]
-            self.base = mark
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-
-def begin_record(log: UndoLog) -> None:
-    """From now until `end_record`, tracked state changes in this thread go to `log`."""
-    _local.log = log
-    log.pending.clear()
-
-
-def end_record() -> None:
-    log = getattr(_local, "log", None)
-    if log is not None:
-        log.pending.clear()
-    _local.log = None
-
-
-def _current() -> UndoLog:
-    log = getattr(_local, "log", None)
-    if log is None:
-        raise MutationOutsideTransaction(
-            "tracked state changed outside a transaction: the state changes only inside a "
-            "transaction (a query, or a value returned by execute/query, must not be mutated; "
-            "copy it first)")
-    return log
-
-
-def finish_record() -> None:
-    """Convert the plain values stored during this record (raises `UntrackableValue`)."""
-    log = _local.log
-    pending = log.pending
-    i = 0
-    while i < len(pending):  # conversion may not add entries, but stay safe
-        container, key, value = pending[i]
-        i += 1
-        cls = container.__class__
-        if cls is TDict or isinstance(container, dict):
-            if dict.get(container, key, _MISSING) is value:
-                converted = convert(value)
-                if converted is not value:
-                    dict.__setitem__(container, key, converted)
-        elif isinstance(container, list):
-            if 0 <= key < list.__len__(container) and list.__getitem__(container, key) is value:
-                index = key
-            else:
-                index = next((j for j, x in enumerate(container) if x is value), -1)
-            if index >= 0:
-                converted = convert(value)
-                if converted is not value:
-                    list.__setitem__(container, index, converted)
-        else:  # a Struct's field
-            if getattr(container, key) is value:
-                converted = convert(value)
-                if converted is not value:
-                    _struct_setattr(container, key, converted)
-    pending.clear()
-
-
-def convert(value: Any) -> Any:
-    """`value` with every plain dict and list in it replaced by a tracked one.
-
-    Tracked containers are returned as they are (their contents are tracked already);
-    Structs derived from `Struct` are converted in place. Raises `UntrackableValue` for a
-    value whose changes could not be tracked.
-    """
-    cls = value.__class__
-    if cls is int or cls is bool:
-        if not INT_MIN <= value <= INT_MAX:
-            raise UntrackableValue(f"integer {value} is out of the range a snapshot can hold "
-                                   f"({INT_MIN}..{INT_MAX})")
-        return value
-    if cls in _ATOMS or cls is TDict or cls is TList:
-        return value
-    if cls is dict:
-        out = TDict.__new__(TDict)
-        for k, v in value.items():
-            if k.__class__ is not str:
-                _check_key(k)
-            vc = v.__class__
-            dict.__setitem__(out, k, v if vc is str or vc is TDict or vc is TList else convert(v))
-        return out
-    if cls is list:
-        return TList._adopt([x if x.__class__ is str else convert(x) for x in value])
-    if cls is tuple:
-        items = [convert(x) for x in value]
-        for x in items:
-            if x.__class__ is TDict or x.__class__ is TList or isinstance(x, Struct):
-                raise UntrackableValue(f"a tuple holding a mutable {type(x).__name__} cannot be tracked "
-                                       "(a tuple cannot be changed, its contents could): use a list")
-        return value if all(a is b for a, b in zip(items, value)) else tuple(items)
-    if isinstance(value, Struct):
-        for name in value.__struct_fields__:
-            field = getattr(value, name)
-            converted = convert(field)
-            if converted is not field:
-                _struct_setattr(value, name, converted)
-        return value
-    if isinstance(value, msgspec.Struct):
-        if not value.__struct_config__.frozen:
-            raise UntrackableValue(
-                f"a mutable msgspec Struct {cls.__name__} cannot be tracked: derive it from "
-                "workers.prevalence.Struct (or make it frozen=True)")
-        for name in value.__struct_fields__:
-            field = getattr(value, name)
-            try:
-                same = convert(field) is field
-            except UntrackableValue as exc:
-                raise UntrackableValue(f"frozen Struct {cls.__name__}, field {name!r}: {exc}") from None
-            if not same:
-                raise UntrackableValue(f"frozen Struct {cls.__name__} holds a mutable "
-                                       f"{type(field).__name__} in field {name!r}: it could change untracked")
-        return value
-    if isinstance(value, enum.Enum):
-        return value
-    raise UntrackableValue(f"a {cls.__name__} cannot be stored in the state: its changes could not be "
-                           "tracked (use dicts, lists, str, int, float, bool, None, bytes, tuples of "
-                           "those, and Structs derived from workers.prevalence.Struct)")
-
-
-def _needs_conversion(value: Any) -> bool:
-    """Whether a value stored must go through `convert` when the record ends: plain
-    containers, Structs, tuples, anything unknown, and integers out of range."""
-    cls = value.__class__
-    if cls is int:
-        return not INT_MIN <= value <= INT_MAX
-    return not (cls in _ATOMS or cls is TDict or cls is TList)
-
-
-def _check_key(key: Any) -> None:
-    """A dict key the codec can write (a str key is checked by the caller's fast path)."""
-    cls = key.__class__
-    if cls is tuple:
-        for part in key:
-            _check_key(part)
-    elif cls is int or cls is bool:
-        if not INT_MIN <= key <= INT_MAX:
-            raise UntrackableValue(f"integer key {key} is out of the range a snapshot can hold")
-    elif cls not in _ATOMS and not isinstance(key, (enum.Enum, msgspec.Struct)):
-        raise UntrackableValue(f"a {cls.__name__} cannot be a key in the state")
-
-
-# -- undo functions (module level: an entry holds a reference, not a closure) -----------
-
-def _undo_dict_set(d: dict, key: Any, old: Any) -> None:
-    if old is _MISSING:
-        dict.__delitem__(d, key)
-    else:
-        dict.__setitem__(d, key, old)
-
-
-def _undo_dict_delete(d: dict, key: Any, old: Any, successor: Any) -> None:
-    dict.__setitem__(d, key, old)  # back at the end
-    if successor is _END:
-        return
-    # Move every key that followed it (from `successor` on) back behind it.
-    keys = list(dict.__iter__(d))
-    start = keys.index(successor)
-    for k in keys[start:-1]:
-        dict.__setitem__(d, k, dict.pop(d, k))
-
-
-def _undo_dict_restore(d: dict, items: list) -> None:
-    dict.clear(d)
-    dict.update(d, items)
-
-
-def _undo_list_append(lst: list) -> None:
-    list.pop(lst)
-
-
-def _undo_list_truncate(lst: list, n: int) -> None:
-    list.__delitem__(lst, slice(n, None))
-
-
-def _undo_list_set(lst: list, index: int, old: Any) -> None:
-    list.__setitem__(lst, index, old)
-
-
-def _undo_list_restore(lst: list, items: list) -> None:
-    list.__setitem__(lst, slice(None), items)
-
-
-def _undo_list_pop_end(lst: list, value: Any) -> None:
-    list.append(lst, value)
-
-
-def _undo_struct_set(s: Any, name: str, old: Any) -> None:
-    _struct_setattr(s, name, old)
-
-
-def _successor(d: dict, key: Any) -> Any:
-    """The key after `key` in `d`'s order, or `_END`: O(1) for the newest key."""
-    for last in reversed(d):
-        if last == key:
-            return _END
-        break
-    it = dict.__iter__(d)
-    for k in it:
-        if k == key:
-            return next(it, _END)
-    return _END
-
-
-# -- engine-owned plain dicts (the request-id table) -----------------------------------
-
-def dict_set(log: UndoLog, d: dict, key: Any, value: Any) -> None:
-    """``d[key] = value`` on a plain dict, undoably (for tables the engine itself keeps)."""
-    log.entries.append((_undo_dict_set, d, key, d.get(key, _MISSING)))
-    d[key] = value
-
-
-def dict_restore_point(log: UndoLog, d: dict) -> None:
-    """Log the whole contents of a plain dict (before a bulk change): O(len(d)) once."""
-    log.entries.append((_undo_dict_restore, d, list(d.items())))
-
-
-def dict_delete(log: UndoLog, d: dict, key: Any) -> None:
-    """``del d[key]`` on a plain dict, undoably (its place in the order comes back too)."""
-    log.entries.append((_undo_dict_delete, d, key, d[key], _successor(d, key)))
-    del d[key]
-
-
-# -- the containers --------------------------------------------------------------------
-
-class TDict(dict):
-    """A dict whose every change is logged for undo. Reads are dict's own."""
-
-    __slots__ = ()
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if dict.__len__(self):
-            raise TypeError("TDict.__init__ called again on a populated dict: that change could not be tracked")
-        for k, v in convert(dict(*args, **kwargs)).items():
-            dict.__setitem__(self, k, v)
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        log = _current()
-        if key.__class__ is not str:
-            _check_key(key)  # before anything changes: the caller sees the error at once
-        log.entries.append((_undo_dict_set, self, key, dict.get(self, key, _MISSING)))
-        dict.__setitem__(self, key, value)
-        if _needs_conversion(value):
-            log.pending.append((self, key, value))
-
-    def __delitem__(self, key: Any) -> None:
-        log = _current()
-        old = dict.__getitem__(self, key)
-        log.entries.append((_undo_dict_delete, self, key, old, _successor(self, key)))
-        dict.__delitem__(self, key)
-
-    def pop(self, key: Any, *default: Any) -> Any:
-        if len(default) > 1:
-            raise TypeError(f"pop expected at most 2 arguments, got {1 + len(default)}")
-        if not dict.__contains__(self, key):
-            if default:
-                return default[0]
-            raise KeyError(key)
-        value = dict.__getitem__(self, key)
-        self.__delitem__(key)
-        return value
-
-    def popitem(self) -> tuple:
-        if not dict.__len__(self):
-            raise KeyError("popitem(): dictionary is empty")
-        key = next(reversed(self))
-        value = dict.__getitem__(self, key)
-        log = _current()
-        log.entries.append((_undo_dict_delete, self, key, value, _END))
-        dict.__delitem__(self, key)
-        return key, value
-
-    def setdefault(self, key: Any, default: Any = None) -> Any:
-        if dict.__contains__(self, key):
-            return dict.__getitem__(self, key)
-        self.__setitem__(key, default)
-        return dict.__getitem__(self, key)
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        for k, v in dict(*args, **kwargs).items():
-            self.__setitem__(k, v)
-
-    def __ior__(self, other: Any) -> "TDict":
-        self.update(other)
-        return self
-
-    def clear(self) -> None:
-        log = _current()
-        log.entries.append((_undo_dict_restore, self, list(dict.items(self))))
-        dict.clear(self)
-
-    def __reduce__(self):  # copy/pickle give a plain dict: a copy is not part of the state
-        return (dict, (dict(self),))
-
-    def __repr__(self) -> str:
-        return dict.__repr__(self)
-
-
-class TList(list):
-    """A list whose every change is logged for undo. Reads are list's own."""
-
-    __slots__ = ()
-
-    def __init__(self, iterable: Any = ()) -> None:
-        if list.__len__(self):
-            raise TypeError("TList.__init__ called again on a populated list: that change could not be tracked")
-        list.extend(self, [convert(x) for x in iterable])
-
-    @classmethod
-    def _adopt(cls, items: list) -> "TList":
-        out = cls.__new__(cls)
-        list.extend(out, items)
-        return out
-
-    def _restore_point(self) -> UndoLog:
-        log = _current()
-        log.entries.append((_undo_list_restore, self, list.copy(self)))
-        return log
-
-    def _pend_all(self, log: UndoLog) -> None:
-        for i, x in enumerate(self):
-            if _needs_conversion(x):
-                log.pending.append((self, i, x))
-
-    def append(self, value: Any) -> None:
-        log = _current()
-        log.entries.append((_undo_list_append, self))
-        list.append(self, value)
-        if _needs_conversion(value):
-            log.pending.append((self, list.__len__(self) - 1, value))
-
-    def extend(self, iterable: Any) -> None:
-        log = _current()
-        n = list.__len__(self)
-        log.entries.append((_undo_list_truncate, self, n))
-        list.extend(self, iterable)
-        for i in range(n, list.__len__(self)):
-            x = list.__getitem__(self, i)
-            if _needs_conversion(x):
-                log.pending.append((self, i, x))
-
-    def __iadd__(self, other: Any) -> "TList":
-        self.extend(other)
-        return self
-
-    def __setitem__(self, index: Any, value: Any) -> None:
-        if index.__class__ is int:
-            log = _current()
-            n = list.__len__(self)
-            i = index + n if index < 0 else index
-            old = list.__getitem__(self, index)  # raises IndexError before anything is logged
-            log.entries.append((_undo_list_set, self, i, old))
-            list.__setitem__(self, i, value)
-            if _needs_conversion(value):
-                log.pending.append((self, i, value))
-            return
-        log = self._restore_point()
-        list.__setitem__(self, index, value)
-        self._pend_all(log)
-
-    def __delitem__(self, index: Any) -> None:
-        self._restore_point()
-        list.__delitem__(self, index)
-
-    def pop(self, index: int = -1) -> Any:
-        n = list.__len__(self)
-        if n and (index == -1 or index == n - 1):
-            value = list.__getitem__(self, -1)
-            _current().entries.append((_undo_list_pop_end, self, value))
-            list.pop(self)
-            return value
-        value = list.__getitem__(self, index)  # IndexError before anything is logged
-        self._restore_point()
-        list.pop(self, index)
-        return value
-
-    def insert(self, index: int, value: Any) -> None:
-        log = self._restore_point()
-        list.insert(self, index, value)
-        if _needs_conversion(value):
-            self._pend_all(log)
-
-    def remove(self, value: Any) -> None:
-        i = list.index(self, value)  # ValueError before anything is logged
-        self._restore_point()
-        list.__delitem__(self, i)
-
-    def clear(self) -> None:
-        self._restore_point()
-        list.clear(self)
-
-    def sort(self, *, key: Any = None, reverse: bool = False) -> None:
-        self._restore_point()
-        list.sort(self, key=key, reverse=reverse)
-
-    def reverse(self) -> None:
-        self._restore_point()
-        list.reverse(self)
-
-    def __imul__(self, n: int) -> "TList":
-        log = self._restore_point()
-        list.__imul__(self, n)
-        self._pend_all(log)  # a plain value repeated is converted at each place
-        return self
-
-    def __reduce__(self):  # copy/pickle give a plain list: a copy is not part of the state
-        return (list, (list(self),))
-
-    def __repr__(self) -> str:
-        return list.__repr__(self)
-
-
-class Struct(msgspec.Struct):
-    """Base for msgspec Structs held in the state: attribute changes are logged for undo.
-
-    Declare state types as ``class User(Struct): name: str; orders: list = []`` and
-    mutate them in place (``user.name = "x"``, ``user.orders.append(o)``). A mutable
-    Struct not derived from this class is refused when stored (`UntrackableValue`).
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        log = _current()
-        log.entries.append((_undo_struct_set, self, name, getattr(self, name)))
-        _struct_setattr(self, name, value)
-        if _needs_conversion(value):
-            log.pending.append((self, name, value))
+           "dict_restore_point", "INT_MIN", "INT_MAX", "MAX_DEPTH", "IMPLEMENTATION"]
+
+#: Which implementation is in use: "c" (the `_tracked` extension) or "python".
+IMPLEMENTATION: str = _impl.IMPLEMENTATION
+
+TDict = _impl.TDict
+TList = _impl.TList
+Struct = _impl.Struct
+UndoLog = _impl.UndoLog
+MutationOutsideTransaction = _impl.MutationOutsideTransaction
+UntrackableValue = _impl.UntrackableValue
+convert = _impl.convert
+begin_record = _impl.begin_record
+finish_record = _impl.finish_record
+end_record = _impl.end_record
+dict_set = _impl.dict_set
+dict_delete = _impl.dict_delete
+dict_restore_point = _impl.dict_restore_point
+INT_MIN = _impl.INT_MIN
+INT_MAX = _impl.INT_MAX
+MAX_DEPTH = _impl.MAX_DEPTH

@@ -15,7 +15,7 @@ import gc
 import logging
 import os
 
-from .. import codec
+from .. import codec, tracked
 from ..errors import Corruption, LostRecords, RetiredMaster, UnknownRecordTransaction
 from ..snapshot import SnapshotBody, decode_root, list_snapshots, load_snapshot, write_snapshot
 from ..writer import JournalWriter
@@ -89,7 +89,12 @@ class Recovering:
                     raise Corruption(f"snapshot is of model {body.model!r}, this master runs {self.model.name!r}",
                                      path=path)
                 with codec.gc_paused():  # millions of new containers: no collections meanwhile
-                    root = decode_root(body, self.model.state_type)
+                    # Handed over to tracked at once (adopt): fresh from the decoder, it is
+                    # made tracked in place instead of copied (the replica keeps it as is).
+                    root = tracked.convert(decode_root(body, self.model.state_type), adopt=True)
+                    # Nor right after: the first allocation would walk them all in a young
+                    # collection. Long-lived (frozen again once open, below): freeze now.
+                    gc.freeze()
                 dedup = body.dedup
                 got = codec.digest_of(root, dedup)
                 if got != body.digest:
