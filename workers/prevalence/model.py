@@ -256,7 +256,7 @@ class Model:
         fn = self.transactions[record.tx]  # outside the try: an unknown name is a bug here
         ctx.record = record
         ctx._random = None
-        mark = log.base + len(log.entries)
+        mark = log.mark()
         tracked.begin_record(log)
         try:
             value = fn(root, ctx, *record.args)

@@ -131,9 +131,8 @@ class Replica:
         if not self.multi:
             out = self._apply(rec) if rec.tx else _TICK_OUTCOME
             log = self.log
-            if log.entries:  # committed: nothing will undo it
-                log.base += len(log.entries)
-                log.entries.clear()
+            if len(log):  # committed: nothing will undo it
+                log.forget_before(log.mark())
             self.cursors[rec.master] = rec.seq
             self.version += 1
             return out
