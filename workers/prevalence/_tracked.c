@@ -1739,6 +1739,82 @@ tracked_current_log(PyObject *module, PyObject *unused)
     return Py_NewRef(log ? log : Py_None);
 }
 
+/* run_record(log, fn, root, ctx, args): fn(root, ctx, *args) as one record of `log`, in one
+ * call (the write path's bracket): changes logged; plain values stored converted when it
+ * returns; if it raises (or the conversion refuses), everything it changed is undone and the
+ * exception propagates. */
+static PyObject *
+tracked_run_record(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 5) {
+        PyErr_SetString(PyExc_TypeError, "run_record(log, fn, root, ctx, args) takes 5 arguments");
+        return NULL;
+    }
+    PyObject *log = argv[0], *fn = argv[1], *args = argv[4];
+    if (!PyObject_TypeCheck(log, &UndoLogType)) {
+        PyErr_Format(PyExc_TypeError, "run_record() needs an UndoLog, got %s", Py_TYPE(log)->tp_name);
+        return NULL;
+    }
+    if (!PyTuple_Check(args)) {
+        PyErr_Format(PyExc_TypeError, "run_record() needs the arguments as a tuple, got %s",
+                     Py_TYPE(args)->tp_name);
+        return NULL;
+    }
+    UndoLogObject *ul = (UndoLogObject *)log;
+    Py_ssize_t mark = ul->base + PyList_GET_SIZE(ul->entries);
+    PyObject *r = tracked_begin_record(module, log);
+    if (r == NULL) return NULL;
+    Py_DECREF(r);
+    Py_ssize_t nargs = PyTuple_GET_SIZE(args), n = 2 + nargs;
+    PyObject *small[8];
+    PyObject **vec = n <= 8 ? small : PyMem_Malloc(n * sizeof(PyObject *));
+    PyObject *value = NULL;
+    if (vec == NULL) {
+        PyErr_NoMemory();
+    } else {
+        vec[0] = argv[2];
+        vec[1] = argv[3];
+        for (Py_ssize_t i = 0; i < nargs; i++) vec[2 + i] = PyTuple_GET_ITEM(args, i);
+        value = PyObject_Vectorcall(fn, vec, n, NULL);
+        if (vec != small) PyMem_Free(vec);
+    }
+    if (value != NULL && PyList_GET_SIZE(ul->pending)) {
+        r = tracked_finish_record(module, NULL);
+        if (r == NULL) Py_CLEAR(value);
+        else Py_DECREF(r);
+    }
+    if (value == NULL) {
+        /* Undo what the record changed, with the exception set aside meanwhile. */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyObject *m = PyLong_FromSsize_t(mark);
+        PyObject *undone = m != NULL ? undolog_undo_to(ul, m) : NULL;
+        Py_XDECREF(m);
+        if (undone == NULL) {  /* undo itself failed: that error wins, chained to the first */
+            PyObject *e2, *v2, *t2;
+            PyErr_Fetch(&e2, &v2, &t2);
+            PyErr_NormalizeException(&e2, &v2, &t2);
+            PyErr_NormalizeException(&et, &ev, &tb);
+            if (v2 != NULL && ev != NULL) PyException_SetContext(v2, Py_NewRef(ev));
+            Py_XDECREF(et); Py_XDECREF(ev); Py_XDECREF(tb);
+            et = e2; ev = v2; tb = t2;
+        } else {
+            Py_DECREF(undone);
+        }
+        r = tracked_end_record(module, NULL);
+        Py_XDECREF(r);
+        PyErr_Restore(et, ev, tb);
+        return NULL;
+    }
+    r = tracked_end_record(module, NULL);
+    if (r == NULL) {
+        Py_DECREF(value);
+        return NULL;
+    }
+    Py_DECREF(r);
+    return value;
+}
+
 static PyMethodDef module_methods[] = {
     {"convert", (PyCFunction)(void (*)(void))tracked_convert, METH_VARARGS | METH_KEYWORDS,
      PyDoc_STR("convert(value, *, adopt=False): `value` with every plain dict and list in it "
@@ -1748,6 +1824,9 @@ static PyMethodDef module_methods[] = {
     {"finish_record", tracked_finish_record, METH_NOARGS,
      PyDoc_STR("Convert the plain values stored during this record (raises UntrackableValue).")},
     {"end_record", tracked_end_record, METH_NOARGS, PyDoc_STR("The record is over.")},
+    {"run_record", (PyCFunction)(void (*)(void))tracked_run_record, METH_FASTCALL,
+     PyDoc_STR("run_record(log, fn, root, ctx, args): fn(root, ctx, *args) as one record of "
+               "`log`; undone if it raises.")},
     {"dict_set", (PyCFunction)(void (*)(void))tracked_dict_set, METH_FASTCALL,
      PyDoc_STR("dict_set(log, d, key, value): d[key] = value on a plain dict, undoably.")},
     {"dict_delete", (PyCFunction)(void (*)(void))tracked_dict_delete, METH_FASTCALL,

@@ -21,7 +21,7 @@ import msgspec
 
 __all__ = ["TDict", "TList", "Struct", "UndoLog", "MutationOutsideTransaction", "UntrackableValue",
            "convert", "begin_record", "finish_record", "end_record", "dict_set", "dict_delete",
-           "dict_restore_point", "INT_MIN", "INT_MAX", "MAX_DEPTH", "IMPLEMENTATION"]
+           "dict_restore_point", "run_record", "INT_MIN", "INT_MAX", "MAX_DEPTH", "IMPLEMENTATION"]
 
 #: Which implementation this is ("c" for `_tracked_c`).
 IMPLEMENTATION = "python"
@@ -331,6 +331,23 @@ def _successor(d: dict, key: Any) -> Any:
 
 
 # -- engine-owned plain dicts (the request-id table) -----------------------------------
+
+def run_record(log: UndoLog, fn: Any, root: Any, ctx: Any, args: tuple) -> Any:
+    """``fn(root, ctx, *args)`` as one record of `log` (the write path's bracket, in one
+    call): changes logged; plain values stored converted when it returns; if it raises (or
+    the conversion refuses), everything it changed is undone and the exception propagates."""
+    mark = log.mark()
+    begin_record(log)
+    try:
+        value = fn(root, ctx, *args)
+        finish_record()
+        return value
+    except BaseException:
+        log.undo_to(mark)
+        raise
+    finally:
+        end_record()
+
 
 def dict_set(log: UndoLog, d: dict, key: Any, value: Any) -> None:
     """``d[key] = value`` on a plain dict, undoably (for tables the engine itself keeps)."""

@@ -36,6 +36,7 @@ from typing import Any, Callable
 import msgspec
 
 from . import codec, tracked
+from .tracked import run_record
 from .clock import from_ms, physical_ms
 from .codec import RequestIdEntry
 from .errors import BadArguments, Rejected, UnknownTransaction
@@ -256,25 +257,17 @@ class Model:
         fn = self.transactions[record.tx]  # outside the try: an unknown name is a bug here
         ctx.record = record
         ctx._random = None
-        mark = log.mark()
-        tracked.begin_record(log)
         try:
-            value = fn(root, ctx, *record.args)
-            tracked.finish_record()  # plain values stored become tracked (or refused)
+            # One record of the undo log: plain values stored become tracked (or are
+            # refused) when it returns; if it raises, everything it changed is undone.
+            value = run_record(log, fn, root, ctx, record.args)
             result = {"status": OK, "value": value, "error": None}
         except Rejected as exc:
-            log.undo_to(mark)
             result = {"status": REJECTED, "value": None, "error": str(exc)}
         # A transaction's own exception is part of its deterministic outcome: replay must
         # raise it identically and carry on, so this one broad catch is on purpose.
         except Exception as exc:  # noqa: BLE001
-            log.undo_to(mark)
             result = {"status": ERROR, "value": None, "error": f"{type(exc).__name__}: {exc}"}
-        except BaseException:
-            log.undo_to(mark)  # interrupted: leave the state as it was before the record
-            raise
-        finally:
-            tracked.end_record()
         if rid:
             # Keep a copy: the value may be part of the state and change with it later.
             value = result["value"]

@@ -129,8 +129,13 @@ class Replica:
         the tentative window.
         """
         if not self.multi:
-            out = self._apply(rec) if rec.tx else _TICK_OUTCOME
             log = self.log
+            if not rec.tx:
+                out = _TICK_OUTCOME
+            elif self.check:
+                out = self._apply_checked(rec)
+            else:
+                out = self.model.apply(self.state, self.dedup, rec, self._ctx, log)
             if len(log):  # committed: nothing will undo it
                 log.forget_before(log.mark())
             self.cursors[rec.master] = rec.seq

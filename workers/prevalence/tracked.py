@@ -23,7 +23,7 @@ What is refused (loudly, never silently diverging)
       (its outcome is ``error``, identically on every master) and leaves no trace.
     * Bypasses that no subclass can see (``dict.__setitem__(d, k, v)``, ``heapq`` on a
       list, C extensions writing with ``PyDict_SetItem``): the check mode of the engine
-      (`Model(check_undo=True)` or ``PREVALENCE_CHECK_UNDO=1``) undoes every record
+      (`Master.open(..., check_transactions=True)` or ``PREVALENCE_CHECK_TRANSACTIONS=1``) undoes every record
       right after applying it and compares the state, byte for byte, with what it was
       before; a difference names the transaction.
 
@@ -71,7 +71,7 @@ else:
 
 __all__ = ["TDict", "TList", "Struct", "UndoLog", "MutationOutsideTransaction", "UntrackableValue",
            "convert", "begin_record", "finish_record", "end_record", "dict_set", "dict_delete",
-           "dict_restore_point", "INT_MIN", "INT_MAX", "MAX_DEPTH", "IMPLEMENTATION"]
+           "dict_restore_point", "run_record", "INT_MIN", "INT_MAX", "MAX_DEPTH", "IMPLEMENTATION"]
 
 #: Which implementation is in use: "c" (the `_tracked` extension) or "python".
 IMPLEMENTATION: str = _impl.IMPLEMENTATION
@@ -86,6 +86,7 @@ convert = _impl.convert
 begin_record = _impl.begin_record
 finish_record = _impl.finish_record
 end_record = _impl.end_record
+run_record = _impl.run_record
 dict_set = _impl.dict_set
 dict_delete = _impl.dict_delete
 dict_restore_point = _impl.dict_restore_point
