@@ -32,7 +32,7 @@ from typing import Any
 
 import msgspec
 
-from .codec import RequestIdEntry
+from .codec import RequestIdEntry, depth_note
 from .durable import publish_file
 from .errors import Corruption, StorageError, check
 from .journal import SEQ_DIGITS
@@ -127,6 +127,8 @@ def decode_snapshot(data: bytes, path: str, key: bytes | None) -> SnapshotBody:
         decoded = msgspec.msgpack.decode(body, type=SnapshotBody)
     except msgspec.DecodeError as exc:
         raise bad(f"body does not decode: {exc}", HEADER_BYTES) from None
+    except RecursionError:
+        raise bad(f"body is nested deeper than the decoder goes ({depth_note()})", HEADER_BYTES) from None
     # The prune mark, a one-element array, decoded as an entry with only its hlc: give it
     # back the plain tuple `Model.apply` keeps there (so it encodes to the same bytes again).
     mark = decoded.dedup.get(PRUNE_MARK)
@@ -163,5 +165,12 @@ def load_snapshot(path: str, key: bytes | None) -> SnapshotBody:
     return decode_snapshot(data, path, key)
 
 
-def decode_root(body: SnapshotBody, state_type: Any) -> Any:
-    return msgspec.msgpack.decode(body.root, type=state_type)
+def decode_root(body: SnapshotBody, state_type: Any, path: str | None = None) -> Any:
+    """The state a snapshot holds. Raises Corruption when it does not decode."""
+    try:
+        return msgspec.msgpack.decode(body.root, type=state_type)
+    except msgspec.DecodeError as exc:
+        raise Corruption(f"snapshot state does not decode: {exc}", path=path) from None
+    except RecursionError:
+        raise Corruption(f"snapshot state is nested deeper than the decoder goes ({depth_note()})",
+                         path=path) from None

@@ -88,7 +88,7 @@ class Recovering:
                 if body.model != self.model.name:
                     raise Corruption(f"snapshot is of model {body.model!r}, this master runs {self.model.name!r}",
                                      path=path)
-                root = decode_root(body, self.model.state_type)
+                root = decode_root(body, self.model.state_type, path)
                 dedup = body.dedup
                 got = codec.digest_of(root, dedup)
                 if got != body.digest:
