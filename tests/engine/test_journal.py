@@ -332,7 +332,7 @@ def test_filesystem_type_takes_the_longest_mount_point(path, kind):
 
 def test_writer_reserves_zeros_ahead_and_a_clean_close_cuts_them(tmp_path):
     from workers.prevalence.writer import JournalWriter
-    w = JournalWriter(str(tmp_path), 1, None, fsync="never", reserve_bytes=4096)
+    w = JournalWriter(str(tmp_path), 1, fsync="never", reserve_bytes=4096)
     payloads = [codec.encode_record(r) for r in make_records(3)]
     w.append(payloads, None)
     path, end = w.path, w.offset
@@ -346,7 +346,7 @@ def test_writer_reserves_zeros_ahead_and_a_clean_close_cuts_them(tmp_path):
 
 def test_writer_without_reservation_writes_records_only(tmp_path):
     from workers.prevalence.writer import JournalWriter
-    w = JournalWriter(str(tmp_path), 1, None, fsync="never", reserve_bytes=0)
+    w = JournalWriter(str(tmp_path), 1, fsync="never", reserve_bytes=0)
     w.append([codec.encode_record(r) for r in make_records(2)], None)
     assert os.path.getsize(w.path) == w.offset
     w.close()

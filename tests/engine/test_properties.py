@@ -3,8 +3,9 @@
 * Replay reproduces the live state.
 * Snapshot + tail equals a full replay from the initial state (`verify`).
 * Any truncation or single-byte flip of a journal file either recovers every fully
-  written record before the damage -- and nothing else -- or refuses with Corruption,
-  leaving every file as it was.
+  written record before the damage -- and nothing else -- or refuses with Corruption or
+  LostRecords, leaving every file as it was. It recovers only when the damage is a torn
+  tail past everything the master published (a torn tail is a record nobody saw).
 """
 
 from __future__ import annotations
@@ -108,13 +109,15 @@ BUILD_STEPS = [
 
 
 class Built:
-    """An intact journal in several segments (and maybe a snapshot), with every prefix's state."""
+    """An intact journal in several segments (and maybe a snapshot), with every prefix's
+    state, left by a kill -9: its last segment has no seal, and its progress file says
+    what the last publication said (seq 0, or the snapshot's)."""
 
     def __init__(self, root: str, key: bytes | None, snap_at: int | None):
         self.shared = os.path.join(root, "intact")
         self.key = key
         self.snap_at = snap_at or 0  # the last seq the snapshot covers (0: no snapshot)
-        m = open_master(self.shared, cluster_key=key, segment_bytes_max=250)
+        m = open_master(self.shared, cluster_key=key, segment_bytes_max=250, journal_reserve_bytes=0)
         self.after = {0: (m.query("balances"), m.digest())}  # seq -> state after it
         for tx, args, r in BUILD_STEPS:
             try:
@@ -125,7 +128,7 @@ class Built:
             if m.seq == snap_at:
                 m.snapshot()
         self.last_seq = m.seq
-        m.close()
+        m.crash()  # published so far: seq snap_at (the snapshot publishes progress), else 0
         self.segments = []  # (first seq, file name, size, frames)
         for first, path in segments(self.shared):
             with open(path, "rb") as f:
@@ -198,7 +201,9 @@ def test_truncation_or_flipped_byte_recovers_exactly_the_intact_prefix_or_refuse
         if which < b.first_read:
             expected = b.last_seq  # a segment the snapshot covers: never read again
         elif tail_only and first_damaged > b.snap_at:
-            expected = first_damaged - 1  # a torn tail after the snapshot: the intact prefix
+            # A torn tail after everything published (the snapshot, the progress file):
+            # nobody can have seen it. Recovered: the intact prefix.
+            expected = first_damaged - 1
         else:
             expected = None  # valid records follow, or the snapshot is ahead: must refuse
         damaged = journal_bytes(shared)

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from workers.prevalence import journal, snapshot
+from workers.prevalence import journal, seal, snapshot
 from workers.prevalence.errors import Corruption
 
 from tests.fixtures import make_fixtures as fx
@@ -82,21 +82,23 @@ def test_torn_final_record_is_set_aside_and_truncated_with_good_records_kept(tmp
     assert os.path.getsize(aside) == tail_bytes
     assert os.path.getsize(seg) == intact
     assert any("torn tail" in r.getMessage() and aside in r.getMessage() for r in caplog.records)
-    # The writer continues where the good records end; a reopen reads all of it.
+    # The segment is sealed where the good records end and the writer starts a segment of
+    # its own (it never appends to a file it did not create); a reopen reads all of it.
+    assert seal.read_seal(seg).length == intact
     assert m.execute("deposit", "a", 1, rid="r4") == fx.BALANCE_AFTER_3 + 1
     m.close()
+    kept = [n for n in journal_bytes(tmp_path, fx.MASTER) if n.endswith(".log") or ".torn-" in n]
+    assert kept == [FIRST_SEGMENT, os.path.basename(aside), journal.format_segment_name(4)]
     m = open_fixture(tmp_path)
     assert (m.seq, m.query("balance", "a")) == (4, fx.BALANCE_AFTER_3 + 1)
-    kept = [n for n in journal_bytes(tmp_path, fx.MASTER) if n.endswith(".log") or ".torn-" in n]
-    assert kept == [FIRST_SEGMENT, os.path.basename(aside)]
     m.close()
 
 
 @pytest.mark.parametrize("reserve", [0, 1 << 20])
-def test_zero_filled_tail_is_unwritten_space_that_the_writer_fills_next(tmp_path, caplog, reserve):
+def test_zero_filled_tail_is_unwritten_space_sealed_where_the_records_end(tmp_path, caplog, reserve):
     # Writeback extended the file before the data landed, or the writer's own reservation:
-    # zeros hold no data, so nothing is set aside; the good records stay and the next
-    # record goes right after them.
+    # zeros hold no data, so nothing is set aside; the good records stay, the segment is
+    # sealed where they end, and the next record goes to a segment of the new owner's own.
     seg = install(tmp_path, journal_file="journal-zero-tail.log")
     intact = len(fx.build()["journal-valid.log"])
     with caplog.at_level(logging.INFO, logger="prevalence.master"):
@@ -107,19 +109,21 @@ def test_zero_filled_tail_is_unwritten_space_that_the_writer_fills_next(tmp_path
     assert m.execute("deposit", "a", 1, rid="r4") == fx.BALANCE_AFTER_3 + 1
     assert not [n for n in journal_bytes(tmp_path, fx.MASTER) if ".torn-" in n]
     with open(seg, "rb") as f:
-        data = f.read()
-    assert data[:intact] == fx.build()["journal-valid.log"]
-    start, end = frames(data[intact:])[0]
-    assert start == 0 and journal.all_zero(data, intact + end)
+        assert f.read() == fx.build()["journal-zero-tail.log"]  # the previous owner's file, untouched
+    assert seal.read_seal(seg).length == intact
+    assert m.writer.path != seg
     m.close()
-    assert os.path.getsize(seg) == intact + end  # a clean close cuts the zeros
     m = open_fixture(tmp_path)
     assert (m.seq, m.query("balance", "a")) == (4, fx.BALANCE_AFTER_3 + 1)
     m.close()
 
 
 def test_torn_tail_written_by_a_master_is_set_aside_on_reopen(tmp_path):
-    write_segmented_journal(tmp_path)
+    m = open_master(tmp_path, segment_bytes_max=300, journal_reserve_bytes=0)
+    m.execute("open_account", "a", 0)
+    for _ in range(20):
+        m.execute("deposit", "a", 1)
+    m.crash()  # kill -9: its last segment is not sealed, its progress file says seq 0
     first, seg = segments(tmp_path)[-1]
     data = open(seg, "rb").read()
     start, _end = frames(data)[-1]
@@ -297,10 +301,11 @@ def test_a_second_torn_tail_at_the_same_offset_does_not_overwrite_the_first(tmp_
     m = open_master(tmp_path)
     m.execute("open_account", "a", 1)
     m.close()
-    (_f, seg), = segments(tmp_path)
+    open_master(tmp_path).crash()  # leaves the new owner's segment, empty, unsealed
     for garbage in (b"first torn write", b"second"):
+        (_first, seg) = segments(tmp_path)[-1]  # both times: that segment, at offset 0
         with open(seg, "ab") as f:
             f.write(garbage)
-        open_master(tmp_path).close()
+        open_master(tmp_path).crash()
     kept = sorted(v for n, v in journal_bytes(tmp_path).items() if ".torn-" in n)
     assert kept == [b"first torn write", b"second"]

@@ -7,7 +7,11 @@ record
 journal
     A master's append-only sequence of records, split in segments.
 segment
-    One journal file, ``journal/<first-seq>.log``; a new one starts past a size limit.
+    One journal file, ``journal/<first-seq>.log``; a new one starts past a size limit, and
+    at every open of the master (a process never appends to a file it did not create).
+seal
+    Where a finished segment ends (its length and CRC-32), in ``journal/<first-seq>.seal``:
+    nothing past it is read.
 snapshot
     The committed state at a frontier, in one self-checking file.
 seq
@@ -36,11 +40,11 @@ member
 lease
     The file that says which process holds a master name (one process per name).
 
-Layers: `codec`, `journal` (format and reading), `writer`, `durable`, `snapshot`, `clock`,
-`tracked` (change-tracked state), `model`, `replica` (state + tentative window), `errors`
-are the engine and
-import nothing of sync or Celery; `cluster` (shared folder, sync, membership, verify)
-builds on them. Public names are re-exported here.
+Layers: `codec`, `journal` (format and reading), `seal`, `writer`, `durable`, `files`
+(opening files of the share safely), `smallfile` (the form of small files), `snapshot`,
+`clock`, `tracked` (change-tracked state), `model`, `replica` (state + tentative window),
+`errors` are the engine and import nothing of sync or Celery; `cluster` (shared folder,
+sync, membership, verify) builds on them. Public names are re-exported here.
 """
 
 from .errors import PrevalenceError, Rejected

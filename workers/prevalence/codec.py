@@ -9,6 +9,16 @@ is a record whose ``tx`` is the empty string: it carries no change, only a clock
 
 The *canonical* encoding sorts dict keys (``order="deterministic"``), so equal states
 encode to equal bytes on any machine; the state digest is SHA-256 over it.
+
+Nesting depth is bounded, on both sides:
+
+* **Writing**: a transaction's argument may nest at most `DEPTH_MAX` containers deep
+  (a list in a list ... ; a scalar is depth 0). Deeper arguments are refused with
+  `BadArguments` before anything is written (`check_depth`).
+* **Reading**: msgspec decodes recursively and stops at the interpreter's recursion limit
+  (about a thousand levels, far above `DEPTH_MAX`): a record, snapshot or small file
+  nested deeper than that is refused as corrupt, naming the file -- never a raw
+  `RecursionError`. Everything a writer accepts is therefore readable.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import sys
 from typing import Any
 
 import msgspec
@@ -23,6 +34,10 @@ import msgspec
 from .errors import BadArguments
 
 TICK = ""  # the tx name of a tick record
+
+#: The deepest nesting of containers a transaction argument may have (a scalar is 0).
+DEPTH_MAX = 100
+_CONTAINERS = (list, tuple, dict, set, frozenset)
 
 
 class Record(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -97,12 +112,40 @@ def encode_args(tx: str, args: Any) -> bytes:
 
     Raises:
         BadArguments: a value is not plain data (an object, a set of mixed types, an int
-            outside 64 bits ...). Nothing has been written when this is raised.
+            outside 64 bits ...) or nests deeper than `DEPTH_MAX`. Nothing has been
+            written when this is raised.
     """
+    check_depth(tx, args)
     try:
         return _record_encoder.encode(list(args))
     except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
         raise BadArguments(f"arguments of {tx!r} cannot be encoded as plain data: {exc}") from None
+
+
+def check_depth(tx: str, args: Any) -> None:
+    """Refuse arguments that nest containers deeper than `DEPTH_MAX` (module docstring).
+
+    Iterative (a deep value cannot exhaust the stack here) and cheap for flat arguments:
+    only containers are walked.
+
+    Raises:
+        BadArguments: naming the transaction, the bound and the depth reached.
+    """
+    stack = [(value, 1) for value in args if isinstance(value, _CONTAINERS)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > DEPTH_MAX:
+            raise BadArguments(f"arguments of {tx!r} nest containers too deep: more than {DEPTH_MAX} levels "
+                               "(codec.DEPTH_MAX). Flatten them; nothing was written")
+        items = value.values() if isinstance(value, dict) else value
+        if isinstance(value, dict):
+            stack.extend((k, depth + 1) for k in value if isinstance(k, _CONTAINERS))
+        stack.extend((v, depth + 1) for v in items if isinstance(v, _CONTAINERS))
+
+
+def depth_note() -> str:
+    """What bounds the depth a decoder reaches, for messages."""
+    return f"the interpreter's recursion limit, {sys.getrecursionlimit()} levels; writers allow {DEPTH_MAX}"
 
 
 def canonical(value: Any) -> bytes:

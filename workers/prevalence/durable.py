@@ -17,13 +17,19 @@ import platform
 import socket
 import sys
 
+from . import files
+from .errors import StorageError, UnsafeFile
+
 
 def publish_file(path: str, data: bytes, fault=None, *, fault_name: str = "publish") -> None:
     """Atomically replace `path` with `data`: temp + fsync + rename + directory fsync.
 
     The temp name is unique per host and pid, so two writers never share one; readers
     see the old whole file or the new whole file, never a part. This is the one publish
-    path of the engine: small files and snapshots alike.
+    path of the engine: small files and snapshots alike. The temp file is created afresh
+    (``O_CREAT | O_EXCL | O_NOFOLLOW``, after removing whatever a crash of an earlier
+    process with this pid left under its name), so nothing planted there is written
+    through; the rename replaces a link at `path` itself, never its target.
 
     Args:
         path: the final name; its directory must exist.
@@ -35,28 +41,56 @@ def publish_file(path: str, data: bytes, fault=None, *, fault_name: str = "publi
             or "snapshot".
 
     Raises:
-        OSError: as the system raised it; a temp file may be left behind.
+        StorageError: the disk refused (ENOSPC, EIO, a missing folder ...); the temp file
+            is removed. UnsafeFile: a directory sits at the temp name.
     """
     directory = os.path.dirname(path)
-    tmp = os.path.join(directory, f".tmp-{socket.gethostname()}-{os.getpid()}-{os.path.basename(path)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    tmp = files.temp_name(directory, socket.gethostname(), os.getpid(), os.path.basename(path))
     try:
-        view = memoryview(data)
-        if fault:  # in two halves, so that a test can crash with half the temp file written
-            half = len(data) // 2
-            _write_all(fd, view[:half])
-            fault(f"mid-{fault_name}-write")
-            view = view[half:]
-        _write_all(fd, view)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if fault:
-        fault(f"before-{fault_name}-rename")
-    os.replace(tmp, path)
+        try:
+            os.unlink(tmp)  # left by a crash of an earlier process that had this pid
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:
+            raise UnsafeFile("a directory sits at this temp name; remove it", path=tmp) from None
+        fd = files.create_file(tmp, what="temp file")
+        try:
+            view = memoryview(data)
+            if fault:  # in two halves, so that a test can crash with half the temp file written
+                half = len(data) // 2
+                _write_all(fd, view[:half])
+                fault(f"mid-{fault_name}-write")
+                view = view[half:]
+            _write_all(fd, view)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if fault:
+            fault(f"before-{fault_name}-rename")
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise storage_error("publishing", path, exc) from exc
     if fault:
         fault(f"after-{fault_name}-rename")
-    fsync_dir(directory)
+    try:
+        fsync_dir(directory)
+    except OSError as exc:
+        raise storage_error("publishing (directory sync)", path, exc) from exc
+
+
+def storage_error(action: str, path: str, exc: OSError) -> StorageError:
+    """The `StorageError` for a refused operation on `path`, naming the errno."""
+    name = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno is not None else type(exc).__name__
+    return StorageError(f"{action} {path} failed: {name} ({exc.strerror or exc}). Check the disk and the "
+                        "mount (free space, quota, permissions), then retry")
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass  # best effort: the next open of this master removes temp files anyway
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -79,7 +113,8 @@ def sync_data(fd: int) -> None:
 
 
 def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    """Make a directory's entries durable (a new, renamed or removed file survives a crash)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         os.fsync(fd)
     finally:

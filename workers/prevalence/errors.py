@@ -80,6 +80,32 @@ class Corruption(PrevalenceError):
         self.gap = gap  # records are missing (collected), as opposed to damaged
 
 
+class TruncatedSegment(Corruption):
+    """Raised when a sealed journal segment is shorter than its seal says: records that were
+    durable are gone (the file was cut or replaced). The records before the cut were read.
+    """
+
+
+class BadFile(Corruption):
+    """Raised when a file of the shared folder is not what it must be: a small file (lease,
+    progress, seal, founder, retirement) that does not parse into its typed form, is
+    unsigned or badly signed while a cluster key is configured, or says it is about
+    another master or another kind of file; a snapshot about another master.
+
+    The one error of every small file: its message names the file, what was expected and
+    what was found.
+    """
+
+
+class UnsafeFile(BadFile):
+    """Raised when a path of the shared folder is not a regular file the engine may use: a
+    symbolic link, FIFO, device or directory where a file should be (or a symbolic link
+    where a directory should be), or a file larger than its kind may be.
+
+    Nothing is followed, read or blocked on (invariant 9).
+    """
+
+
 class UnknownRecordTransaction(Corruption):
     """Raised when a journal holds a transaction this code does not know (version skew).
 
@@ -92,15 +118,26 @@ class LeaseHeld(PrevalenceError):
     """Raised when another live process already holds the master name."""
 
 
+class LeaseLost(NotReady):
+    """Raised when this process may no longer hold its master name: the lease file names
+    another process (a new owner took the name over while this one was paused), it
+    vanished with the master's folder, or this process's own lease expired by its
+    monotonic clock and could not be confirmed. Nothing more is written or acknowledged;
+    restart the master to recover.
+    """
+
+
 class RetiredMaster(PrevalenceError):
     """Raised when a master name was retired from the cluster and tries to start again."""
 
 
 class LostRecords(PrevalenceError):
-    """Raised when peers have read records of this master that its journal no longer holds.
+    """Raised when records of this master that were published are no longer in its journal:
+    its own progress file, a seal, a snapshot or a peer's cursor says they were written.
 
-    This happens after a machine crash under `fsync=never`/`interval`: restarting would
-    write different records under the same seqs, so the master refuses to start.
+    This happens after a machine crash under `fsync=never`/`interval`, or when a journal
+    file was damaged or cut: restarting would write different records under the same
+    seqs, so the master refuses to start. The message names the missing range.
     """
 
 

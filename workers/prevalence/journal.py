@@ -21,12 +21,18 @@ Segments: ``journal/<first-seq>.log``, 20 digits zero-padded, so text order is s
 order; a new segment starts when the current one passes ``segment_bytes_max``. Names
 never clash, however often a master syncs or rolls.
 
-Seals: ``journal/<first-seq>.seal`` holds ``{"length", "crc32"}`` of a durable prefix of
-its segment, published by the writer when it rolls or closes the segment. A reader that
-reads a segment from its start and finds the seal's CRC-32 over that prefix correct
-skips the per-frame checksums there (one C-speed pass instead of one call per record);
-a seal that does not match is ignored. Not used with a cluster key (HMACs are checked
-per record).
+Seals (`seal`): ``journal/<first-seq>.seal`` says where a finished segment ends (its
+length and CRC-32), published when the writer rolls or closes it and by a new owner on
+the previous owner's last segment. A sealed segment ends at its seal: readers never read
+past it, and damage inside it is corruption, never a torn tail. Every segment but the
+last is sealed.
+
+A segment's first record carries the seq in its name: an old segment copied under a
+later name is corruption naming that file.
+
+Bounds: a record's payload is at most `RECORD_BYTES_MAX`; one write (one
+``execute_many``) at most `APPEND_BYTES_MAX`; a segment file at most
+`SEGMENT_BYTES_LIMIT`, checked against the file's size before it is read.
 
 Reserved space: on a local disk the writer extends the current segment with zeros ahead
 of its offset, `writer.RESERVE_BYTES_DEFAULT` at a time, so that a commit overwrites blocks the
@@ -59,17 +65,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import operator
 import os
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
-from . import codec
+from . import codec, files
 from .errors import Corruption, InvariantViolation, check
 
 log = logging.getLogger("prevalence.journal")
@@ -86,7 +91,19 @@ RESIDUE = 0x2144DF1C  # crc32(m + crc32(m).to_bytes(4, "little")) for every m
 _U32 = struct.Struct("<I")
 HMAC_BYTES = 32
 RECORD_BYTES_MAX = 16 * 1024 * 1024
+#: The most bytes one append (one execute_many) may write.
+APPEND_BYTES_MAX = 64 * 1024 * 1024
+#: The largest segment file a reader accepts: a writer's segments stay below it.
+SEGMENT_BYTES_LIMIT = 256 * 1024 * 1024
 SEGMENT_BYTES_MAX_DEFAULT = 64 * 1024 * 1024
+#: The most `segment_bytes_max` may be: a segment grows past it by at most one append.
+SEGMENT_BYTES_MAX_LIMIT = SEGMENT_BYTES_LIMIT - APPEND_BYTES_MAX
+#: The search for a valid frame after damage checksums at most this many times the bytes
+#: it searches (the search is linear; a segment that would need more is reported).
+SEARCH_CRC_FACTOR = 4
+#: First payload bytes of a frame: a record is a MessagePack array of six (0x96), a batch
+#: an array of records (fixarray, array 16 or array 32).
+_PAYLOAD_STARTS = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
 SEGMENT_SUFFIX = ".log"
 SEQ_DIGITS = 20
 
@@ -99,31 +116,9 @@ FSYNC_INTERVAL_MS_DEFAULT = 200
 # -- naming -------------------------------------------------------------------------
 
 SEAL_SUFFIX = ".seal"
-
-
 def seal_path(segment_path: str) -> str:
+    """The seal's path of a segment (`seal` reads and writes it)."""
     return segment_path[:-len(SEGMENT_SUFFIX)] + SEAL_SUFFIX
-
-
-def read_seal(segment_path: str) -> tuple[int, int] | None:
-    """(length, crc32) from a segment's seal, or None when absent or unreadable."""
-    try:
-        with open(seal_path(segment_path), "rb") as f:
-            seal = json.loads(f.read())
-        return int(seal["length"]), int(seal["crc32"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def trusted_prefix(data: bytes, segment_path: str) -> int:
-    """How many leading bytes of a segment read from offset 0 its seal vouches for."""
-    seal = read_seal(segment_path)
-    if seal is None:
-        return 0
-    length, crc = seal
-    if 0 < length <= len(data) and zlib.crc32(memoryview(data)[:length]) == crc:
-        return length
-    return 0
 
 
 def format_segment_name(first_seq: int) -> str:
@@ -141,25 +136,40 @@ def parse_segment_name(name: str) -> int | None:
     return int(digits)
 
 
-def list_segments(journal_dir: str) -> list[tuple[int, str]]:
-    """(first seq, path) of every segment, by listing (NFS: listing refreshes lookups).
+@dataclass
+class Listing:
+    """One listing of a journal folder."""
 
-    Skips `.nfs*` silly-rename files, temp files and set-aside torn tails.
-    Returns [] when the directory does not exist (yet).
+    segments: list[tuple[int, str]] = field(default_factory=list)  # (first seq, path), in seq order
+    sealed: frozenset[int] = frozenset()  # first seqs of the segments that have a seal file
+
+
+def list_journal(journal_dir: str) -> Listing:
+    """The segments and seals of a journal folder, by listing (NFS: listing refreshes
+    lookups). Skips `.nfs*` silly-rename files, temp files and set-aside torn tails.
+    Empty when the folder does not exist (yet).
+
+    Raises:
+        UnsafeFile: the folder is a symbolic link or not a directory.
     """
-    try:
-        names = os.listdir(journal_dir)
-    except FileNotFoundError:
-        return []
-    out = []
-    for name in names:
+    segments, sealed = [], set()
+    for name in files.list_dir(journal_dir, "journal folder"):
         if name.startswith("."):
             continue
         first = parse_segment_name(name)
         if first is not None:
-            out.append((first, os.path.join(journal_dir, name)))
-    out.sort()
-    return out
+            segments.append((first, os.path.join(journal_dir, name)))
+        elif name.endswith(SEAL_SUFFIX):
+            first = parse_segment_name(name[:-len(SEAL_SUFFIX)] + SEGMENT_SUFFIX)
+            if first is not None:
+                sealed.add(first)
+    segments.sort()
+    return Listing(segments, frozenset(sealed))
+
+
+def list_segments(journal_dir: str) -> list[tuple[int, str]]:
+    """(first seq, path) of every segment, in seq order (see `list_journal`)."""
+    return list_journal(journal_dir).segments
 
 
 # -- framing ------------------------------------------------------------------------
@@ -237,47 +247,65 @@ def _frame_error(data, off: int, key: bytes | None) -> tuple[str | None, int]:
     return None, end
 
 
-def _valid_frame_after(data, start: int, key: bytes | None) -> int | None:
-    """Offset of the first valid frame at or after `start`, or None. Error path only.
+def _valid_frame_after(data, start: int, key: bytes | None) -> tuple[int | None, str | None]:
+    """The first valid frame at or after `start`. Error path only.
 
-    Bounded work: candidates are found by a C-speed search for the fixed header bytes
-    4..7 (version, flags 0 or 1, reserved zero); only those are checksummed.
+    Returns (its offset, None); (None, None) when there is none; or (None, why) when the
+    search gave up: it is linear in the bytes searched. Candidates are found by C-speed
+    searches for the fixed header bytes 4..7 (version, known flags, reserved zero) and
+    taken in file order; a candidate whose declared length does not fit, or whose payload
+    does not start like a record, costs nothing more. The others are checksummed, at most
+    `SEARCH_CRC_FACTOR` times the bytes searched in all: bytes that hold more plausible
+    headers than that are not a torn write (an adversary's fake headers, each declaring
+    a megabyte, would otherwise cost a checksum of a megabyte each).
     """
     raw = bytes(data)
     size = len(raw)
-    best = None
-    for flags in range(FLAGS_KNOWN + 1):
-        pattern = bytes([FORMAT_VERSION, flags, 0, 0])
-        at = raw.find(pattern, start + 4)
-        while at != -1 and (best is None or at - 4 < best):
-            off = at - 4
-            if off + FRAME_BYTES_MIN <= size and _frame_error(raw, off, key)[0] is None:
-                best = off
-                break
-            at = raw.find(pattern, at + 1)
-    return best
+    budget = SEARCH_CRC_FACTOR * max(0, size - start) + FRAME_BYTES_MIN
+    spent = checked = 0
+    patterns = [bytes([FORMAT_VERSION, flags, 0, 0]) for flags in range(FLAGS_KNOWN + 1)]
+    found_at = [raw.find(p, start + 4) for p in patterns]
+    while True:
+        live = [at for at in found_at if at != -1]
+        if not live:
+            return None, None
+        at = min(live)
+        i = found_at.index(at)
+        found_at[i] = raw.find(patterns[i], at + 1)
+        off = at - 4
+        n = _U32.unpack_from(raw, off)[0]
+        mac_len = HMAC_BYTES if patterns[i][1] & FLAG_HMAC else 0
+        end = off + HEADER_BYTES + n + mac_len + CRC_BYTES
+        if not 0 < n <= RECORD_BYTES_MAX or end > size or raw[off + HEADER_BYTES] not in _PAYLOAD_STARTS:
+            continue
+        spent += end - off
+        checked += 1
+        if spent > budget:
+            return None, (f"the {size - start} bytes after it hold more frame headers than a torn write can "
+                          f"leave (gave up after checksumming {checked} candidates, {spent} bytes), so this "
+                          "is not a torn tail")
+        if _frame_error(raw, off, key)[0] is None:
+            return off, None
 
 
 def scan(data: bytes, path: str, offset: int, key: bytes | None, *, last_segment: bool,
          master: str | None = None, base: int = 0, expect_seq: int | None = None,
-         last_hlc: int = 0, trusted: int = 0, records_max: int | None = None) -> ScanResult:
+         last_hlc: int = 0, trusted: int = 0, records_max: int | None = None,
+         first_seq: int | None = None, sealed: bool = False) -> ScanResult:
     """Decode the framed records of `data` starting at `offset`.
 
     Stops at the first damaged frame and decides whether it is a torn tail (nothing valid
-    after it in this, the last, segment) or corruption. Decoding is strict: a payload
-    that is not a well-formed record is corruption too. With `expect_seq`, records before
-    it are skipped and every later one must carry the next seq, a higher hlc than the
-    last and `master` -- the journal's order, checked again on read. `base` is the file
-    offset of ``data[0]``, for messages; offsets in the result are relative to `data`.
+    after it in this, the last, segment, which no seal closes) or corruption. Decoding is
+    strict: a payload that is not a well-formed record (nested deeper than the decoder
+    goes, say) is corruption too. With `expect_seq`, records before it are skipped and
+    every later one must carry the next seq, a higher hlc than the last and `master` --
+    the journal's order, checked again on read. With `first_seq` (`data` starts at the
+    segment's start), the first record must carry it: the seq in the segment's name.
+    `sealed`: `data` ends at the segment's seal. `base` is the file offset of ``data[0]``,
+    for messages; offsets in the result are relative to `data`.
     """
     records = []
-    append = records.append
-    decode = codec.decode_record
-    decode_batch = codec.decode_batch
-    unpack = HEADER.unpack_from
-    crc32 = zlib.crc32
     size = len(data)
-    mv = memoryview(data)
     off = offset
     problem = None
 
@@ -285,6 +313,46 @@ def scan(data: bytes, path: str, offset: int, key: bytes | None, *, last_segment
         return ScanResult(records, at, corruption=Corruption(why, path=path, offset=base + at, master=master,
                                                              seq=expect_seq))
 
+    off, problem, failed, expect_seq = _scan_frames(data, off, key, master, expect_seq, last_hlc, trusted,
+                                                    records_max, first_seq, records)
+    if failed is not None:
+        return corrupt(*failed)
+    if problem is None:
+        return ScanResult(records, off)
+    # Zeros, a damaged frame at `off`: unwritten space, torn tail or corruption?
+    tail = last_segment and not sealed
+    if tail and all_zero(data, off):
+        return ScanResult(records, off, zero_tail=size - off)
+    later, gave_up = _valid_frame_after(memoryview(data), off + 1, key)
+    if later is None and gave_up is None and tail:
+        return ScanResult(records, off, torn=problem)
+    if gave_up is not None:
+        found = gave_up
+    elif later is not None:
+        found = f"a valid record follows at offset {base + later}"
+    elif sealed:
+        found = (f"the segment is sealed at {base + size} bytes: every record up to its seal was durable, "
+                 "so this is not a torn tail")
+    else:
+        found = "later segments exist, so this is not the tail"
+    return ScanResult(records, off, corruption=Corruption(
+        f"damaged record ({problem}); {found}. Expected a valid record here. "
+        "Nothing was skipped or truncated; restore this file from a backup or a peer, "
+        "or retire this master", path=path, offset=base + off, master=master))
+
+
+def _scan_frames(data, off: int, key: bytes | None, master: str | None, expect_seq: int | None,
+                 last_hlc: int, trusted: int, records_max: int | None, first_seq: int | None,
+                 records: list):
+    """The loop of `scan`: appends to `records`; returns (offset reached, the damaged
+    frame's problem or None, (why, offset) of a corruption or None, expect_seq)."""
+    append = records.append
+    decode = codec.decode_record
+    decode_batch = codec.decode_batch
+    unpack = HEADER.unpack_from
+    crc32 = zlib.crc32
+    size = len(data)
+    mv = memoryview(data)
     limit = records_max if records_max is not None else -1
     while off < size and len(records) != limit and (limit < 0 or len(records) < limit):
         # Fast path: a plain (unsigned) frame whose single CRC checks out.
@@ -298,22 +366,27 @@ def scan(data: bytes, path: str, offset: int, key: bytes | None, *, last_segment
                 problem, end = _frame_error(mv, off, key)
                 if problem is not None:
                     if end == -1:
-                        return corrupt(f"damaged record ({problem}); its checksum matches, so it was "
-                                       "written whole: this is not a torn tail. Nothing was skipped "
-                                       "or truncated", off)
-                    break
+                        return off, None, (f"damaged record ({problem}); its checksum matches, so it was "
+                                           "written whole: this is not a torn tail. Nothing was skipped "
+                                           "or truncated", off), expect_seq
+                    return off, problem, None, expect_seq
                 payload = mv[off + HEADER_BYTES:end - CRC_BYTES - (HMAC_BYTES if flags & FLAG_HMAC else 0)]
         else:
-            problem = f"{size - off} bytes left, fewer than the smallest frame ({FRAME_BYTES_MIN})"
-            break
+            return off, f"{size - off} bytes left, fewer than the smallest frame ({FRAME_BYTES_MIN})", None, expect_seq
         if flags & FLAG_BATCH:
             # A batch (one execute_many): decoded in one call, checked record by record.
             try:
                 batch = decode_batch(payload)
             except msgspec.DecodeError as exc:
-                return corrupt(f"checksum matches but the payload is not a batch of records: {exc}", off)
+                return off, None, (f"checksum matches but the payload is not a batch of records: {exc}", off), expect_seq
+            except RecursionError:
+                return off, None, (_too_deep(), off), expect_seq
             if not batch:
-                return corrupt("checksum matches but the batch holds no record", off)
+                return off, None, ("checksum matches but the batch holds no record", off), expect_seq
+            if first_seq is not None:
+                if batch[0].seq != first_seq:
+                    return off, None, (_misnamed(first_seq, batch[0]), off), expect_seq
+                first_seq = None
             if expect_seq is not None:
                 if not records and batch[0].seq < expect_seq:
                     batch = batch[expect_seq - batch[0].seq:]  # before the cursor: read from the start
@@ -328,9 +401,10 @@ def scan(data: bytes, path: str, offset: int, key: bytes | None, *, last_segment
                         or {r.master for r in batch} != {master}):
                     for rec in batch:  # find and name the first record out of order
                         if rec.seq != expect_seq or rec.hlc <= last_hlc or rec.master != master:
-                            return corrupt(f"record out of sequence: expected seq {expect_seq} of {master!r} "
-                                           f"with hlc above {last_hlc}, found seq {rec.seq} of {rec.master!r} "
-                                           f"with hlc {rec.hlc}", off)
+                            return off, None, (
+                                f"record out of sequence: expected seq {expect_seq} of {master!r} with hlc "
+                                f"above {last_hlc}, found seq {rec.seq} of {rec.master!r} with hlc {rec.hlc}",
+                                off), expect_seq
                         expect_seq += 1
                         last_hlc = rec.hlc
                 expect_seq += len(batch)
@@ -341,43 +415,50 @@ def scan(data: bytes, path: str, offset: int, key: bytes | None, *, last_segment
         try:
             rec = decode(payload)
         except msgspec.DecodeError as exc:
-            return corrupt(f"checksum matches but the payload is not a record: {exc}", off)
+            return off, None, (f"checksum matches but the payload is not a record: {exc}", off), expect_seq
+        except RecursionError:
+            return off, None, (_too_deep(), off), expect_seq
+        if first_seq is not None:
+            if rec.seq != first_seq:
+                return off, None, (_misnamed(first_seq, rec), off), expect_seq
+            first_seq = None
         if expect_seq is not None:
             if rec.seq != expect_seq or rec.hlc <= last_hlc or rec.master != master:
                 if rec.seq < expect_seq and rec.master == master and not records:
                     off = end  # before the cursor, in a segment read from its start
                     continue
-                return corrupt(f"record out of sequence: expected seq {expect_seq} of {master!r} with hlc "
-                               f"above {last_hlc}, found seq {rec.seq} of {rec.master!r} with hlc {rec.hlc}", off)
+                return off, None, (f"record out of sequence: expected seq {expect_seq} of {master!r} with hlc "
+                                   f"above {last_hlc}, found seq {rec.seq} of {rec.master!r} with hlc {rec.hlc}",
+                                   off), expect_seq
             expect_seq += 1
             last_hlc = rec.hlc
         append(rec)
         off = end
-    if problem is None:
-        return ScanResult(records, off)
-    # Zeros, a damaged frame at `off`: unwritten space, torn tail or corruption?
-    if last_segment and all_zero(data, off):
-        return ScanResult(records, off, zero_tail=size - off)
-    later = _valid_frame_after(mv, off + 1, key)
-    if later is None and last_segment:
-        return ScanResult(records, off, torn=problem)
-    found = (f"a valid record follows at offset {base + later}" if later is not None
-             else "later segments exist, so this is not the tail")
-    return ScanResult(records, off, corruption=Corruption(
-        f"damaged record ({problem}); {found}. Expected a valid record here. "
-        "Nothing was skipped or truncated; restore this file from a backup or a peer, "
-        "or retire this master", path=path, offset=base + off, master=master))
+    return off, None, None, expect_seq
+
+
+def _too_deep() -> str:
+    return (f"checksum matches but the payload is nested deeper than the decoder goes ({codec.depth_note()}): "
+            "not a record this engine writes. Nothing was skipped or truncated")
+
+
+def _misnamed(first_seq: int, rec) -> str:
+    return (f"the segment is named for seq {first_seq} but its first record is seq {rec.seq} of "
+            f"{rec.master!r}: a file copied or renamed into this journal (an old segment replayed under a "
+            "later name?). Nothing was read from it; remove it")
+
+
+def read_segment(path: str, offset: int = 0, end: int | None = None) -> tuple[bytes, int]:
+    """Bytes ``[offset, end)`` of a segment (to its end when `end` is None) and the file's
+    size, reopening it by path (NFS close-to-open consistency).
+
+    Raises:
+        UnsafeFile: not a regular file, or larger than `SEGMENT_BYTES_LIMIT` (checked before
+            reading). OSError: FileNotFoundError, ESTALE (rotated away) ...
+    """
+    return files.read_file(path, bytes_max=SEGMENT_BYTES_LIMIT, what="journal segment", offset=offset, end=end)
 
 
 def read_file(path: str) -> bytes:
-    """Read a whole file, reopening by path (NFS close-to-open consistency)."""
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def read_from(path: str, offset: int) -> bytes:
-    """Read a file from `offset` to its end, opening it afresh."""
-    with open(path, "rb") as f:
-        if offset:
-            f.seek(offset)
-        return f.read()
+    """A whole segment's bytes (see `read_segment`)."""
+    return read_segment(path)[0]

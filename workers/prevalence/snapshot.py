@@ -19,6 +19,13 @@ Names: ``snapshots/<frontier>.snap`` (20 digits), so text order is frontier orde
 Writing goes through `durable.publish_file`: temp name unique per host and pid, write,
 fsync, rename, fsync the directory. A reader never sees a partial snapshot under its
 final name.
+
+Loading checks what the file is about (the magic says it is a snapshot; the body names
+the master that wrote it and its frontier, which must match the folder and the name it
+is found under) and bounds what it reads: a regular file only (`files`), whose size
+matches the header's declared body length and is below `SNAPSHOT_BYTES_MAX` and the
+machine's memory, checked before the body is read. A body nested deeper than the
+decoder goes is corruption naming the file.
 """
 
 from __future__ import annotations
@@ -32,9 +39,10 @@ from typing import Any
 
 import msgspec
 
-from .codec import RequestIdEntry
+from . import files
+from .codec import RequestIdEntry, depth_note
 from .durable import publish_file
-from .errors import Corruption, StorageError, check
+from .errors import BadFile, Corruption, UnsafeFile, check
 from .journal import SEQ_DIGITS
 from .model import PRUNE_MARK
 
@@ -74,11 +82,12 @@ def parse_snapshot_name(name: str) -> int | None:
 
 
 def list_snapshots(snap_dir: str) -> list[tuple[int, str]]:
-    """(frontier, path) of every snapshot, oldest first; [] when the folder is missing."""
-    try:
-        names = os.listdir(snap_dir)
-    except FileNotFoundError:
-        return []
+    """(frontier, path) of every snapshot, oldest first; [] when the folder is missing.
+
+    Raises:
+        UnsafeFile: the folder is a symbolic link or not a directory.
+    """
+    names = files.list_dir(snap_dir, "snapshots folder")
     out = [(f, os.path.join(snap_dir, n)) for n in names
            if not n.startswith(".") and (f := parse_snapshot_name(n)) is not None]
     out.sort()
@@ -127,6 +136,8 @@ def decode_snapshot(data: bytes, path: str, key: bytes | None) -> SnapshotBody:
         decoded = msgspec.msgpack.decode(body, type=SnapshotBody)
     except msgspec.DecodeError as exc:
         raise bad(f"body does not decode: {exc}", HEADER_BYTES) from None
+    except RecursionError:
+        raise bad(f"body is nested deeper than the decoder goes ({depth_note()})", HEADER_BYTES) from None
     # The prune mark, a one-element array, decoded as an entry with only its hlc: give it
     # back the plain tuple `Model.apply` keeps there (so it encodes to the same bytes again).
     mark = decoded.dedup.get(PRUNE_MARK)
@@ -143,25 +154,72 @@ def write_snapshot(snap_dir: str, body: SnapshotBody, key: bytes | None, fault=N
             and ``after-snapshot-rename``.
 
     Raises:
-        StorageError: the disk refused; a temp file may be left behind.
+        StorageError: the disk refused; the temp file is removed.
     """
-    os.makedirs(snap_dir, exist_ok=True)
+    files.make_dirs(snap_dir, what="snapshots folder")
     data = encode_snapshot(body, key)
     # Check the key property twice: what we are about to publish must read back.
     decode_snapshot(data, "<snapshot being written>", key)
     final = os.path.join(snap_dir, format_snapshot_name(body.frontier))
-    try:
-        publish_file(final, data, fault, fault_name="snapshot")
-    except OSError as exc:
-        raise StorageError(f"writing snapshot {final} failed: {exc}") from exc
+    publish_file(final, data, fault, fault_name="snapshot")
     return final
 
 
-def load_snapshot(path: str, key: bytes | None) -> SnapshotBody:
-    with open(path, "rb") as f:
-        data = f.read()
-    return decode_snapshot(data, path, key)
+def memory_bytes() -> int | None:
+    """This machine's physical memory (None where it cannot be told): no snapshot larger
+    than it can be loaded, so none larger is read."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
-def decode_root(body: SnapshotBody, state_type: Any) -> Any:
-    return msgspec.msgpack.decode(body.root, type=state_type)
+def load_snapshot(path: str, key: bytes | None, *, master: str | None = None) -> SnapshotBody:
+    """Read, check and decode a snapshot file (module docstring).
+
+    Args:
+        master: the master whose folder holds it: the body must name it.
+
+    Raises:
+        Corruption: damaged (naming what is wrong). BadFile: about another master, or a
+            frontier other than its name says. UnsafeFile: not a regular file, or larger
+            than a snapshot may be. OSError: as the system raised it (ENOENT ...).
+    """
+    fd, st = files.open_file(path, what="snapshot")
+    try:
+        size = st.st_size
+        limit = min(SNAPSHOT_BYTES_MAX, memory_bytes() or SNAPSHOT_BYTES_MAX)
+        if size > limit:
+            raise UnsafeFile(f"snapshot is {size} bytes, more than the {limit} a snapshot may be here "
+                                   "(this machine's memory); it was not read", path=path)
+        head = files.pread_all(fd, 0, HEADER_BYTES)
+        if len(head) == HEADER_BYTES:
+            _magic, _version, flags, n, _crc = HEADER.unpack_from(head, 0)
+            (hcrc,) = struct.unpack_from("<I", head, HEADER.size)
+            mac_len = 32 if flags & FLAG_HMAC else 0
+            if zlib.crc32(head[:HEADER.size]) == hcrc and HEADER_BYTES + n + mac_len != size:
+                raise Corruption(f"snapshot is damaged: declared body length {n} does not match the file size "
+                                 f"{size}", path=path, offset=0)
+        data = head + files.pread_all(fd, len(head), size - len(head))
+    finally:
+        os.close(fd)
+    body = decode_snapshot(data, path, key)
+    if master is not None and body.master != master:
+        raise BadFile(f"snapshot was written by master {body.master!r}, but it sits in the folder of {master!r} "
+                      "(copied from another master's folder?)", path=path)
+    named = parse_snapshot_name(os.path.basename(path))
+    if named is not None and named != body.frontier:
+        raise BadFile(f"snapshot holds frontier {body.frontier}, but its name says {named} (renamed or "
+                      "copied under another name?)", path=path)
+    return body
+
+
+def decode_root(body: SnapshotBody, state_type: Any, path: str | None = None) -> Any:
+    """The state a snapshot holds. Raises Corruption when it does not decode."""
+    try:
+        return msgspec.msgpack.decode(body.root, type=state_type)
+    except msgspec.DecodeError as exc:
+        raise Corruption(f"snapshot state does not decode: {exc}", path=path) from None
+    except RecursionError:
+        raise Corruption(f"snapshot state is nested deeper than the decoder goes ({depth_note()})",
+                         path=path) from None

@@ -8,22 +8,29 @@ and, on a local disk, keeps space reserved ahead of its offset (see `journal`). 
 may also leave its sync running in the kernel (``append(wait=False)``) for the caller to
 `settle` before it tells anyone. After a failed write or sync it refuses every later
 append: what reached the disk is unknown until a restart recovers the journal.
+
+It never appends to a file it did not create: every writer starts a new segment
+(``O_CREAT | O_EXCL``: a file already there -- planted, or created by another owner of
+the name -- is refused, never written into). Its `guard` runs before every write and
+again once the write is durable, before the caller may acknowledge it: the master's
+lease check (a zombie owner writes and acknowledges nothing, DESIGN invariant 10).
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import threading
 import time
-import zlib
+from typing import Callable
 
-from .durable import AsyncDataSync, fsync_dir, publish_file, sync_data
-from .errors import InvariantViolation, StorageError, check
-from .journal import (FSYNC_INTERVAL_MS_DEFAULT, FSYNC_MODES, SEGMENT_BYTES_MAX_DEFAULT, format_segment_name,
-                      frame, seal_path)
+from . import files
+from .durable import AsyncDataSync, fsync_dir, sync_data
+from .errors import BadArguments, InvariantViolation, PrevalenceError, StorageError
+from .journal import (APPEND_BYTES_MAX, FSYNC_INTERVAL_MS_DEFAULT, FSYNC_MODES, SEGMENT_BYTES_MAX_DEFAULT,
+                      SEGMENT_BYTES_MAX_LIMIT, format_segment_name, frame, seal_path)
+from .seal import segment_crc, write_seal
 
 log = logging.getLogger("prevalence.journal")
 
@@ -86,32 +93,43 @@ class JournalWriter:
 
     Args:
         journal_dir: the master's ``journal/`` folder.
-        next_seq: the seq the next record will carry.
-        tail: (first seq, path, byte offset) of the segment to continue, or None to
-            start a new segment at `next_seq`.
+        next_seq: the seq the next record will carry; the writer's first segment is
+            named for it (created here: never a file that exists already).
+        master: the journal's master, named in the seals.
+        key: the cluster key the seals are signed with (None: unsigned).
         fsync: "always" (each commit is on stable storage before it is acknowledged),
             "interval" (acknowledged commits may be lost for at most `fsync_interval_ms`
             after a power loss or OS crash; a process crash loses nothing), or "never"
             (durability left to the OS page cache: survives a process crash, not power loss).
-        segment_bytes_max: roll to a new segment once the current one passes this size.
+        segment_bytes_max: roll to a new segment once the current one passes this size
+            (at most `journal.SEGMENT_BYTES_MAX_LIMIT`).
         reserve_bytes: zeros kept written ahead of the offset (module docstring); None =
             `RESERVE_BYTES_DEFAULT` on a local filesystem, 0 on a network one.
-        fault: test hook, called with a point name ("after-write", ...) at each step.
+        guard: called before every write and once it is durable (before the caller may
+            acknowledge it); raises to refuse. After it refused a write that reached the
+            file, the writer takes nothing more.
+        fault: test hook, called with a point name ("before-write", "after-write", ...)
+            at each step.
     """
 
-    def __init__(self, journal_dir: str, next_seq: int, tail: tuple[int, str, int] | None, *,
+    def __init__(self, journal_dir: str, next_seq: int, *, master: str = "", key: bytes | None = None,
                  fsync: str = "always", fsync_interval_ms: int = FSYNC_INTERVAL_MS_DEFAULT,
                  segment_bytes_max: int = SEGMENT_BYTES_MAX_DEFAULT, reserve_bytes: int | None = None,
-                 fault=None):
+                 guard: Callable[[], None] | None = None, fault=None):
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, got {fsync!r}")
         if reserve_bytes is not None and reserve_bytes < 0:
             raise ValueError(f"reserve_bytes must be >= 0, got {reserve_bytes}")
+        if not 0 < segment_bytes_max <= SEGMENT_BYTES_MAX_LIMIT:
+            raise ValueError(f"segment_bytes_max must be in 1..{SEGMENT_BYTES_MAX_LIMIT}, got {segment_bytes_max}")
         self.journal_dir = journal_dir
+        self.master = master
+        self.key = key
         self.fsync_mode = fsync
         self.fsync_interval_s = fsync_interval_ms / 1000.0
         self.segment_bytes_max = segment_bytes_max
         self.next_seq = next_seq
+        self._guard = guard or (lambda: None)
         self._fault = fault or (lambda point: None)
         self._fault_on = fault is not None
         self._lock = threading.Lock()
@@ -124,17 +142,11 @@ class JournalWriter:
         #: Called with the seconds each commit's sync took (metrics); None = nobody asks.
         self.on_sync = None
         self._aio: AsyncDataSync | None | bool = None  # opened at the first deferred commit
-        os.makedirs(journal_dir, exist_ok=True)
+        files.make_dirs(journal_dir, what="journal folder")
         if reserve_bytes is None:
             reserve_bytes = 0 if on_network_filesystem(journal_dir) else RESERVE_BYTES_DEFAULT
         self.reserve_bytes = reserve_bytes
-        if tail is None:
-            self._open_new_segment(next_seq)
-        else:
-            self.segment_first, self.path, self.offset = tail
-            self._fd = os.open(self.path, os.O_WRONLY)
-            # Zeros after the offset (a reservation left by a crash) are reused as they are.
-            self._reserved = max(self.offset, os.fstat(self._fd).st_size)
+        self._open_new_segment(next_seq)
         self._flusher = None
         if fsync == "interval":
             self._flusher = threading.Thread(target=self._flush_loop, name="journal-fsync", daemon=True)
@@ -150,12 +162,15 @@ class JournalWriter:
         self.segment_first = first_seq
         self.path = os.path.join(self.journal_dir, format_segment_name(first_seq))
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
-            size = os.fstat(self._fd).st_size
-            # A crash right after creating the segment can leave it here, empty.
-            check(size == 0, f"new segment {self.path} already holds {size} bytes")
+            # O_EXCL: never a file that is already there, whoever put it there.
+            self._fd, _st = files.open_file(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, what="journal segment")
             self._fault("segment-created")
             fsync_dir(self.journal_dir)
+        except FileExistsError as exc:
+            raise StorageError(f"creating segment {self.path} failed: a file is already there (planted, or "
+                               "created by another process that took this master over). Nothing was written "
+                               "into it; no record was acknowledged. Look at it, remove it if it is not this "
+                               "master's, and restart the master") from exc
         except OSError as exc:
             raise _storage_error("creating segment", self.path, exc) from exc
         self.offset = 0
@@ -186,6 +201,10 @@ class JournalWriter:
             data = frame(payloads[0], key, batch)
         else:
             data = b"".join([frame(p, key, batch) for p in payloads])
+        if len(data) > APPEND_BYTES_MAX:
+            raise BadArguments(f"a write of {len(data)} bytes is more than the {APPEND_BYTES_MAX} one append may "
+                               "hold (journal.APPEND_BYTES_MAX): split the batch. Nothing was written")
+        self._guard()  # nothing is written by an owner that may have lost its name
         with self._lock:
             try:
                 if self.offset > 0 and self.offset + len(data) > self.segment_bytes_max:
@@ -197,6 +216,8 @@ class JournalWriter:
                         self._reserve(end)
                     else:
                         self._reserved = end
+                if self._fault_on:
+                    self._fault("before-write")
                 done = os.pwrite(self._fd, data, self.offset)
                 if done != written:  # a full disk, usually: refuse like any failed write
                     raise OSError(errno.ENOSPC, f"short write: {done} of {written} bytes")
@@ -227,6 +248,15 @@ class JournalWriter:
                 raise  # refused before the record was written: the journal stays usable
             except StorageError as exc:  # a segment could not be created while rolling
                 self._failed = str(exc)
+                raise
+        if not self.syncing:
+            # The guard again, now that the write is durable (per the mode) and before the
+            # caller may acknowledge it. A refusal here leaves a record in the file that
+            # nobody acknowledged: the writer takes nothing more.
+            try:
+                self._guard()
+            except PrevalenceError as exc:
+                self._failed = f"the write was not acknowledged: {exc}"
                 raise
 
     def _start_sync(self) -> bool:
@@ -263,6 +293,11 @@ class JournalWriter:
         self._synced(self._sync_started)
         if self._fault_on:
             self._fault("after-fsync")
+        try:
+            self._guard()  # before the deferred commit may be acknowledged (see `append`)
+        except PrevalenceError as exc:
+            self._failed = f"the write was not acknowledged: {exc}"
+            raise
 
     def _synced(self, started: float) -> None:
         """A commit's sync finished: report its duration, and warn when it was slow."""
@@ -274,13 +309,13 @@ class JournalWriter:
             self.on_sync(took_s)
 
     def _roll(self) -> None:
-        """Close the current segment durably and start the next one at next_seq."""
+        """Close the current segment durably, seal it and start the next one at next_seq."""
         self._fault("before-roll")
         self._drop_reservation()
         sync_data(self._fd)
+        self._seal()
         fd, self._fd = self._fd, -1  # never touch a closed descriptor number again
         os.close(fd)
-        self._seal()
         self._fault("mid-roll")
         self._open_new_segment(self.next_seq)
         self._fault("after-roll")
@@ -357,18 +392,37 @@ class JournalWriter:
                 if self._fd >= 0:
                     try:
                         if self._failed is None:
-                            # Without `seal` the folder may have a new owner already, who
-                            # could be writing into the reservation: leave the file alone.
+                            # Without `seal` the folder may have a new owner already: leave
+                            # the file alone (its seal, if any, is the new owner's).
                             if seal:
                                 self._drop_reservation()
                             sync_data(self._fd)  # even under fsync=never: a clean close leaves nothing pending
+                            if seal and self.offset:
+                                self._seal()
                     finally:
                         fd, self._fd = self._fd, -1  # never touch a closed descriptor number again
                         os.close(fd)
-                if seal and self._failed is None and self.offset:
-                    self._seal()
             except OSError as exc:
                 raise _storage_error("closing", self.path, exc) from exc
+
+    def taken_over(self) -> str | None:
+        """Why the segment this writer writes is no longer its own, or None: another process
+        sealed it (a new owner of the name) or removed it (or its folder). Costs a listing
+        of the journal folder (which also refreshes NFS lookups) and an fstat."""
+        with self._lock:
+            if self._closed or self._fd < 0:
+                return None
+            try:
+                links = os.fstat(self._fd).st_nlink
+            except OSError as exc:  # ESTALE on NFS: removed by another host
+                return f"its journal segment {self.path} cannot be checked ({exc}): removed by another process?"
+            if links == 0:
+                return f"its journal segment {self.path} was removed by another process"
+            names = files.list_dir(self.journal_dir, "journal folder")
+            if os.path.basename(seal_path(self.path)) in names:
+                return (f"its journal segment {self.path} was sealed by another process: a new owner took "
+                        f"master {self.master!r} over (writes acknowledged after the seal are lost)")
+        return None
 
     def abandon(self) -> None:
         """Tests: drop the journal as a kill -9 would. The descriptor is closed without a
@@ -383,9 +437,7 @@ class JournalWriter:
             pass
 
     def _seal(self) -> None:
-        """Publish the seal of the current segment: its durable length and CRC-32."""
-        # The CRC is computed here, from the durable bytes, not on the write path.
-        with open(self.path, "rb") as f:
-            crc = zlib.crc32(f.read(self.offset))
-        body = json.dumps({"length": self.offset, "crc32": crc}).encode()
-        publish_file(seal_path(self.path), body)
+        """Publish the seal of the current segment: where it ends (its durable length) and
+        the CRC-32 of its bytes, computed here from the file, not on the write path."""
+        write_seal(self.path, self.offset, segment_crc(self._fd, self.offset, self.path), master=self.master,
+                   key=self.key)

@@ -13,14 +13,26 @@
 Every file has exactly one writer: the master owning the directory (invariant 2), or the
 operator under ``cluster/``. Small files are published by temp name (unique per host and
 pid) + fsync + rename + directory fsync, so a reader sees the old or the new whole file.
+Nothing on the share is followed or blocked on (`files`).
+
+A folder under ``masters/`` is a master once it holds a ``progress`` file or a
+``journal`` folder: a master publishes its progress before it writes its first record,
+so a stray folder (empty, or a lease left by a first start that never got that far) is
+not a member, and nothing waits for it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
+from .. import files
 from ..durable import publish_file
+from ..errors import UnsafeFile
+
+log = logging.getLogger("prevalence.folder")
+_reported: set[str] = set()  # folders already reported as unusable (reported once per process)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -77,23 +89,41 @@ def retired_path(shared: str, name: str) -> str:
 
 
 def list_masters(shared: str) -> list[str]:
-    """Names of every master folder, sorted (a listing: refreshes NFS lookups)."""
-    try:
-        names = os.listdir(masters_dir(shared))
-    except FileNotFoundError:
-        return []
-    return sorted(n for n in names if NAME_RE.match(n) and os.path.isdir(master_dir(shared, n)))
+    """Names of every master, sorted (listings: they refresh NFS lookups). See the module
+    docstring for what makes a folder a master; a symbolic link or a file under
+    ``masters/`` is never entered (reported in the log, once)."""
+    out = []
+    for name in files.list_dir(masters_dir(shared), "masters folder"):
+        if not NAME_RE.match(name):
+            continue
+        path = master_dir(shared, name)
+        try:
+            inside = files.list_dir(path, "master folder") if files.is_dir(path, "master folder") else []
+        except UnsafeFile as exc:
+            if path not in _reported:
+                _reported.add(path)
+                log.error("%s; it is not counted as a master", exc)
+            continue
+        if "progress" in inside or "journal" in inside:
+            out.append(name)
+    out.sort()
+    return out
 
 
 def publish(path: str, data: bytes, fault=None) -> None:
-    """Atomically replace `path` with `data` (see `durable.publish_file`)."""
+    """Atomically replace `path` with `data` (see `durable.publish_file`).
+
+    Raises:
+        StorageError: the disk refused (naming the file).
+    """
     publish_file(path, data, fault)
 
 
-def read_small(path: str) -> bytes | None:
-    """A small published file's bytes, or None when it does not exist."""
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+def read_small(path: str, what: str = "small file") -> bytes | None:
+    """A small published file's bytes (at most `files.SMALL_FILE_BYTES_MAX`), or None when
+    it does not exist.
+
+    Raises:
+        UnsafeFile: not a regular file, or larger than a small file may be.
+    """
+    return files.read_small(path, what)

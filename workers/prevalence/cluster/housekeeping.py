@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from .. import codec, journal
-from ..errors import InvariantViolation, NotReady, UnsupportedState
+from ..errors import InvariantViolation, UnsupportedState
 from ..snapshot import SnapshotBody, decode_root, list_snapshots, write_snapshot
 from . import folder
 
@@ -29,8 +29,7 @@ class Housekeeping:
             self.settle()
         if self.closed:
             raise InvariantViolation(f"snapshot on closed master {self.name!r}")
-        if self.lease.lost:
-            raise NotReady(self.lease.lost)
+        self.lease.check_held()  # raises LeaseLost (NotReady) once another process may own the name
         if self.writer is not None and self.fsync_mode != "always":
             # The snapshot is fsynced: the records it covers must be durable first.
             self.writer.flush()

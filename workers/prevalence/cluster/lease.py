@@ -1,36 +1,88 @@
 """The lease: one process per master name (invariant 10).
 
-``masters/<name>/lease`` holds host, boot id, pid, the pid's start time and a heartbeat.
-A claim is refused while the lease is fresh:
+``masters/<name>/lease`` is a small file (`smallfile`, kind ``lease``, signed with the
+cluster key) naming the holder: host, boot id, pid, the pid's start time, a token unique
+to this claim, and a heartbeat (wall time). A claim is refused while the lease is fresh:
 
 * same host and boot: fresh while that pid is alive with the same start time, so a
   restart after kill -9 takes over at once (no waiting for a TTL);
-* another host: fresh while its heartbeat is younger than `lease_ttl_s`.
+* another host: fresh while its heartbeat is younger than `lease_ttl_s`. A heartbeat more
+  than one TTL ahead of this host's clock is not believed (a wrong clock, or a forged
+  file would otherwise hold the name for ever): the file's modification time, stamped by
+  the file server when it was last rewritten, stands in for it.
 
-Two processes on one host racing to claim are serialised by a local `flock` (local
-locks are reliable; NFS locks are not). A holder refreshes its heartbeat every third of
-the TTL and checks the file still names it; if another process took the name over (this
-one was paused past the TTL), the lease is *lost* and the master stops taking writes.
+Two processes on one host racing to claim are serialised by a local `flock` (local locks
+are reliable; NFS locks are not). A lease that does not parse is never taken over: the
+claim is refused with an error naming it (remove it once no process holds the name).
+
+**Fencing a zombie owner.** A holder rewrites its heartbeat every third of the TTL. It
+counts its lease as valid for half the TTL after the moment it last wrote it, measured on
+its own monotonic clock (`monotonic_s`, which also counts a suspended machine): a process
+paused (SIGSTOP, a VM freeze) past that point writes and acknowledges nothing until it
+has re-checked the lease file and its journal (`check_held`, the journal writer's guard,
+run before each write and again before the write is acknowledged). A new owner never
+appends to the previous owner's files: it seals the previous owner's last segment at what
+it read and starts a segment of its own (`recovery`), so a zombie's late write lands past
+a seal, where no reader looks, and is never acknowledged. Every heartbeat also looks for
+such a seal, or a removed segment or folder: the holder then stops (`lost`).
+
+The remaining window, stated: (1) clocks of two hosts more than half a TTL apart let a
+claimer see a live lease as stale; (2) a holder paused between its last check and the
+moment its answer leaves the process has written a record the new owner read at takeover
+(it was durable before the pause): the answer is true; (3) a holder that resumes exactly
+while another host is claiming (between that host's staleness check and its write of the
+lease) can renew and go on for at most one heartbeat period (a third of the TTL) before
+it sees the seal on its segment: writes acknowledged in that period are past the seal and
+are lost, and readers report the bytes found there. No lease on a shared folder without
+an atomic compare-and-swap closes (3); the fencing makes it loud and bounded.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
-import json
 import logging
 import os
+import secrets
 import socket
 import tempfile
 import threading
 import time
+from typing import Callable
 
-from ..errors import LeaseHeld
+import msgspec
+
+from .. import files, smallfile
+from ..errors import BadFile, LeaseHeld, LeaseLost, StorageError
 from . import folder
 
 log = logging.getLogger("prevalence.lease")
 
 LEASE_TTL_S_DEFAULT = 30.0
+LEASE_KIND = "lease"
+#: A holder counts its lease as valid for this fraction of the TTL after its last write.
+HOLDER_VALIDITY_FRACTION = 0.5
+
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
+
+#: Seconds on a clock that never goes back and counts a suspended machine too
+#: (``CLOCK_BOOTTIME`` on Linux; ``time.monotonic`` elsewhere). Looked up at call time,
+#: so tests can replace it. (A partial of the C function: it is read on every write.)
+monotonic_s = functools.partial(time.clock_gettime, _BOOTTIME) if _BOOTTIME is not None else time.monotonic
+
+
+class LeaseFile(msgspec.Struct, kw_only=True):
+    """What a lease file holds."""
+
+    kind: str = ""           # LEASE_KIND ("" in a lease of an older release)
+    master: str = ""
+    host: str
+    boot_id: str = ""
+    pid: int
+    pid_start: str | None = None
+    heartbeat: float         # wall time (s) of the last rewrite, by the holder's clock
+    token: str = ""          # unique to one claim ("" in a lease of an older release)
 
 
 def boot_id() -> str:
@@ -52,6 +104,8 @@ def pid_start(pid: int) -> str | None:
 
 
 def _alive(pid: int, start: str | None) -> bool:
+    if pid <= 0:
+        return False
     now_start = pid_start(pid)
     if now_start is None:
         try:
@@ -65,25 +119,66 @@ def _alive(pid: int, start: str | None) -> bool:
 
 
 class Lease:
-    def __init__(self, shared: str, name: str, *, lease_ttl_s: float = LEASE_TTL_S_DEFAULT):
+    """The lease of one master name, held by this process once `claim` returned.
+
+    Args:
+        key: the cluster key the lease file is signed with (None: unsigned).
+    """
+
+    def __init__(self, shared: str, name: str, *, lease_ttl_s: float = LEASE_TTL_S_DEFAULT,
+                 key: bytes | None = None):
         self.shared = shared
         self.name = name
         self.path = folder.lease_path(shared, name)
         self.lease_ttl_s = lease_ttl_s
+        self.key = key
         self.lost: str | None = None
+        #: Set by the master: why its journal shows that another process took the name
+        #: over (a seal on the segment it writes, a removed segment or folder), or None.
+        self.fence: Callable[[], str | None] = lambda: None
+        self._valid_until = float("-inf")  # monotonic_s() past which the holder re-checks
+        self._lock = threading.RLock()     # the heartbeat thread vs the writer's guard
         self._local_lock = None
         self._stop = threading.Event()
         self._thread = None
         self._me = {"host": socket.gethostname(), "boot_id": boot_id(), "pid": os.getpid(),
                     "pid_start": pid_start(os.getpid())}
+        self.token = secrets.token_hex(8)
 
-    def _describe(self, other: dict, age_s: float) -> str:
-        return (f"master {self.name!r} is held by pid {other.get('pid')} on host {other.get('host')!r} "
-                f"(heartbeat {age_s:.1f} s ago, lease TTL {self.lease_ttl_s:.0f} s). Stop that process "
-                "first, or pick another master name")
+    # -- reading -------------------------------------------------------------------------
+
+    def read(self) -> LeaseFile | None:
+        """The lease file, or None when there is none.
+
+        Raises:
+            BadFile: it does not parse, is unsigned or badly signed with a key, or names
+                another master (naming the file).
+        """
+        data = files.read_small(self.path, "lease")
+        if data is None:
+            return None
+        return smallfile.decode(data, self.path, kind=LEASE_KIND, type_=LeaseFile, key=self.key,
+                                master=self.name)
+
+    def _is_mine(self, other: LeaseFile) -> bool:
+        if other.token:
+            return other.token == self.token
+        return other.pid == self._me["pid"] and other.host == self._me["host"]  # an older release's lease
+
+    def _describe(self, other: LeaseFile, age_s: float, future_s: float = 0.0) -> str:
+        if future_s:
+            beat = (f"heartbeat {future_s:.0f} s in the future by this host's clock -- a wrong clock or a forged "
+                    f"file; not believed: the file was last rewritten {age_s:.1f} s ago")
+        else:
+            beat = f"heartbeat {age_s:.1f} s ago"
+        return (f"master {self.name!r} is held by pid {other.pid} on host {other.host!r} ({beat}, lease TTL "
+                f"{self.lease_ttl_s:.0f} s). Stop that process first, or pick another master name")
+
+    # -- claiming ------------------------------------------------------------------------
 
     def claim(self) -> None:
-        """Take the name or raise LeaseHeld. Starts the heartbeat thread."""
+        """Take the name or raise LeaseHeld (BadFile for a lease that does not parse).
+        Starts the heartbeat thread."""
         key = hashlib.sha256(os.path.abspath(self.path).encode()).hexdigest()[:16]
         lock_path = os.path.join(tempfile.gettempdir(), f"prevalence-lease-{key}.lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -92,18 +187,17 @@ class Lease:
         except BlockingIOError:
             os.close(fd)
             holder = ""
-            raw = folder.read_small(self.path)
-            if raw:
-                try:
-                    holder = f" (pid {json.loads(raw).get('pid')})"
-                except ValueError:
-                    pass
+            try:
+                other = self.read()
+                holder = f" (pid {other.pid})" if other else ""
+            except BadFile:
+                pass
             raise LeaseHeld(f"master {self.name!r} is already open in another process on this host{holder}; "
                             f"its local lock {lock_path} is held. Stop that process first") from None
         self._local_lock = fd
         try:
             self.check_free()
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            files.make_dirs(os.path.dirname(self.path), what="master folder")
             self._write()
         except BaseException:
             self._release_local()
@@ -114,51 +208,138 @@ class Lease:
     def check_free(self) -> None:
         """Raise LeaseHeld when a claim would be refused now (module docstring); claims
         nothing. A lease naming this very process (same host, boot and pid) counts as free,
-        as a stale one does."""
-        raw = folder.read_small(self.path)
-        if raw is None:
-            return
+        as a stale one does.
+
+        Raises:
+            LeaseHeld: held by a live process. BadFile: the lease does not parse; it is not
+                taken over, since nobody can tell who holds it.
+        """
         try:
-            other = json.loads(raw)
-        except ValueError:
-            log.warning("lease %s is unreadable; taking it over", self.path)
+            other = self.read()
+        except BadFile as exc:
+            raise BadFile(f"{exc}. A lease that cannot be read is never taken over: remove it once you are "
+                          "sure no process holds this master name", path=self.path) from None
+        if other is None:
             return
-        age_s = time.time() - float(other.get("heartbeat", 0))
-        same_host = other.get("host") == self._me["host"] and other.get("boot_id") == self._me["boot_id"]
+        age_s = time.time() - other.heartbeat
+        future_s = 0.0
+        if age_s < -self.lease_ttl_s:
+            future_s = -age_s
+            try:
+                age_s = time.time() - os.lstat(self.path).st_mtime
+            except FileNotFoundError:
+                return  # released meanwhile
+        same_host = other.host == self._me["host"] and other.boot_id == self._me["boot_id"]
         if same_host:
-            if other.get("pid") != os.getpid() and _alive(int(other.get("pid", 0)), other.get("pid_start")):
-                raise LeaseHeld(self._describe(other, age_s))
+            if other.pid != os.getpid() and _alive(other.pid, other.pid_start):
+                raise LeaseHeld(self._describe(other, age_s, future_s))
         elif age_s < self.lease_ttl_s:
-            raise LeaseHeld(self._describe(other, age_s))
+            raise LeaseHeld(self._describe(other, age_s, future_s))
         log.info("taking over stale lease of %s (pid %s on %s, heartbeat %.1f s ago)",
-                 self.name, other.get("pid"), other.get("host"), age_s)
+                 self.name, other.pid, other.host, age_s)
 
     def _write(self) -> None:
-        body = dict(self._me, master=self.name, heartbeat=time.time())
-        folder.publish(self.path, json.dumps(body, sort_keys=True).encode())
+        """Write our heartbeat; the lease counts as ours for half a TTL from before the write."""
+        started = monotonic_s()
+        body = LeaseFile(kind=LEASE_KIND, master=self.name, host=self._me["host"], boot_id=self._me["boot_id"],
+                         pid=self._me["pid"], pid_start=self._me["pid_start"], heartbeat=time.time(),
+                         token=self.token)
+        folder.publish(self.path, smallfile.encode(LEASE_KIND, body, self.key))
+        self._valid_until = started + self.lease_ttl_s * HOLDER_VALIDITY_FRACTION
+
+    # -- holding -------------------------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.lease_ttl_s / 3):
             self.heartbeat()
 
     def heartbeat(self) -> None:
-        """Refresh the heartbeat, unless another process has taken the name over."""
-        if self.lost:
+        """Rewrite the heartbeat, unless another process has taken the name over (then the
+        lease is `lost`): the lease file names another claim, it vanished with the folder,
+        or the journal shows a takeover (`fence`)."""
+        with self._lock:
+            if self.lost:
+                return
+            if monotonic_s() >= self._valid_until:
+                self._recheck()
+                return
+            try:
+                other = self.read()
+            except BadFile as exc:
+                # Not a claim (a new owner writes a valid lease): rewrite ours over it.
+                log.error("%s; rewriting this holder's lease over it", exc)
+            else:
+                if other is None:
+                    self.lose(f"the lease file of {self.name!r} ({self.path}) vanished: the master's folder was "
+                              "deleted or moved")
+                    return
+                if not self._is_mine(other):
+                    self.lose(f"lease of {self.name!r} was taken over by pid {other.pid} on {other.host!r}")
+                    return
+            fenced = self.fence()
+            if fenced:
+                self.lose(fenced)
+                return
+            try:
+                self._write()
+            except StorageError as exc:
+                log.error("lease heartbeat of %s failed: %s", self.name, exc)
+
+    def check_held(self) -> None:
+        """The journal writer's guard: raise LeaseLost unless this process may still write.
+
+        Cheap while the lease is within its validity (one clock read). Past it (this
+        process was paused, or its heartbeats failed), re-check the lease file and the
+        journal before anything is written or acknowledged (module docstring).
+        """
+        if self.lost is None and monotonic_s() < self._valid_until:
             return
-        raw = folder.read_small(self.path)
+        with self._lock:
+            if self.lost is None and monotonic_s() >= self._valid_until:
+                self._recheck()
+        if self.lost is not None:
+            raise LeaseLost(self.lost)
+
+    def holds(self) -> bool:
+        """`check_held` as a question: may this process still write in its folder?"""
         try:
-            other = json.loads(raw) if raw else None
-        except ValueError:
-            other = None
-        if other is not None and (other.get("pid") != self._me["pid"] or other.get("host") != self._me["host"]):
-            self.lost = (f"lease of {self.name!r} was taken over by pid {other.get('pid')} on "
-                         f"{other.get('host')!r}; this process stopped taking writes")
-            log.error("%s", self.lost)
+            self.check_held()
+        except LeaseLost:
+            return False
+        return True
+
+    def _recheck(self) -> None:
+        """Our lease may have expired: confirm the file still names this claim and no new
+        owner has sealed our segment, then renew it; otherwise it is lost."""
+        try:
+            other = self.read()
+        except BadFile as exc:
+            self.lose(f"{exc}; this process cannot confirm it still holds {self.name!r}")
+            return
+        if other is None:
+            self.lose(f"the lease file of {self.name!r} ({self.path}) vanished: the master's folder was deleted "
+                      "or moved")
+            return
+        if not self._is_mine(other):
+            self.lose(f"lease of {self.name!r} was taken over by pid {other.pid} on {other.host!r} while this "
+                      "process was paused past its lease")
+            return
+        fenced = self.fence()
+        if fenced:
+            self.lose(fenced)
             return
         try:
             self._write()
-        except OSError as exc:
-            log.error("lease heartbeat of %s failed: %s", self.name, exc)
+        except StorageError as exc:
+            self.lose(f"the lease of {self.name!r} expired and could not be renewed: {exc}")
+
+    def lose(self, why: str) -> None:
+        """This process no longer holds the name: it writes and acknowledges nothing more."""
+        if self.lost is None:
+            self.lost = f"{why}; this process stopped taking writes (restart the master to recover)"
+            log.error("%s", self.lost)
+
+    # -- releasing -----------------------------------------------------------------------
 
     def _release_local(self) -> None:
         if self._local_lock is not None:
@@ -171,12 +352,17 @@ class Lease:
             self._thread.join(timeout=5)
         if not self.lost:
             try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+                other = self.read()
+            except BadFile:
+                other = None
+            if other is not None and self._is_mine(other):
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
         self._release_local()
 
     def abandon(self) -> None:
-        """Stop heartbeating without removing the lease (tests: simulate a crash)."""
+        """Stop heartbeating without removing the lease (tests: simulate a crash or a pause)."""
         self._stop.set()
         self._release_local()

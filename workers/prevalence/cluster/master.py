@@ -25,8 +25,9 @@ from typing import Any, Callable
 
 from .. import journal
 from ..clock import HybridClock, wall_ms
-from ..errors import StorageError
-from ..model import Model
+from ..codec import Record
+from ..errors import LeaseLost, StorageError
+from ..model import Context, Model
 from ..replica import replica_for
 from ..writer import JournalWriter
 from . import folder
@@ -60,8 +61,9 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
             shared_dir: the shared folder (NFS in production).
             name: this master's name: 1-64 of [A-Za-z0-9_.-].
             fsync: "always" | "interval" | "never" (see `writer.JournalWriter`).
-            cluster_key: when set, every record, snapshot and progress file is signed
-                (HMAC-SHA256) and unsigned or badly signed ones are treated as corrupt.
+            cluster_key: when set, every record, snapshot and small file (progress, lease,
+                seal, founder, retirement) is signed (HMAC-SHA256) and unsigned or badly
+                signed ones are treated as corrupt.
             segment_bytes_max: journal segments roll past this size.
             journal_reserve_bytes: zeros the journal writer keeps ahead of its offset so
                 that a commit syncs data only; None = auto (`writer.RESERVE_BYTES_DEFAULT`
@@ -87,8 +89,11 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         Raises:
             LeaseHeld: another live process holds the name.
             RetiredMaster: the name was retired.
-            LostRecords: peers read records this journal no longer has (see errors).
+            LostRecords: records this journal published (its progress, a seal, a snapshot,
+                a peer's cursor says so) are no longer in it (see errors).
             Corruption: this master's own journal is damaged before its end.
+            BadFile: one of its files is not what it must be (a lease that does not parse,
+                a symbolic link where a folder or file should be ...), naming it.
         """
         if fsync not in journal.FSYNC_MODES:
             raise ValueError(f"fsync must be one of {', '.join(journal.FSYNC_MODES)}, got {fsync!r}")
@@ -126,7 +131,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         self._fault_on = fault is not None
         self.clock = HybridClock(now_ms=now_ms, drift_max_ms=drift_max_ms)
         self._now_ms = now_ms
-        self.lease = Lease(self.shared, name, lease_ttl_s=lease_ttl_s)
+        self.lease = Lease(self.shared, name, lease_ttl_s=lease_ttl_s, key=key)
         self.writer: JournalWriter | None = None
         self._on_sync = None
         self.joined = False
@@ -189,6 +194,9 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
             StorageError: the sync failed. What reached the disk is unknown while the live
                 state holds the commit, so the master closes itself and releases its name:
                 open it again to recover from what is on disk. Every later call raises too.
+            LeaseLost: this process may have lost its name while the sync ran (paused past
+                its lease): the commit is not acknowledged, and the master closes itself
+                likewise.
         """
         if not self._unsettled:
             return
@@ -197,16 +205,18 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         try:
             self.writer.settle()
             self._unsettled = False
-        except StorageError as exc:
+        except (StorageError, LeaseLost) as exc:
+            # The sync failed, or this process may have lost its name meanwhile (the write
+            # is then not acknowledged): the live state holds a commit nobody may see.
             self.failed = self.last_error = (
                 f"{exc}. Master {self.name!r} closed itself: its live state may hold a commit that "
-                "is not on disk; open it again to recover from the journal")
+                "is not on disk or not acknowledged; open it again to recover from the journal")
             self.closed = True
             try:
                 self.writer.close(seal=False)
             finally:
                 self._release()
-            raise StorageError(self.failed) from exc
+            raise type(exc)(self.failed) from exc
 
     def query(self, q, *args) -> Any:
         """Run a query on the live state (reads this master's own writes at once)."""
@@ -240,10 +250,12 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         if self._unsettled:
             self.settle()
         try:
+            # A master whose name may have been taken over (re-checked if it was paused past
+            # its lease) writes nothing more in its folder: no seal, no progress.
+            holds = self.lease.holds()
             if self.writer is not None:
-                # A master whose name was taken over writes nothing more in its folder.
-                self.writer.close(seal=not self.lease.lost)
-            if not self.lease.lost:
+                self.writer.close(seal=holds)
+            if holds:
                 self._publish_progress()
         finally:
             self.closed = True

@@ -6,33 +6,78 @@
 * ``cluster/retired/<name>`` holds the **cut**: the last seq of that master that counts.
   Members stop counting it in the frontier once they have read up to the cut, and ignore
   its records past it. A retired master refuses to start under that name.
+
+Both are small files (`smallfile`: kind ``founder`` / ``retired``, the master they are
+about, signed with the cluster key). A retirement that fails its checks (garbage,
+unsigned on a keyed cluster, about another master than its name) is not obeyed, by any
+master alike, and is reported naming the file; a founder file that fails them stops a
+joiner with an error naming it. Older releases wrote the founder as a line of text and
+retirements unsigned: both still read without a cluster key.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import time
+from typing import Annotated
 
-from .. import journal
+import msgspec
+
+from .. import files, journal, smallfile
 from ..durable import fsync_dir
-from ..errors import PrevalenceError
+from ..errors import BadFile, LeaseHeld, PrevalenceError
 from . import folder
 from .lease import Lease
-from ..errors import LeaseHeld
+
+log = logging.getLogger("prevalence.membership")
+
+FOUNDER_KIND = "founder"
+RETIRED_KIND = "retired"
 
 
-def claim_founder(shared: str, name: str) -> str:
-    """Return the founder's name, making it `name` if nobody has founded yet."""
-    path = folder.founder_path(shared)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+class Founder(msgspec.Struct, kw_only=True):
+    """What ``cluster/founder`` holds."""
+
+    kind: str = ""
+    master: str
+
+
+class Retirement(msgspec.Struct, kw_only=True):
+    """What ``cluster/retired/<name>`` holds."""
+
+    kind: str = ""
+    master: str = ""
+    cut: Annotated[int, msgspec.Meta(ge=0)]  # the last seq of the master that counts
+    retired_at: float = 0.0                  # wall time, for people (never for ordering)
+
+
+def _legacy_founder(data: bytes) -> Founder:
+    """An older release's founder file: the name on a line of text."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        name = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ValueError("not ASCII text") from None
+    if not folder.NAME_RE.match(name):
+        raise ValueError(f"{name[:80]!r} is not a master name")
+    return Founder(master=name)
+
+
+def claim_founder(shared: str, name: str, key: bytes | None = None) -> str:
+    """Return the founder's name, making it `name` if nobody has founded yet.
+
+    Raises:
+        BadFile: the founder file is there but does not parse (naming it).
+    """
+    path = folder.founder_path(shared)
+    files.make_dirs(folder.cluster_dir(shared), what="cluster folder")
+    try:
+        fd = files.create_file(path, what="founder file")
     except FileExistsError:
         for _ in range(50):
-            raw = folder.read_small(path)
-            if raw:
-                return raw.decode().strip()
+            founder = read_founder(shared, key)
+            if founder:
+                return founder
             time.sleep(0.02)  # created but not yet written by the winner
         # Still empty after a second: its creator died between create and write. Nobody
         # can have started as founder from it, so it is safe to found again.
@@ -41,11 +86,11 @@ def claim_founder(shared: str, name: str) -> str:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-            return claim_founder(shared, name)
+            return claim_founder(shared, name, key)
         raise PrevalenceError(f"{path} exists but is empty while other masters exist: a founder died "
                               "while founding. Write the founder's name into it") from None
     try:
-        os.write(fd, name.encode() + b"\n")
+        os.write(fd, smallfile.encode(FOUNDER_KIND, Founder(kind=FOUNDER_KIND, master=name), key))
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -53,25 +98,50 @@ def claim_founder(shared: str, name: str) -> str:
     return name
 
 
-def read_founder(shared: str) -> str | None:
-    raw = folder.read_small(folder.founder_path(shared))
-    return raw.decode().strip() if raw else None
+def read_founder(shared: str, key: bytes | None = None) -> str | None:
+    """The founder's name; None while there is none (or it is being written).
+
+    Raises:
+        BadFile: the founder file does not parse, or is unsigned on a keyed cluster.
+    """
+    path = folder.founder_path(shared)
+    raw = files.read_small(path, "founder file")
+    if not raw:
+        return None
+    founder = smallfile.decode(raw, path, kind=FOUNDER_KIND, type_=Founder, key=key, legacy=_legacy_founder)
+    if not folder.NAME_RE.match(founder.master):
+        raise BadFile(f"founder file names {founder.master[:80]!r}, which is not a master name", path=path)
+    return founder.master
 
 
-def read_retired(shared: str) -> dict[str, int]:
-    """name -> cut (last seq that counts) for every retired master."""
-    try:
-        names = os.listdir(folder.retired_dir(shared))
-    except FileNotFoundError:
-        return {}
-    out = {}
-    for name in names:
+def read_retirements(shared: str, key: bytes | None = None) -> tuple[dict[str, int], list[BadFile]]:
+    """(name -> cut of every valid retirement, the retirement files that failed their checks)."""
+    out: dict[str, int] = {}
+    bad: list[BadFile] = []
+    for name in files.list_dir(folder.retired_dir(shared), "retirements folder"):
         if name.startswith(".") or not folder.NAME_RE.match(name):
             continue
-        raw = folder.read_small(folder.retired_path(shared, name))
-        if raw:
-            out[name] = int(json.loads(raw)["cut"])
-    return out
+        path = folder.retired_path(shared, name)
+        try:
+            raw = files.read_small(path, "retirement file")
+            if raw is None:
+                continue
+            retirement = smallfile.decode(raw, path, kind=RETIRED_KIND, type_=Retirement, key=key, master=name)
+        except BadFile as exc:
+            bad.append(BadFile(f"{exc}. It is not obeyed; write it again with `prevalence retire` (with the "
+                               "cluster key) or remove it", path=path))
+            continue
+        out[name] = retirement.cut
+    return out, bad
+
+
+def read_retired(shared: str, key: bytes | None = None) -> dict[str, int]:
+    """name -> cut (last seq that counts) for every retired master. A retirement file that
+    fails its checks is left out and logged (`read_retirements` returns them)."""
+    retired, bad = read_retirements(shared, key)
+    for exc in bad:
+        log.error("%s", exc)
+    return retired
 
 
 def last_written_seq(shared: str, name: str, key: bytes | None = None) -> int:
@@ -98,17 +168,17 @@ def retire(shared: str, name: str, *, force: bool = False, key: bytes | None = N
     Refuses while the master's lease is fresh (it is alive) unless `force`.
     """
     folder.check_name(name)
-    if not os.path.isdir(folder.master_dir(shared, name)):
+    if not files.is_dir(folder.master_dir(shared, name), "master folder"):
         raise PrevalenceError(f"no master {name!r} in {shared}")
-    if os.path.exists(folder.retired_path(shared, name)):
+    if os.path.lexists(folder.retired_path(shared, name)):
         raise PrevalenceError(f"master {name!r} is already retired")
     if not force:
         try:
-            Lease(shared, name).check_free()
+            Lease(shared, name, key=key).check_free()
         except LeaseHeld as exc:
             raise PrevalenceError(f"refusing to retire a live master: {exc}. Stop it first, or pass --force") from None
     cut = last_written_seq(shared, name, key)
-    os.makedirs(folder.retired_dir(shared), exist_ok=True)
-    body = {"master": name, "cut": cut, "retired_at": time.time()}
-    folder.publish(folder.retired_path(shared, name), json.dumps(body).encode())
-    return body
+    files.make_dirs(folder.cluster_dir(shared), folder.retired_dir(shared), what="cluster folder")
+    retirement = Retirement(kind=RETIRED_KIND, master=name, cut=cut, retired_at=time.time())
+    folder.publish(folder.retired_path(shared, name), smallfile.encode(RETIRED_KIND, retirement, key))
+    return {"master": name, "cut": cut, "retired_at": retirement.retired_at}

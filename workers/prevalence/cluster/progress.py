@@ -1,27 +1,32 @@
 """Progress: what a master publishes about itself after a sync, by atomic rename.
 
 Other masters read it for garbage collection (cursors, snapshot cursors), joining (acks)
-and lost-record detection; `prevalence status` reads it when Redis is down. JSON, so an
-operator can read it; with a cluster key it carries an HMAC and a bad one is ignored
-(treated as absent) with an error in the log.
+and lost-record detection; `prevalence status` reads it when Redis is down. A small file
+(`smallfile`: JSON an operator can read, kind ``progress``, the master it is about, an
+HMAC with a cluster key): one that fails its checks -- garbage, unsigned on a keyed
+cluster, or a valid file of another master copied here -- raises `BadFile` naming it, and
+readers treat it as absent (reported).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
 
 import msgspec
 
+from .. import files, smallfile
 from ..errors import Corruption
 from . import folder
 
 log = logging.getLogger("prevalence.progress")
 
 
+PROGRESS_KIND = "progress"
+
+
 class Progress(msgspec.Struct, kw_only=True):
+    kind: str = PROGRESS_KIND       # ("" in a progress file of an older release)
     master: str
     joined: bool = False
     seq: int = 0                    # last seq written to own journal
@@ -41,30 +46,13 @@ class Progress(msgspec.Struct, kw_only=True):
     last_error: str | None = None
 
 
-class _Signed(msgspec.Struct):
-    progress: msgspec.Raw
-    hmac: str
-
-
 def encode_progress(p: Progress, key: bytes | None) -> bytes:
-    raw = msgspec.json.encode(p)
-    if not key:
-        return raw
-    mac = hmac.new(key, raw, hashlib.sha256).hexdigest()
-    return msgspec.json.encode(_Signed(progress=msgspec.Raw(raw), hmac=mac))
+    return smallfile.encode(PROGRESS_KIND, p, key)
 
 
-def decode_progress(data: bytes, path: str, key: bytes | None) -> Progress:
-    try:
-        if key:
-            signed = msgspec.json.decode(data, type=_Signed)
-            want = hmac.new(key, bytes(signed.progress), hashlib.sha256).hexdigest()
-            if not hmac.compare_digest(want, signed.hmac):
-                raise Corruption("progress HMAC mismatch (wrong cluster key or forged file)", path=path)
-            data = bytes(signed.progress)
-        return msgspec.json.decode(data, type=Progress)
-    except msgspec.DecodeError as exc:
-        raise Corruption(f"progress file does not decode: {exc}", path=path) from None
+def decode_progress(data: bytes, path: str, key: bytes | None, master: str | None = None) -> Progress:
+    """Parse and check a progress file's bytes (`smallfile.decode`); raises BadFile."""
+    return smallfile.decode(data, path, kind=PROGRESS_KIND, type_=Progress, key=key, master=master)
 
 
 def write_progress(shared: str, p: Progress, key: bytes | None, fault=None) -> None:
@@ -72,11 +60,16 @@ def write_progress(shared: str, p: Progress, key: bytes | None, fault=None) -> N
 
 
 def read_progress(shared: str, name: str, key: bytes | None = None) -> Progress | None:
+    """Master `name`'s progress, None when it has published none.
+
+    Raises:
+        BadFile: it fails its checks (module docstring), naming the file.
+    """
     path = folder.progress_path(shared, name)
-    data = folder.read_small(path)
+    data = files.read_small(path, "progress file")
     if data is None:
         return None
-    return decode_progress(data, path, key)
+    return decode_progress(data, path, key, master=name)
 
 
 def read_all_progress(shared: str, key: bytes | None = None) -> dict[str, dict]:

@@ -4,8 +4,15 @@ A `JournalReader` remembers, for one master, the last seq it has read and where 
 record starts (segment and byte offset). Each `read_new()` lists the journal folder
 (listing refreshes NFS lookups), reopens files by path (close-to-open consistency), reads
 from the remembered offset and checks every record: gap-free seq, strictly increasing hlc,
-checksums. A torn tail is "not written yet": it stops there and tries again next time. A
-vanished segment (ENOENT, ESTALE: rotated away) sends it back to the listing.
+checksums, and a segment's first record against the seq in its name. A torn tail is "not
+written yet": it stops there and tries again next time. A vanished segment (ENOENT,
+ESTALE: rotated away) sends it back to the listing.
+
+A sealed segment ends at its seal: bytes past it (a zombie owner's late writes after a
+takeover) are never read, and reported once; a reader that already read past a seal
+stops with an error (it read records the journal does not hold). Reads are bounded
+(`journal.SEGMENT_BYTES_LIMIT`) and never follow a link or block on a special file: a
+bad file stops reading this master with an error naming it, nothing else.
 """
 
 from __future__ import annotations
@@ -14,8 +21,8 @@ import errno
 import logging
 from dataclasses import dataclass
 
-from .. import codec, journal
-from ..errors import Corruption
+from .. import codec, journal, seal as seals
+from ..errors import BadFile, Corruption, TruncatedSegment
 from . import folder
 
 log = logging.getLogger("prevalence.reader")
@@ -43,6 +50,8 @@ class JournalReader:
         self._segment: tuple[int, str] | None = None  # (first seq, path) being read
         self._offset = 0              # where the record after last_seq starts in _segment
         self._cache = None            # (path, file offset, bytes, trusted) of a segment read in chunks
+        self._seals: dict[str, seals.Seal] = {}  # path -> seal, once read (a seal never changes)
+        self._past_seal_reported: set[str] = set()
 
     @property
     def position(self) -> tuple[int, str, int] | None:
@@ -61,6 +70,8 @@ class JournalReader:
             try:
                 with codec.gc_paused():
                     return self._read(out, records_max)
+            except BadFile as exc:  # a file that is not what it must be (a link, a FIFO, a bad seal ...)
+                return ReadResult(out, error=exc)
             except OSError as exc:
                 if exc.errno not in _VANISHED:
                     raise
@@ -87,7 +98,13 @@ class JournalReader:
         return best
 
     def _read(self, out: list, records_max: int | None) -> ReadResult:
-        segments = journal.list_segments(self.dir)
+        listing = journal.list_journal(self.dir)
+        segments = listing.segments
+        if not segments and self.last_seq > 0:
+            return ReadResult(out, error=Corruption(
+                f"journal folder {self.dir} holds no segment, although seq {self.last_seq} of {self.name!r} was "
+                "read from it: the master's folder was deleted or moved. Restore it, or retire the master "
+                f"(prevalence retire {self.name} --force)", path=self.dir, master=self.name))
         if self._segment is None or self._segment not in segments:
             located = self._locate(segments)
             if isinstance(located, Corruption):
@@ -98,22 +115,45 @@ class JournalReader:
         while True:
             first, path = self._segment
             later = [s for s in segments if s[0] > first]
+            seal = self._seal(first, path, listing)
+            if seal is not None and self._offset > seal.length:
+                return ReadResult(out, error=Corruption(
+                    f"this reader has read {self.name!r} up to offset {self._offset}, past the segment's seal at "
+                    f"{seal.length}: records it read there are not part of the journal (written by a previous "
+                    "owner after a takeover?). Do not use this master's state; restart it so it rebuilds",
+                    path=path, offset=seal.length, master=self.name, seq=self.last_seq))
+            if later and seal is None:
+                # Before blaming the end of an unsealed segment that has a successor, check the
+                # successor is what its name says (an old segment replayed under a later name).
+                problem = self._check_first_record(later[0])
+                if problem is not None:
+                    return ReadResult(out, error=problem)
             # Reuse the bytes of a segment read by the previous call in chunks (recovery
             # reads a large journal records_max at a time); otherwise reopen by path.
             cached = self._cache
+            cut = None  # the size of a sealed segment shorter than its seal
             if cached is not None and cached[0] == path and cached[1] <= self._offset:
                 start = self._offset - cached[1]
                 data = memoryview(cached[2])[start:]
                 trusted = max(0, cached[3] - start)
             else:
-                data = journal.read_from(path, self._offset)
-                trusted = journal.trusted_prefix(data, path) if self._offset == 0 and self.key is None else 0
+                data, size = journal.read_segment(path, self._offset, seal.length if seal else None)
+                if seal is not None and size > seal.length:
+                    self._report_past_seal(path, seal, size)
+                if seal is not None and size < seal.length:
+                    cut = size  # read what is left, then say what is missing
+                    seal = None
+                trusted = (seals.trusted_prefix(data, seal) if self._offset == 0 and self.key is None
+                           else 0)
             want = None if records_max is None else max(1, records_max - len(out))
-            res = journal.scan(data, path, 0, self.key, last_segment=not later, master=self.name,
-                               base=self._offset, expect_seq=self.last_seq + 1, last_hlc=self.last_hlc,
-                               trusted=trusted, records_max=want)
+            # A segment cut short of its seal reads like a last segment: damage with nothing
+            # valid after it is where the records stop (said below), not corruption.
+            res = journal.scan(data, path, 0, self.key, last_segment=not later or cut is not None,
+                               master=self.name, base=self._offset, expect_seq=self.last_seq + 1,
+                               last_hlc=self.last_hlc, trusted=trusted, records_max=want,
+                               first_seq=first if self._offset == 0 else None, sealed=seal is not None)
             if (want is not None and len(res.records) >= want and res.end_offset < len(data)
-                    and not res.torn and res.corruption is None and not res.zero_tail):
+                    and not res.torn and res.corruption is None and not res.zero_tail and cut is None):
                 # Stopped at records_max inside this segment: keep its bytes for the next call.
                 # (Only bytes up to the end of the written records are fixed; the zeros the
                 # writer reserved after them change, so a scan that reaches them drops the
@@ -132,6 +172,14 @@ class JournalReader:
                 self.last_seq = res.records[-1].seq
                 self.last_hlc = res.records[-1].hlc
             self._offset += res.end_offset
+            if cut is not None and res.corruption is None and res.end_offset < len(data) and not (
+                    res.torn or res.zero_tail):
+                return ReadResult(out)  # stopped at records_max: the next call reads on
+            if cut is not None and res.corruption is None:
+                return ReadResult(out, error=TruncatedSegment(
+                    f"segment is {cut} bytes but its seal says {self._seals[path].length}: records that were "
+                    f"durable are gone from seq {self.last_seq + 1} on (the file was cut or replaced). Restore "
+                    "it from a backup", path=path, offset=cut, master=self.name, seq=self.last_seq + 1))
             if res.corruption is not None:
                 return ReadResult(out, error=res.corruption)
             if res.torn is not None:
@@ -147,6 +195,40 @@ class JournalReader:
             self._offset = 0
             if records_max is not None and len(out) >= records_max:
                 return ReadResult(out)
+
+    def _seal(self, first: int, path: str, listing: journal.Listing) -> seals.Seal | None:
+        """The seal of a segment, when the listing shows one (read once, then remembered)."""
+        seal = self._seals.get(path)
+        if seal is None and first in listing.sealed:
+            seal = seals.read_seal(path, master=self.name, key=self.key)
+            if seal is not None:
+                self._seals[path] = seal
+        return seal
+
+    def _check_first_record(self, segment: tuple[int, str]) -> Corruption | None:
+        """Corruption when a segment's first record does not carry the seq in its name."""
+        first, path = segment
+        head, _size = journal.read_segment(path, 0, journal.HEADER_BYTES)
+        if len(head) < journal.HEADER_BYTES:
+            return None  # empty or just created: nothing to check yet
+        n = journal.HEADER.unpack_from(head, 0)[0]
+        data, _size = journal.read_segment(path, 0, journal.HEADER_BYTES + min(n, journal.RECORD_BYTES_MAX)
+                                           + journal.HMAC_BYTES + journal.CRC_BYTES)
+        res = journal.scan(data, path, 0, self.key, last_segment=True, master=self.name, records_max=1,
+                           first_seq=first)
+        return res.corruption
+
+    def _report_past_seal(self, path: str, seal: seals.Seal, size: int) -> None:
+        """Bytes past a seal are never read; other than zeros (space the writer had
+        reserved), they are writes of a previous owner after a takeover: say so, once."""
+        if path in self._past_seal_reported:
+            return
+        self._past_seal_reported.add(path)
+        tail, _size = journal.read_segment(path, seal.length, min(size, seal.length + journal.SEGMENT_BYTES_LIMIT))
+        if not journal.all_zero(tail):
+            log.error("journal %s of %s: %d bytes past its seal at offset %d were written after the segment "
+                      "was sealed (by a previous owner paused past its lease?); they are not part of the "
+                      "journal and are never read", path, self.name, size - seal.length, seal.length)
 
     def rewind(self, last_seq: int, last_hlc: int) -> None:
         """Forget the position; the next read starts after `last_seq` (after a hand-back)."""

@@ -4,9 +4,17 @@ A retired name never comes back, and one process holds a name (the lease). A mas
 with a journal or a snapshot of its own recovers from its newest valid own snapshot; the
 founder starts from the initial state; a newcomer loads the newest snapshot of a member
 and announces itself (joining, step 1; `syncing` completes it). Then the own journal is
-replayed after the base, a torn tail set aside and truncated, and the first sync reads
-every other journal: recovery is the same procedure as a sync, run from the newest
-snapshot over every journal.
+replayed after the base and compared with what was published about it, a torn tail set
+aside and truncated, the previous owner's last segment sealed and a new segment started,
+and the first sync reads every other journal: recovery is the same procedure as a sync,
+run from the newest snapshot over every journal.
+
+What was published about the own journal -- the seq in the own progress file, the
+cursors peers publish for this master, the own snapshot, the seals -- is what anybody
+may have seen. Records up to there must all still be in the journal: when some are gone
+(a byte flipped in the last record, a file cut at a record boundary, a machine crash
+under a relaxed fsync mode) recovery stops with `LostRecords` naming the missing range,
+before it changes any file. A torn tail is only ever a record nobody can have seen.
 """
 
 from __future__ import annotations
@@ -15,12 +23,14 @@ import gc
 import logging
 import os
 
-from .. import codec, tracked
-from ..errors import Corruption, LostRecords, RetiredMaster, UnknownRecordTransaction
+from .. import codec, files, seal as seals, tracked
+from ..durable import fsync_dir
+from ..errors import (BadFile, Corruption, LostRecords, RetiredMaster, TruncatedSegment,
+                      UnknownRecordTransaction)
 from ..snapshot import SnapshotBody, decode_root, list_snapshots, load_snapshot, write_snapshot
 from ..writer import JournalWriter
 from . import folder, membership
-from .progress import read_progress
+from .progress import Progress, read_progress
 from .reader import JournalReader
 
 log = logging.getLogger("prevalence.master")
@@ -34,16 +44,18 @@ class Recovering:
     def _recover(self) -> None:
         shared, name = self.shared, self.name
         # 1. A retired name never comes back.
-        self.retired = membership.read_retired(shared)
+        self.retired = self._read_retired()
         if name in self.retired:
             raise RetiredMaster(f"master {name!r} was retired from the cluster in {shared} "
                                 f"(cut at seq {self.retired[name]}); start it under a new name")
-        # 2. One process per name.
-        os.makedirs(folder.masters_dir(shared), exist_ok=True)
+        # 2. One process per name, in folders that are real ones (nothing on the share is
+        # followed), without the temp files a crash left behind.
+        files.make_dirs(folder.masters_dir(shared), folder.master_dir(shared, name), what="master folder")
         self.lease.claim()
-        existing = os.path.isdir(folder.journal_dir(shared, name)) or bool(
+        self._remove_temp_files()
+        existing = files.is_dir(folder.journal_dir(shared, name), "journal folder") or bool(
             list_snapshots(folder.snapshots_dir(shared, name)))
-        joining = os.path.exists(folder.joining_path(shared, name))
+        joining = os.path.lexists(folder.joining_path(shared, name))
         own_progress = read_progress(shared, name, self.key)
         if own_progress is not None:
             self.acks = dict(own_progress.acks)
@@ -53,19 +65,18 @@ class Recovering:
             self.joined = True
             self._load_base(own_only=True)
         else:
-            founder = membership.read_founder(shared)
+            founder = membership.read_founder(shared, self.key)
             others = [m for m in folder.list_masters(shared) if m != name]
             if founder is None and not others:
-                founder = membership.claim_founder(shared, name)
+                founder = membership.claim_founder(shared, name, self.key)
             if founder == name:
-                os.makedirs(folder.master_dir(shared, name), exist_ok=True)
                 self.joined = True
                 self._load_base(own_only=True)
             else:
                 self._announce_join()
-        # 4. Replay every journal after the base, own first (torn tail set aside).
-        self._recover_own_journal()
-        self._check_lost_records()
+        # 4. Replay every journal after the base, own first: what was published of it must
+        # be there; a torn tail nobody saw is set aside.
+        self._recover_own_journal(own_progress)
         if self.joined:
             self._open_writer()
         self.sync()
@@ -75,23 +86,47 @@ class Recovering:
         log.info("master %s open: seq %d, frontier %d, %d tentative, joined=%s",
                  name, self.seq, self.frontier, self._tentative_real(), self.joined)
 
+    def _read_retired(self) -> dict[str, int]:
+        """Valid retirements; one that fails its checks is not obeyed and is reported."""
+        retired, bad = membership.read_retirements(self.shared, self.key)
+        for exc in bad:
+            self.last_error = str(exc)
+            log.error("%s", exc)
+        return retired
+
+    def _remove_temp_files(self) -> None:
+        """Remove the temp files (``.tmp-*``) a crash left in this master's own folders.
+        Only this process writes there now (it holds the lease)."""
+        shared, name = self.shared, self.name
+        for directory in (folder.master_dir(shared, name), folder.journal_dir(shared, name),
+                          folder.snapshots_dir(shared, name)):
+            for path in files.remove_temp_files(directory):
+                log.warning("removed %s, a temp file left by a crash", path)
+
     def _load_base(self, *, own_only: bool) -> SnapshotBody | None:
         """Load the newest valid snapshot (own, or any member's), else the initial state."""
         names = [self.name] if own_only else [m for m in folder.list_masters(self.shared) if m != self.name]
         candidates = []
         for m in names:
-            candidates += [(f, p) for f, p in list_snapshots(folder.snapshots_dir(self.shared, m))]
-        candidates.sort(reverse=True)
-        for frontier, path in candidates:
             try:
-                body = load_snapshot(path, self.key)
+                candidates += [(f, p, m) for f, p in list_snapshots(folder.snapshots_dir(self.shared, m))]
+            except BadFile as exc:
+                if own_only:
+                    raise  # our own snapshots folder is not a folder: refuse to open
+                log.error("skipping the snapshots of %s: %s", m, exc)
+                self.last_error = str(exc)
+        candidates.sort(reverse=True)
+        for frontier, path, m in candidates:
+            try:
+                # What it is about: a snapshot of the folder's master, under its own frontier.
+                body = load_snapshot(path, self.key, master=m)
                 if body.model != self.model.name:
                     raise Corruption(f"snapshot is of model {body.model!r}, this master runs {self.model.name!r}",
                                      path=path)
                 with codec.gc_paused():  # millions of new containers: no collections meanwhile
                     # Handed over to tracked at once (adopt): fresh from the decoder, it is
                     # made tracked in place instead of copied (the replica keeps it as is).
-                    root = tracked.convert(decode_root(body, self.model.state_type), adopt=True)
+                    root = tracked.convert(decode_root(body, self.model.state_type, path), adopt=True)
                     # Nor right after: the first allocation would walk them all in a young
                     # collection. Long-lived (frozen again once open, below): freeze now.
                     gc.freeze()
@@ -131,7 +166,7 @@ class Recovering:
         """Joining, step 1: load the newest snapshot of a member and announce ourselves."""
         body = self._load_base(own_only=False)
         self._fault("before-announce")
-        os.makedirs(folder.master_dir(self.shared, self.name), exist_ok=True)
+        files.make_dirs(folder.master_dir(self.shared, self.name), what="master folder")
         if body is not None:
             # Keep the base as our own snapshot: a restart, and peers' GC, rely on it.
             own = SnapshotBody(master=self.name, model=body.model, frontier=body.frontier, cursors=body.cursors,
@@ -150,15 +185,22 @@ class Recovering:
         self.peers = {}
         self._announce_join()  # a new base: the replica starts over from it
 
-    def _recover_own_journal(self) -> None:
-        """Read our own journal after the base; set a torn tail aside and truncate it."""
+    def _recover_own_journal(self, own_progress: Progress | None) -> None:
+        """Read our own journal after the base; check nothing published is missing; set a
+        torn tail aside and truncate it."""
+        # What anybody may have seen of this journal (module docstring).
+        published = self._published_seq(own_progress)
         reader = JournalReader(self.shared, self.name, self.seq, 0, self.key)
         read_any = False
         while True:
             # In chunks: a long journal never sits in memory whole (records are ~0.5 KB).
             res = reader.read_new(records_max=RECOVERY_CHUNK_RECORDS)
+            if isinstance(res.error, TruncatedSegment):
+                # The journal ends early: what it holds up to the cut is sound.
+                end = res.records[-1].seq if res.records else self.seq
+                self._check_published(published, end, cause=res.error)
             if res.error is not None:
-                raise res.error
+                raise res.error  # damage before the end: Corruption naming file and offset
             self._check_own_transactions(res.records)
             if res.records:
                 read_any = True
@@ -167,41 +209,89 @@ class Recovering:
                 self.own_horizon = res.records[-1].hlc
             if not res.records or res.torn is not None:
                 break
-        if res.zeros_at is not None:
-            path, offset, n = res.zeros_at
-            log.info("journal %s: %d zero bytes after the last record at offset %d (space the writer "
-                     "reserved, or blocks never written): nothing to set aside, written over from there",
-                     path, n, offset)
-        if res.torn is not None:
-            path, offset = res.torn_at
-            aside = f"{path}.torn-{offset:020d}"
-            n = 1
-            while os.path.exists(aside):  # an earlier torn tail set aside at the same offset
-                aside = f"{path}.torn-{offset:020d}.{n}"
-                n += 1
-            with open(path, "rb") as f:
-                f.seek(offset)
-                tail = f.read()
-            with open(aside, "wb") as f:
-                f.write(tail)
-                f.flush()
-                os.fsync(f.fileno())
-            os.truncate(path, offset)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            log.warning("journal %s: torn tail at offset %d (%s): %d bytes set aside to %s and truncated",
-                        path, offset, res.torn, len(tail), aside)
         if not read_any and self.seq > 0:
             last = membership.last_written_seq(self.shared, self.name, self.key)
             if last < self.seq:
                 raise LostRecords(
                     f"the journal of {self.name!r} ends at seq {last} but its own snapshot already covers "
-                    f"seq {self.seq}: records were lost (machine crash under fsync={self.fsync_mode}, or "
-                    "damage). Writing on would leave a gap. Retire this master and start a new name")
+                    f"seq {self.seq}: records {last + 1}..{self.seq} were lost (machine crash under "
+                    f"fsync={self.fsync_mode}, or damage). Writing on would leave a gap. Retire this master and "
+                    "start a new name")
+        # Everything published must be here -- checked before any file is changed.
+        self._check_published(published, self.seq,
+                              cause=f"a torn tail at {res.torn_at[0]} offset {res.torn_at[1]} ({res.torn})"
+                              if res.torn is not None else None)
+        if res.zeros_at is not None:
+            path, offset, n = res.zeros_at
+            log.info("journal %s: %d zero bytes after the last record at offset %d (space the writer "
+                     "reserved, or blocks never written): nothing to set aside, sealed there",
+                     path, n, offset)
+        if res.torn is not None:
+            self._set_torn_tail_aside(*res.torn_at, res.torn)
         self._own_reader = reader
+
+    def _published_seq(self, own_progress: Progress | None) -> list[tuple[int, str]]:
+        """What was published of this journal: (seq, who says it) for the own progress file
+        and every peer's cursor for this master."""
+        said = []
+        if own_progress is not None and own_progress.seq:
+            said.append((own_progress.seq, f"its own progress file ({folder.progress_path(self.shared, self.name)})"))
+        for m in folder.list_masters(self.shared):
+            if m == self.name:
+                continue
+            p = self._peer_progress(m)
+            seen = p.cursors.get(self.name, 0) if p else 0
+            if seen:
+                said.append((seen, f"master {m!r}, which has read it"))
+        return said
+
+    def _check_published(self, published: list[tuple[int, str]], end: int, cause=None) -> None:
+        """LostRecords when the journal ends before what was published of it."""
+        beyond = sorted((seq, who) for seq, who in published if seq > end)
+        if not beyond:
+            return
+        last = beyond[-1][0]
+        says = "; ".join(f"seq {seq}: {who}" for seq, who in reversed(beyond))
+        why = f" Where the journal stops: {cause}." if cause is not None else ""
+        raise LostRecords(
+            f"the journal of {self.name!r} ends at seq {end}, but records up to seq {last} were published "
+            f"({says}): records {end + 1}..{last} are gone (a damaged or cut journal file, or a machine crash "
+            f"under fsync={self.fsync_mode}).{why} Nothing was set aside or truncated. Starting would reuse "
+            f"those seqs with other content: restore the journal from a backup, or retire {self.name!r} "
+            "(prevalence retire) and start this host under a new name")
+
+    def _set_torn_tail_aside(self, path: str, offset: int, why: str) -> None:
+        """Copy a torn tail aside, make the copy durable, then cut the segment there
+        (etcd's WAL repair): a crash at any step loses nothing that was there."""
+        directory = os.path.dirname(path)
+        fd, st = files.open_file(path, os.O_RDWR, what="journal segment")
+        try:
+            # 1. Copy the tail to a new file of its own (never over an earlier copy).
+            tail = files.pread_all(fd, offset, max(0, st.st_size - offset))
+            n = 0
+            while True:
+                aside = f"{path}.torn-{offset:020d}" + (f".{n}" if n else "")
+                try:
+                    out = files.create_file(aside, what="torn tail's copy")
+                    break
+                except FileExistsError:  # an earlier torn tail set aside at the same offset
+                    n += 1
+            try:
+                view = memoryview(tail)
+                while view:
+                    view = view[os.write(out, view):]
+                os.fsync(out)
+            finally:
+                os.close(out)
+            # 2. Make the copy's directory entry durable before the segment loses the bytes.
+            fsync_dir(directory)
+            # 3. Cut the segment through the descriptor (never through a path: no link followed).
+            os.ftruncate(fd, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        log.warning("journal %s: torn tail at offset %d (%s): %d bytes set aside to %s and truncated",
+                    path, offset, why, len(tail), aside)
 
     def _check_own_transactions(self, records: list) -> None:
         unknown = {rec.tx for rec in records} - self.model.transactions.keys() - {codec.TICK}
@@ -212,24 +302,61 @@ class Recovering:
                     f"{self.model.name!r} does not declare (code rolled back?). Deploy the code that "
                     "declares it; nothing was written or truncated", master=self.name, seq=rec.seq)
 
-    def _check_lost_records(self) -> None:
-        for m in folder.list_masters(self.shared):
-            if m == self.name:
-                continue
-            p = self._peer_progress(m)
-            seen = p.cursors.get(self.name, 0) if p else 0
-            if seen > self.seq:
-                raise LostRecords(
-                    f"master {m!r} has read seq {seen} of {self.name!r}, but this journal ends at seq "
-                    f"{self.seq}: records acknowledged earlier were lost (machine crash under fsync="
-                    f"{self.fsync_mode}?). Starting would reuse those seqs. Retire {self.name!r} "
-                    "(prevalence retire) and start this host under a new name")
-
     def _open_writer(self) -> None:
-        reader = self._own_reader
-        tail = reader.position if reader is not None else None
+        """Start writing: never into the previous owner's files (DESIGN invariant 10)."""
+        self._seal_previous_segment()
         self.writer = JournalWriter(
-            folder.journal_dir(self.shared, self.name), self.seq + 1, tail, fsync=self.fsync_mode,
-            fsync_interval_ms=self._fsync_interval_ms, segment_bytes_max=self._segment_bytes_max,
-            reserve_bytes=self._journal_reserve_bytes, fault=self._fault)
+            folder.journal_dir(self.shared, self.name), self.seq + 1, master=self.name, key=self.key,
+            fsync=self.fsync_mode, fsync_interval_ms=self._fsync_interval_ms,
+            segment_bytes_max=self._segment_bytes_max, reserve_bytes=self._journal_reserve_bytes,
+            guard=self.lease.check_held, fault=self._fault)
         self.writer.on_sync = self._on_sync
+        self.lease.fence = self._fenced
+
+    def _seal_previous_segment(self) -> None:
+        """Seal the last segment where recovery found its end, so that a previous owner still
+        writing there (paused past its lease, then resumed) writes past the seal, where no
+        reader looks. An empty last segment (created, then a crash) is removed instead: the
+        new segment takes its name."""
+        position = self._own_reader.position if self._own_reader is not None else None
+        if position is None:
+            return
+        first, path, offset = position
+        if seals.read_seal(path, master=self.name, key=self.key) is not None:
+            return  # closed cleanly (or already sealed): it ends at its seal
+        if offset == 0 and first == self.seq + 1:
+            os.unlink(path)
+            fsync_dir(os.path.dirname(path))
+            log.info("removed %s, an empty segment left by the previous owner; writing a new one", path)
+            return
+        fd, _st = files.open_file(path, what="journal segment")
+        try:
+            crc = seals.segment_crc(fd, offset, path)
+        finally:
+            os.close(fd)
+        seals.write_seal(path, offset, crc, master=self.name, key=self.key)
+        log.info("sealed %s at %d bytes (seq %d), where the previous owner's records end", path, offset, self.seq)
+
+    def _fenced(self) -> str | None:
+        """Why this process's journal shows another owner took the name over, or None:
+        its folder vanished, or its current segment was sealed or removed by someone else."""
+        try:
+            if not files.is_dir(folder.master_dir(self.shared, self.name), "master folder"):
+                return (f"the folder of master {self.name!r} ({folder.master_dir(self.shared, self.name)}) "
+                        "vanished: deleted or moved by an operator")
+            writer = self.writer
+            return writer.taken_over() if writer is not None else None
+        except (BadFile, OSError) as exc:  # cannot tell: stop rather than write over another owner
+            return f"the folder of master {self.name!r} cannot be checked ({exc})"
+
+    def _check_own_folder(self) -> None:
+        """At each sync: a master whose folder was deleted stops acknowledging at once."""
+        if self.lease.lost is None and not self.closed:
+            try:
+                gone = not files.is_dir(folder.master_dir(self.shared, self.name), "master folder")
+            except BadFile as exc:
+                self.lease.lose(str(exc))
+                return
+            if gone:
+                self.lease.lose(f"the folder of master {self.name!r} ({folder.master_dir(self.shared, self.name)}) "
+                                "vanished: deleted or moved by an operator")

@@ -80,8 +80,9 @@ class Syncing:
             raise InvariantViolation(f"sync on closed master {self.name!r}")
         started = time.perf_counter()
         changed_before = self.outcomes_changed
-        # 1. Membership: retirements, newcomers.
-        self.retired = membership.read_retired(self.shared)
+        # 1. Membership: our own folder, retirements, newcomers.
+        self._check_own_folder()
+        self.retired = self._read_retired()
         if self.name in self.retired:
             self.last_error = f"master {self.name!r} was retired by the operator; it takes no more writes"
             self.joined = False
@@ -120,7 +121,10 @@ class Syncing:
             self._try_complete_join()
         # 6. Tick when a peer's real record waits on us.
         ticked = False
-        if self.joined and self.writer is not None and not self.lease.lost:
+        # Whether this process still holds its name (re-checked if it was paused past its
+        # lease): nothing in the folder is written otherwise.
+        holds = self.lease.holds()
+        if self.joined and self.writer is not None and holds:
             waiting = max((p.max_real_hlc for p in self.peers.values() if p.counted), default=0)
             # A master that never wrote is counted by others at their acknowledgement,
             # which may lie below records it already holds (a joiner's snapshot): its
@@ -133,7 +137,7 @@ class Syncing:
         self._advance_frontier()
         # 8. Garbage, then publish what we know -- unless another process owns the name now:
         # then nothing in that folder is ours to write any more (one writer per file).
-        if not self.lease.lost:
+        if holds:
             self._collect_garbage()
             self._publish_progress()
         errors = {m: p.error for m, p in self.peers.items() if p.error}
@@ -320,7 +324,7 @@ class Syncing:
             return None
 
     def _join_waiting_for(self) -> list[str]:
-        founder = membership.read_founder(self.shared)
+        founder = membership.read_founder(self.shared, self.key)
         others = set(folder.list_masters(self.shared)) | ({founder} if founder else set())
         others.discard(self.name)
         waiting = []

@@ -32,10 +32,10 @@ def _journals_cover(shared: str, masters: list[str], cursors: dict) -> bool:
 def _choose_base(shared: str, model: Model, masters: list[str], key: bytes | None):
     if _journals_cover(shared, masters, {}):
         return "initial state", model.root_factory, {}, {}
-    snaps = sorted((f, p) for m in masters for f, p in list_snapshots(folder.snapshots_dir(shared, m)))
-    for frontier, path in reversed(snaps):
+    snaps = sorted((f, p, m) for m in masters for f, p in list_snapshots(folder.snapshots_dir(shared, m)))
+    for frontier, path, m in reversed(snaps):
         try:
-            body = load_snapshot(path, key)
+            body = load_snapshot(path, key, master=m)
         except (Corruption, OSError):
             continue
         if _journals_cover(shared, masters, body.cursors):
@@ -53,7 +53,7 @@ def verify(shared_dir: str, model: Model, *, cluster_key: bytes | None = None) -
     ``deterministic`` (two replays agreed), ``last_hlc``.
     """
     masters = folder.list_masters(shared_dir)
-    retired = membership.read_retired(shared_dir)
+    retired = membership.read_retired(shared_dir, cluster_key)
     base, make_root, cursors, dedup0 = _choose_base(shared_dir, model, masters, cluster_key)
     records: list = []
     errors: dict[str, str] = {}

@@ -71,6 +71,9 @@ class Writing:
             if first is not None:
                 # Idempotency: a known request id takes effect once; answer with its outcome.
                 return _result(name, {"status": first.status, "value": first.value, "error": first.error})
+        flat = _FLAT.issuperset(map(type, args))
+        if not flat:
+            codec.check_depth(name, args)  # before encoding: a deep value never reaches the encoder
         seq = self.seq + 1
         try:
             rec = Record(self.name, seq, self.clock.tick(), rid or "", name, args)
@@ -81,7 +84,7 @@ class Writing:
             raise BadArguments(f"arguments of {name!r} encode to {len(payload)} bytes, more than the "
                                f"{journal.RECORD_BYTES_MAX} a record may hold")
         # Apply exactly what replay will read (flat arguments read back identical).
-        if not _FLAT.issuperset(map(type, args)):
+        if not flat:
             rec = codec.decode_record(payload)
         if self.deferred_sync:
             self.writer.append((payload,), self.key, wait=False)
@@ -180,13 +183,17 @@ class Writing:
                         fresh.append(Record(me, seq, hlc, plan[2], plan[0], plan[1]))
         records = []
         if fresh:
+            flat = _FLAT.issuperset(map(type, itertools.chain.from_iterable(map(_args, fresh))))
+            if not flat:
+                for rec in fresh:  # before encoding: a deep value never reaches the encoder
+                    codec.check_depth(rec.tx, rec.args)
             try:
                 chunks = _encode_batches(fresh, batch=len(fresh) > 1)
             except (TypeError, ValueError, OverflowError, codec.msgspec.EncodeError) as exc:
                 raise BadArguments(f"arguments cannot be encoded as plain data: {exc}") from None
             # Apply exactly what replay will read: flat arguments (str, int, float, bool,
             # None, bytes) read back identical, so only other batches are decoded again.
-            if _FLAT.issuperset(map(type, itertools.chain.from_iterable(map(_args, fresh)))):
+            if flat:
                 decoded = fresh
             else:
                 decoded = [rec for payload in chunks for rec in
