@@ -5,6 +5,7 @@
     client.execute("deposit", "acct1", 10)             # any master (shared queue)
     client.execute("deposit", "acct1", 10, master="beta", key="order-42")
     client.query("balance", "acct1", master="beta")
+    client.query_many([("balance", ["acct1"]), ("balance", ["acct2"])])   # one task
     client.execute_many([("deposit", ["acct1", 1]), ("withdraw", ["acct1", 1])])
     client.execute("withdraw", "acct1", 5, wait="committed")   # the final outcome
     client.execute("withdraw", "acct1", 5, route_key="acct1")  # one master per key
@@ -400,9 +401,28 @@ class Client:
 
     def query_outcome(self, name: str, *args: Any, master: str | None = None,
                       timeout_s: float | None = None) -> dict[str, Any]:
-        """Run a query and return its outcome document (the value and which master)."""
+        """Run a query and return its outcome: ``status``, ``value`` and which ``master``
+        answered, plus ``error`` and ``error_type`` when it was refused or raised."""
         result = self._send("prevalence.query", [name, list(args)], master=master)
         return self._wait(result, timeout_s, f"query {name!r}")
+
+    def query_many(self, calls: Iterable[Sequence[Any]], *, master: str | None = None,
+                   timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Run several queries (``(name, args)`` pairs) in one task on one master, on one
+        state (nothing is applied between them); at most 1000 per call.
+
+        Returns one outcome per call, in order: ``status`` and ``value``, plus ``error``
+        and ``error_type`` when that call was refused or raised (the others still answer;
+        `raise_for_outcome` turns one into its value or exception) and ``master``. Raises
+        `RequestRefused` when the batch itself is malformed or too large, `NoReply` on
+        timeout.
+        """
+        payload = [[name, list(args)] for name, args in calls]
+        result = self._send("prevalence.query_many", [payload], master=master)
+        reply = self._wait(result, timeout_s, f"batch of {len(payload)} queries")
+        if "outcomes" not in reply:
+            raise_for_outcome(reply)
+        return [dict(outcome, master=reply.get("master")) for outcome in reply["outcomes"]]
 
     def query(self, name: str, *args: Any, master: str | None = None,
               timeout_s: float | None = None) -> Any:

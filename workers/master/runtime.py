@@ -36,8 +36,15 @@ class NoMaster(RuntimeError):
     """
 
 
+#: Values `plain` returns as they are: JSON scalars need no conversion (a query's typical
+#: answer; msgspec.to_builtins would still cost a call and an import lookup).
+_JSON_SCALARS = frozenset({int, float, str, bool, type(None)})
+
+
 def plain(value: Any) -> Any:
     """Convert an engine value (msgspec structs, tuples, sets...) to JSON-ready builtins."""
+    if value.__class__ in _JSON_SCALARS:
+        return value
     import msgspec
 
     try:

@@ -1,7 +1,7 @@
 """The Celery tasks of a master: thin wrappers that check arguments, call one engine
 method and return plain data.
 
-Outcome documents (what `execute`, `query` and each item of `execute_many` return)::
+Outcome documents (what `execute` returns, and each item of `execute_many` in short)::
 
     {"status": "ok" | "rejected" | "error",
      "value": <result, JSON builtins>, "error": str | None, "error_type": str | None,
@@ -9,6 +9,10 @@ Outcome documents (what `execute`, `query` and each item of `execute_many` retur
      "duplicate": bool,   # True: the request id had already been applied; recorded outcome
      "committed": bool,   # False: tentative, a rebase may still change it (see `outcome`)
      "record": "master:seq" | None}   # the journal record that carries it
+
+Queries answer a shorter document, ``{"status", "value", "master"}`` (plus ``error`` and
+``error_type`` when not ok): a query writes nothing, so it has no request id, record or
+committed flag (`query`, `query_many`).
 
 A refused or failed transaction is an outcome, not a task failure: the caller gets a
 clear error and Flower shows what happened. A task fails (raises) only on a bug, after
@@ -197,34 +201,104 @@ def execute_many(self: Any, items: list, key: str | None = None) -> dict:
             "outcomes": [_item_outcome(out, tx) for out, (tx, _args, _rid) in zip(results, calls)]}
 
 
-@app.task(name="prevalence.query", bind=True, acks_late=True,
-          max_retries=NOT_READY_RETRIES_MAX)
-def query(self: Any, name: str, args: list | None = None) -> dict:
-    """Run a query on this master's current (possibly tentative) state; an outcome."""
-    from workers.prevalence import errors
+@app.task(name="prevalence.query", acks_late=True)
+def query(name: str, args: list | None = None) -> dict:
+    """Run a query on this master's current (possibly tentative) state.
 
-    args = [] if args is None else args
+    Returns a query outcome: ``{"status": "ok", "value": ..., "master": name}``, or with
+    ``status: "error"``, ``error`` and ``error_type`` (``BadRequest``,
+    ``UnknownTransaction``, ``BadArguments``, ``QueryFailed``) when refused.
+
+    Lean on purpose (the no-op task is its yardstick, benchmarks/bench_app.py): no
+    request id, record or committed flag (a query writes nothing), JSON scalars are
+    returned as they are, and nothing is imported unless something fails. Celery
+    reprs every result for its task events, so a short document is a cheap one too.
+    """
+    current = runtime.require()
+    try:
+        value = _run_query(current.master, name, args)
+    except Exception as exc:  # the Celery boundary: refused, or the model's query raised
+        return _query_failed(exc, name, current.name, query.request.id)
+    return {"status": "ok", "value": runtime.plain(value), "master": current.name}
+
+
+#: Most queries in one `query_many` (items): a batch of reads is answered in one task,
+#: while the syncs and writes queued behind it wait, and its reply is one Redis value.
+QUERY_BATCH_ITEMS_MAX = 1000
+
+
+@app.task(name="prevalence.query_many", acks_late=True)
+def query_many(calls: list) -> dict:
+    """Run several queries in one task, on one state: nothing is applied between them.
+
+    Args: ``calls`` a list of ``[name, args]`` (at most `QUERY_BATCH_ITEMS_MAX`).
+    Returns ``{"master": name, "outcomes": [...]}``, one per call in order: ``{"status":
+    "ok", "value": ...}`` or ``{"status": "error", "value": null, "error", "error_type"}``
+    (a bad call fails alone: queries change nothing, so the others still answer). A
+    malformed or oversized batch is one query outcome with ``status: error`` instead.
+    """
+    if not isinstance(calls, (list, tuple)):
+        return _query_refused(f"calls must be a list of [name, args], got {type(calls).__name__}")
+    if len(calls) > QUERY_BATCH_ITEMS_MAX:
+        return _query_refused(f"a query batch holds at most {QUERY_BATCH_ITEMS_MAX} calls, got "
+                              f"{len(calls)}; split it")
+    current = runtime.require()
+    master = current.master
+    plain = runtime.plain
+    outcomes: list[dict[str, Any]] = []
+    for index, call in enumerate(calls):
+        try:
+            if not isinstance(call, (list, tuple)) or len(call) != 2:
+                raise _BadRequest(f"call {index} must be [name, args], got {call!r:.80}")
+            value = _run_query(master, call[0], call[1])
+        except Exception as exc:  # the Celery boundary: this call fails alone
+            doc = _query_failed(exc, call[0] if isinstance(call, (list, tuple)) and call else None,
+                                current.name, query_many.request.id)
+            del doc["master"]
+            outcomes.append(doc)
+            continue
+        outcomes.append({"status": "ok", "value": plain(value)})
+    return {"master": current.name, "outcomes": outcomes}
+
+
+class _BadRequest(Exception):
+    """Raised inside a query task for a malformed call (reported as ``BadRequest``)."""
+
+
+def _run_query(master: Any, name: Any, args: Any) -> Any:
+    """Check one query call and run it on `master`. The engine's `Master.query` finds the
+    function; the arity is checked first (a cheap comparison when it fits) so that a wrong
+    call is a clear BadArguments, not a TypeError from inside the query."""
+    if args is None:
+        args = []
     problem = _check_call(name, args, "query")
     if problem:
-        return _bad_request(problem)
-    current = runtime.require()
-    model = current.master.model
-    try:
-        # Check the name and the arity first, so a wrong call is a clear BadArguments
-        # rather than a TypeError from inside the query.
-        model.query_fn(name)
-        model.check_arguments(name, args, is_query=True)
-        value = current.master.query(name, *args)
-    except errors.NotReady as exc:
-        return _retry_not_ready(self, exc, None)
-    except errors.PrevalenceError as exc:
-        return _refused(exc, None)
-    except Exception as exc:  # the model's query code raised: report it, keep serving
-        logger.warning("prevalence.query[%s] %s on %s raised %s: %s", self.request.id, name,
-                       current.name, type(exc).__name__, exc)
-        return _outcome("error", error=f"query {name!r} raised {type(exc).__name__}: {exc}",
-                        error_type="QueryFailed")
-    return _outcome("ok", value=value)
+        raise _BadRequest(problem)
+    model = master.model
+    model.query_fn(name)  # UnknownTransaction, naming the known queries
+    model.check_arguments(name, args, is_query=True)
+    return master.query(name, *args)
+
+
+def _query_failed(exc: Exception, name: Any, master: str, task_id: str | None) -> dict[str, Any]:
+    """The outcome of a query that did not answer: refused (a malformed call, an unknown
+    name, wrong arguments) or raised by the model's query code (logged with the task id)."""
+    from workers.prevalence import errors
+
+    if isinstance(exc, _BadRequest):
+        return _query_refused(str(exc), master)
+    if isinstance(exc, errors.PrevalenceError):
+        return _query_refused(str(exc), master, type(exc).__name__)
+    logger.warning("query task %s: query %r on %s raised %s: %s", task_id, name, master,
+                   type(exc).__name__, exc)
+    return _query_refused(f"query {name!r} raised {type(exc).__name__}: {exc}", master,
+                          "QueryFailed")
+
+
+def _query_refused(message: str, master: str | None = None,
+                   error_type: str = "BadRequest") -> dict[str, Any]:
+    return {"status": "error", "value": None, "error": message, "error_type": error_type,
+            "master": master}
 
 
 # Broadcast tasks: at-most-once per worker and one task id for all recipients, so no

@@ -1,0 +1,1 @@
+"""Example applications built on the cluster (not installed with the package)."""
