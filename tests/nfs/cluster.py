@@ -11,14 +11,16 @@ from dataclasses import dataclass, field
 
 from .remote import DriverGone, RemoteGuest, in_parallel
 
-#: Engine bug (see tests/nfs/test_nfs_rules.py, the strict xfail
-#: `test_journal_directory_created_after_a_peer_looked_is_found_by_listing`): a peer's
-#: ``journal/`` folder created after this client looked for it stays invisible for up to
-#: ~60 s (cached negative lookup), because the reader lists ``journal/`` by path and never
-#: the master's folder above it. Until the engine lists the parent itself, the scenarios list
-#: every master's folder once in every guest after a join -- exactly what the engine fix would
-#: do -- so that they test everything else in a modest time. Remove with the fix.
-WORK_AROUND_NEW_JOURNAL_DIR_LOOKUP = True
+#: Engine bugs (see tests/nfs/test_nfs_rules.py, the strict xfails
+#: `test_journal_directory_created_after_a_peer_looked_is_found_by_listing` and
+#: `test_retirement_is_seen_by_members_that_looked_before_the_retired_folder_existed`): a
+#: folder created after a client looked for it (a peer's ``journal/``, ``cluster/retired/``)
+#: stays invisible to that client for ~30 s (cached negative lookup), because the engine
+#: lists such a folder by path and never the folder above it. Until the engine lists the
+#: parent itself, the scenarios list ``cluster/`` and every master's folder in every guest
+#: after a join and after a retirement -- exactly what the engine fix would do -- so that
+#: they test everything else in a modest time. Remove with the fix.
+WORK_AROUND_NEW_FOLDER_LOOKUP = True
 
 #: Masters' options on NFS: durable commits (production), and a lease TTL short enough that
 #: nothing in the tier waits long for one.
@@ -83,15 +85,24 @@ class NfsCluster:
         while True:
             reports = self.sync_all()
             if all(r["joined"] for r in reports):
-                if WORK_AROUND_NEW_JOURNAL_DIR_LOOKUP:
+                if WORK_AROUND_NEW_FOLDER_LOOKUP:
                     self.refresh_listings()
                 return
             if time.monotonic() > end:
                 raise AssertionError(f"not every master joined within {deadline_s:.0f} s: {reports}")
 
+    def retire(self, operator: RemoteGuest, name: str) -> dict:
+        """`prevalence retire NAME` run on host `operator`, through NFS."""
+        body = operator.request("retire", mount=self.mount, cluster=self.cluster, name=name)
+        if WORK_AROUND_NEW_FOLDER_LOOKUP:
+            self.refresh_listings()
+        return body
+
     def refresh_listings(self) -> None:
-        """List ``masters/`` and every master's folder in every guest (the workaround above)."""
+        """List ``cluster/``, ``masters/`` and every master's folder in every guest (the
+        workaround above)."""
         def refresh(g):
+            g.request("listdir", mount=self.mount, cluster=self.cluster, sub="cluster")
             for name in g.request("listdir", mount=self.mount, cluster=self.cluster, sub="masters"):
                 g.request("listdir", mount=self.mount, cluster=self.cluster, sub=f"masters/{name}")
         in_parallel([lambda g=g: refresh(g) for g in {m.guest.name: m.guest for m in self.members}.values()])
