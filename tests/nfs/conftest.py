@@ -26,6 +26,19 @@ GUESTS = 3
 VERSIONS = ["v4.1", "v3"]
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Report every test the lab could not run at one place, so that ``-ra`` folds them into
+    one line (pytest otherwise prints one line per test function)."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and isinstance(rep.longrepr, tuple) and SKIP_MARK in str(rep.longrepr[2]):
+        rep.longrepr = (__file__, 1, rep.longrepr[2])
+
+
+SKIP_MARK = "NFS tier not run: "
+
+
 class Lab:
     """What the tests get: the lab, the hub and a handle per guest."""
 
@@ -39,7 +52,7 @@ class Lab:
 def nfs_lab():
     reason = why_unavailable()
     if reason:
-        pytest.skip(reason)
+        pytest.skip(SKIP_MARK + reason)
     remove_stale_labs()
     lab = NfsLab(guests=GUESTS)
     hub = None
@@ -58,7 +71,7 @@ def nfs_lab():
         if hub is not None:
             hub.stop()
         lab.stop()
-        pytest.skip(f"the NFS lab did not start: {str(exc).splitlines()[0]}")
+        pytest.skip(f"{SKIP_MARK}the lab did not start: {str(exc).splitlines()[0]}")
     except BaseException:
         if hub is not None:
             hub.stop()

@@ -54,6 +54,9 @@ GUEST_MEM = "192M"
 #: machine busy with other test runs.
 BOOT_S_MAX = 90.0
 CLONE_NEWNET = 0x40000000
+#: The work folder (export, logs, guest jobs) goes on a local disk filesystem: the VFS FSAL
+#: exports by file handle (open_by_handle_at), which tmpfs does not offer.
+WORK_PARENT = "/var/tmp" if os.path.isdir("/var/tmp") else tempfile.gettempdir()
 
 
 class LabUnavailable(Exception):
@@ -68,7 +71,7 @@ def _run(*cmd: str, timeout_s: float = 20.0, check: bool = True) -> subprocess.C
 def why_unavailable() -> str | None:
     """None if the lab can run here, else the reason in one line (for a skip)."""
     if os.geteuid() != 0:
-        return "the NFS tier needs root (network namespace, tap devices, NFS server)"
+        return "needs root (network namespace, tap devices, NFS server)"
     need = {"ganesha.nfsd": "nfs-ganesha", "linux.uml": "user-mode-linux", "rpcbind": "nfs-common (rpcbind)",
             "modprobe": "kmod", "ip": "iproute2"}
     missing = [pkg for exe, pkg in need.items() if not shutil.which(exe, path="/usr/sbin:/usr/bin:/sbin:/bin")]
@@ -77,10 +80,10 @@ def why_unavailable() -> str | None:
     if not uml_module_version():
         missing.append("user-mode-linux (modules)")
     if missing:
-        return (f"the NFS tier needs {', '.join(missing)}: run bin/install-nfs-tier as root "
+        return (f"needs {', '.join(missing)}: run bin/install-nfs-tier as root "
                 "(bin/test does it when it can)")
     if not os.path.exists("/dev/net/tun"):
-        return "the NFS tier needs /dev/net/tun (tap devices for the guests)"
+        return "needs /dev/net/tun (tap devices for the guests)"
     return None
 
 
@@ -116,9 +119,11 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _wait_group_gone(pgid: int, deadline_s: float) -> bool:
+def _wait_group_gone(pgid: int, deadline_s: float, leader: subprocess.Popen | None = None) -> bool:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
+        if leader is not None:
+            leader.poll()  # reap the leader: a zombie still counts as a member of its group
         if not _group_alive(pgid):
             return True
         time.sleep(0.05)
@@ -146,7 +151,8 @@ def _delete_namespace(ns: str) -> None:
 
 
 def remove_stale_labs() -> list[str]:
-    """Remove namespaces left by lab runs whose process is gone (a SIGKILLed test run)."""
+    """Remove namespaces (killing what runs in them) and work folders left by lab runs whose
+    process is gone (a SIGKILLed test run)."""
     removed = []
     listing = _run("ip", "netns", "list", check=False).stdout.split("\n")
     for line in listing:
@@ -160,6 +166,14 @@ def remove_stale_labs() -> list[str]:
         if not _pid_alive(pid):
             _delete_namespace(ns)
             removed.append(ns)
+    for work in glob.glob(os.path.join(WORK_PARENT, f"{NS_PREFIX}*.*")):
+        try:
+            pid = int(os.path.basename(work).split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(work, ignore_errors=True)
+            removed.append(work)
     return removed
 
 
@@ -280,7 +294,7 @@ class NfsLab:
         self.python = python or os.path.join(REPO, ".venv", "bin", "python")
         self.ns = f"{NS_PREFIX}{os.getpid()}-{random.randrange(1 << 16):04x}"
         self.work: Path | None = None
-        self.pgids: list[int] = []          # server and redis process groups
+        self.services: list[subprocess.Popen] = []  # server and redis: each leads its own group
         self.guests: list[Guest] = []
         self.listener: socket.socket | None = None
         self.port = 0
@@ -293,7 +307,7 @@ class NfsLab:
         if not os.path.exists(self.python):
             raise LabUnavailable(f"no project venv at {self.python} (create it: bin/test does)")
         # The export must be on a local disk filesystem (the VFS FSAL uses file handles).
-        self.work = Path(tempfile.mkdtemp(prefix="nfst.", dir="/var/tmp" if os.path.isdir("/var/tmp") else None))
+        self.work = Path(tempfile.mkdtemp(prefix=f"{self.ns}.", dir=WORK_PARENT))
         for sub in ("export", "recov", "uml", "jobs", "mods/lib/modules"):
             (self.work / sub).mkdir(parents=True, exist_ok=True)
         ver = uml_module_version()
@@ -325,7 +339,7 @@ class NfsLab:
         with open(log, "wb") as out:
             p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                  start_new_session=True)
-        self.pgids.append(p.pid)
+        self.services.append(p)
         return p
 
     def _wait_port(self, port: int, proc: subprocess.Popen, what: str, deadline_s: float = 20.0) -> None:
@@ -414,13 +428,13 @@ class NfsLab:
                     g.popen.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     pass
-        for pgid in self.pgids:
-            _kill_group(pgid, signal.SIGTERM)
-        for pgid in self.pgids:
-            if not _wait_group_gone(pgid, 5.0):
-                _kill_group(pgid)
-                _wait_group_gone(pgid, 2.0)
-        self.pgids = []
+        for p in self.services:
+            _kill_group(p.pid, signal.SIGTERM)
+        for p in self.services:
+            if not _wait_group_gone(p.pid, 5.0, p):
+                _kill_group(p.pid)
+                _wait_group_gone(p.pid, 2.0, p)
+        self.services = []
         if self._ns_made:
             _delete_namespace(self.ns)
             self._ns_made = False
