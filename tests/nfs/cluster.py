@@ -28,6 +28,17 @@ MASTER_OPTIONS = {"fsync": "always", "lease_ttl_s": 30.0}
 CONVERGE_S_MAX = 90.0
 
 
+def refresh_listings(guests, mount: str, cluster: str) -> None:
+    """List ``cluster/``, ``masters/`` and every master's folder in each guest (the
+    `WORK_AROUND_NEW_FOLDER_LOOKUP` workaround: a listing refreshes the guest kernel's cached
+    lookups, for every process of that guest)."""
+    def refresh(g):
+        g.request("listdir", mount=mount, cluster=cluster, sub="cluster")
+        for name in g.request("listdir", mount=mount, cluster=cluster, sub="masters"):
+            g.request("listdir", mount=mount, cluster=cluster, sub=f"masters/{name}")
+    in_parallel([lambda g=g: refresh(g) for g in {g.name: g for g in guests}.values()])
+
+
 @dataclass
 class Member:
     guest: RemoteGuest
@@ -99,13 +110,8 @@ class NfsCluster:
         return body
 
     def refresh_listings(self) -> None:
-        """List ``cluster/``, ``masters/`` and every master's folder in every guest (the
-        workaround above)."""
-        def refresh(g):
-            g.request("listdir", mount=self.mount, cluster=self.cluster, sub="cluster")
-            for name in g.request("listdir", mount=self.mount, cluster=self.cluster, sub="masters"):
-                g.request("listdir", mount=self.mount, cluster=self.cluster, sub=f"masters/{name}")
-        in_parallel([lambda g=g: refresh(g) for g in {m.guest.name: m.guest for m in self.members}.values()])
+        """The workaround above, in every guest that runs a member."""
+        refresh_listings([m.guest for m in self.members], self.mount, self.cluster)
 
     def workload(self, member: Member, **kw) -> dict:
         """Run a workload on `member`; every acknowledged transaction lands in `acked`.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import re
+import shutil
 import signal
 
 import pytest
@@ -54,7 +55,8 @@ def nfs_lab():
     if reason:
         pytest.skip(SKIP_MARK + reason)
     remove_stale_labs()
-    lab = NfsLab(guests=GUESTS)
+    # Redis inside the namespace too, for the Celery variant (tests/nfs/test_celery.py).
+    lab = NfsLab(guests=GUESTS, with_redis=shutil.which("redis-server") is not None)
     hub = None
     # A SIGTERM (CI's stop, a timeout wrapper) must still run the teardown below.
     previous = signal.getsignal(signal.SIGTERM)

@@ -34,6 +34,7 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -66,6 +67,7 @@ class Driver:
         self.masters: dict[str, Master] = {}
         self.armed: dict[str, tuple[str, int]] = {}  # master -> (fault point, hits left)
         self.estale_syncs = 0
+        self.workers: dict[str, subprocess.Popen] = {}  # Celery workers started here, by master
 
     # -- channel ---------------------------------------------------------------------
 
@@ -97,6 +99,8 @@ class Driver:
                     "type": type(exc).__name__, "message": str(exc), "trace": traceback.format_exc(limit=8)}})
 
     def _close_all(self) -> None:
+        for name in list(self.workers):
+            self.op_stop_worker(None, name, signal_name="SIGKILL", deadline_s=10.0)
         for m in self.masters.values():
             try:
                 m.close()
@@ -182,6 +186,36 @@ class Driver:
 
     def op_listdir(self, emit, mount: str, cluster: str, sub: str = ""):
         return sorted(os.listdir(os.path.join(shared_path(mount, cluster), sub)))
+
+    # -- Celery workers (the Celery variant: one master worker per guest) -------------
+
+    def op_mkdir(self, emit, mount: str, cluster: str):
+        os.makedirs(shared_path(mount, cluster), exist_ok=True)
+
+    def op_spawn_worker(self, emit, master: str, env: dict, log_path: str):
+        """Start ``celery -A workers worker -P solo`` for `master` (the deployment's command
+        line) with `env` added; its output goes to `log_path` (on the host, via hostfs)."""
+        if master in self.workers and self.workers[master].poll() is None:
+            raise ValueError(f"worker {master} already runs here (pid {self.workers[master].pid})")
+        full = dict(os.environ, **env, PREVALENCE_MASTER=master, PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-P", "solo", "-n", f"{master}@%h",
+               "-l", "info", "--without-mingle", "--without-gossip"]
+        with open(log_path, "ab") as out:
+            p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=full)
+        self.workers[master] = p
+        return p.pid
+
+    def op_stop_worker(self, emit, master: str, signal_name: str = "SIGTERM", deadline_s: float = 60.0):
+        """Signal the worker and wait for it to exit (SIGKILL after `deadline_s`); its exit status."""
+        p = self.workers.pop(master)
+        if p.poll() is None:
+            p.send_signal(getattr(signal, signal_name))
+            try:
+                p.wait(timeout=deadline_s)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)
+        return p.returncode
 
     def op_status_loop(self, emit, master: str, duration_s: float):
         """Call `status()` (which reads every peer's progress) for `duration_s`; count the

@@ -373,6 +373,41 @@ class NfsLab:
                                "--daemonize", "no", "--dir", str(self.work)], self.work / "redis.log")
         self._wait_port(6379, p, "redis-server")
 
+    # -- host-side processes inside the namespace (the Celery variant) ---------------------
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{SERVER_IP}:6379"
+
+    def ns_env(self, extra: dict[str, str]) -> dict[str, str]:
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(REPO))
+        env.update(extra)
+        return env
+
+    def ns_run(self, cmd: list[str], env: dict[str, str], *, deadline_s: float = 120.0) -> subprocess.CompletedProcess:
+        """Run a command on the host inside the namespace (where the lab's Redis is)."""
+        return subprocess.run(["ip", "netns", "exec", self.ns, *cmd], env=self.ns_env(env), cwd=REPO,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=deadline_s)
+
+    def ns_spawn(self, cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+        """Start a long-running command inside the namespace, in a process group of its own
+        (stop it with `stop_spawned`; `stop` kills it anyway)."""
+        with open(log, "ab") as out:
+            p = subprocess.Popen(["ip", "netns", "exec", self.ns, *cmd], env=self.ns_env(env), cwd=REPO,
+                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        self.services.append(p)
+        return p
+
+    def stop_spawned(self, p: subprocess.Popen, deadline_s: float = 10.0) -> int | None:
+        _kill_group(p.pid, signal.SIGTERM)
+        if not _wait_group_gone(p.pid, deadline_s, p):
+            _kill_group(p.pid)
+            _wait_group_gone(p.pid, 2.0, p)
+        if p in self.services:
+            self.services.remove(p)
+        return p.returncode
+
     # -- guests ----------------------------------------------------------------------------
 
     def boot_guests(self, extra_mount_opts: str = "") -> list[Guest]:
