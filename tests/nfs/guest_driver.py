@@ -51,10 +51,18 @@ WORK_AROUND_ESTALE_ON_PROGRESS_READ = True
 log = logging.getLogger("nfs-driver")
 
 
+#: Mount name "local": a folder on the guest's local ext4 disk when the lab gave it one
+#: (`NfsLab(local_disk_mb=...)`), else on its tmpfs: the benchmarks' local-folder baseline;
+#: only masters of this one guest can share it.
+LOCAL_ROOT = "/run/local"
+
+
 def shared_path(mount: str, cluster: str) -> str:
     """The shared folder of test cluster `cluster` on the mount of version `mount`."""
     if "/" in cluster or cluster.startswith(".") or "/" in mount:
         raise ValueError(f"bad mount/cluster {mount!r}/{cluster!r}")
+    if mount == "local":
+        return os.path.join(LOCAL_ROOT, cluster)
     return os.path.join(MOUNT_ROOT, mount, cluster)
 
 
@@ -75,7 +83,9 @@ class Driver:
         self.conn.sendall(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
 
     def serve(self) -> int:
-        self.send({"hello": self.guest, "incarnation": self.incarnation, "pid": os.getpid()})
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot_id = f.read().strip()
+        self.send({"hello": self.guest, "incarnation": self.incarnation, "pid": os.getpid(), "boot_id": boot_id})
         while True:
             line = self.rfile.readline()
             if not line:
@@ -190,6 +200,7 @@ class Driver:
     # -- Celery workers (the Celery variant: one master worker per guest) -------------
 
     def op_mkdir(self, emit, mount: str, cluster: str):
+        """Create the shared folder (a worker refuses to start without it)."""
         os.makedirs(shared_path(mount, cluster), exist_ok=True)
 
     def op_spawn_worker(self, emit, master: str, env: dict, log_path: str):
@@ -216,6 +227,91 @@ class Driver:
                 p.kill()
                 p.wait(timeout=10)
         return p.returncode
+
+    # -- measurements (benchmarks/bench_nfs.py; never asserted on by tests) ----------
+
+    def op_bench_write(self, emit, master: str, n: int, batch: int = 1, account: str = "bench"):
+        """`n` deposits, one `execute` each (batch 1) or `execute_many` of `batch`; seconds."""
+        m = self.masters[master]
+        t = time.perf_counter()
+        if batch <= 1:
+            for _ in range(n):
+                m.execute("deposit", account, 1)
+        else:
+            for start in range(0, n, batch):
+                m.execute_many([("deposit", (account, 1), None)] * min(batch, n - start))
+        return time.perf_counter() - t
+
+    def op_bench_idle_syncs(self, emit, master: str, rounds: int):
+        """Durations (s) of `rounds` syncs with nothing new to read."""
+        m = self.masters[master]
+        out = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            m.sync()
+            out.append(time.perf_counter() - t)
+        return out
+
+    def op_bench_catch_up(self, emit, master: str, peer: str, seq: int, deadline_s: float = 120.0):
+        """Sync until `peer`'s records up to `seq` are read: seconds, syncs, records applied."""
+        m = self.masters[master]
+        t = time.perf_counter()
+        applied = syncs = 0
+        while m.status(digest=False)["cursors"].get(peer, 0) < seq:
+            if time.perf_counter() - t > deadline_s:
+                break
+            applied += sum(m.sync()["applied"].values())
+            syncs += 1
+        return {"seconds": time.perf_counter() - t, "syncs": syncs, "applied": applied}
+
+    def op_lag_write(self, emit, master: str, n: int, spacing_s: float, start_at: float):
+        """From wall time `start_at`, one deposit every `spacing_s`; [seq, wall time of the
+        answer] for each (guest clocks are the host's: UML reads the host's clock)."""
+        m = self.masters[master]
+        out = []
+        for i in range(n):
+            delay = start_at + i * spacing_s - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            m.execute("deposit", "bench", 1)
+            out.append([m.seq, time.time()])
+        return out
+
+    def op_lag_read(self, emit, master: str, peer: str, interval_s: float, until_seq: int,
+                    deadline_s: float = 120.0):
+        """Sync every `interval_s` until `peer`'s seq `until_seq` is read; [seq, wall time
+        first seen] for each record of `peer` (a record seen in one sync is stamped with the
+        end of that sync)."""
+        m = self.masters[master]
+        seen = []
+        last = m.status(digest=False)["cursors"].get(peer, 0)
+        end = time.monotonic() + deadline_s
+        next_sync = time.monotonic()
+        while last < until_seq and time.monotonic() < end:
+            delay = next_sync - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            next_sync += interval_s
+            m.sync()
+            now = time.time()
+            cur = m.peers[peer].applied_seq if peer in m.peers else 0
+            seen += [[s, now] for s in range(last + 1, cur + 1)]
+            last = max(last, cur)
+        return seen
+
+    def op_lag_local(self, emit, writer: str, reader: str, n: int, spacing_s: float, interval_s: float):
+        """`op_lag_write` and `op_lag_read` at once on two masters of this driver (the local
+        folder baseline: both on one guest), the reader in a thread."""
+        import threading
+        box = {}
+        start_at = time.time() + 0.5
+        seq0 = self.masters[writer].seq
+        t = threading.Thread(target=lambda: box.update(seen=self.op_lag_read(
+            emit, reader, writer, interval_s, seq0 + n, deadline_s=n * spacing_s + 30)))
+        t.start()
+        written = self.op_lag_write(emit, writer, n, spacing_s, start_at)
+        t.join(n * spacing_s + 60)
+        return {"written": written, "seen": box.get("seen", [])}
 
     def op_status_loop(self, emit, master: str, duration_s: float):
         """Call `status()` (which reads every peer's progress) for `duration_s`; count the

@@ -9,7 +9,7 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
 export PYTHONDONTWRITEBYTECODE=1 TMPDIR=/run/tmp
 J=$NFST_JOB
 exec >"$J/init.log" 2>&1
-. "$J/env"          # NAME GIP SRV MODROOT MOUNTS EXTRA_OPTS REPO PY PORT
+. "$J/env"          # NAME GIP SRV MODROOT MOUNTS EXTRA_OPTS REPO PY PORT [LOCAL_DISK]
 t_init=$(date +%s.%N)
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t tmpfs run /run; mkdir -p /run/tmp
 # The NFSv4.1 client identity is the nodename: unique per guest.
@@ -18,6 +18,10 @@ modprobe -d "$MODROOT" sunrpc
 modprobe -d "$MODROOT" nfs nfs4_unique_id="$NAME"
 modprobe -d "$MODROOT" nfsv4; modprobe -d "$MODROOT" nfsv3
 ip link set lo up; ip addr add "$GIP/24" dev vec0; ip link set vec0 up
+# A local ext4 disk (benchmarks' baseline): ubd0 is block device 98:0.
+if [ -n "$LOCAL_DISK" ]; then
+  mknod /run/ubda b 98 0 && mkdir -p /run/local && mount -t ext4 /run/ubda /run/local
+fi
 # Production options: the defaults (hard, attribute and lookup caching on, no noac).
 # NFSv3 runs with nolock: the server has no NLM, and the engine takes no NFS locks.
 failed=""
@@ -27,7 +31,7 @@ for spec in $MOUNTS; do
   mkdir -p "$dir"
   mount -t nfs -o "$opts${EXTRA_OPTS:+,$EXTRA_OPTS}" "$SRV:/export" "$dir" || failed="$failed $vers"
 done
-grep " nfs" /proc/mounts > "$J/mountinfo"
+grep -E " nfs4? | /run/local " /proc/mounts > "$J/mountinfo"
 if [ -n "$failed" ]; then
   echo "{\"mount_failed\": \"$failed\"}" > "$J/ready.tmp"; mv "$J/ready.tmp" "$J/ready.json"
 else
@@ -46,6 +50,7 @@ else
 fi
 cd /
 for spec in $MOUNTS; do umount "${spec#*:}" 2>/dev/null || umount -f "${spec#*:}"; done
+[ -n "$LOCAL_DISK" ] && umount /run/local
 sync
 echo o > /proc/sysrq-trigger    # power off at once (after the sync above)
 sleep 10

@@ -267,6 +267,7 @@ class Guest:
     pgid: int | None = None
     popen: subprocess.Popen | None = None
     ready: dict = field(default_factory=dict)
+    boot: int = 0          # how many times the lab power-cycled this guest
 
     @property
     def ip(self) -> str:
@@ -288,8 +289,12 @@ class Guest:
 class NfsLab:
     """The namespace, the server and the guests. `start`, then `boot_guests`, then `stop`."""
 
-    def __init__(self, *, guests: int = 3, with_redis: bool = False, python: str | None = None):
+    def __init__(self, *, guests: int = 3, with_redis: bool = False, python: str | None = None,
+                 local_disk_mb: int = 0):
         self.guest_count = guests
+        # A local ext4 disk per guest (an image file on the host's disk, /run/local in the
+        # guest): the benchmarks' local-folder baseline, on the same disk as the export.
+        self.local_disk_mb = local_disk_mb
         self.with_redis = with_redis
         self.python = python or os.path.join(REPO, ".venv", "bin", "python")
         self.ns = f"{NS_PREFIX}{os.getpid()}-{random.randrange(1 << 16):04x}"
@@ -426,9 +431,25 @@ class NfsLab:
                 raise LabUnavailable(f"guest {g.name} could not mount {g.ready['mount_failed']}:\n{g.log_tail()}")
         return self.guests
 
-    def _launch(self, i: int, extra_mount_opts: str) -> Guest:
+    def power_cycle(self, guest: Guest, extra_mount_opts: str = "") -> Guest:
+        """Pull the plug on `guest` (SIGKILL to its whole process group: whatever the guest
+        kernel had not sent to the server is lost, as in a host's power loss) and boot it
+        again: same name, address and tap, a new boot id. Returns the new `Guest`."""
+        _kill_group(guest.pgid)
+        guest.popen.wait(timeout=30)
+        fresh = self._launch(guest.index, extra_mount_opts, boot=guest.boot + 1)
+        self.guests[self.guests.index(guest)] = fresh
+        end = time.monotonic() + BOOT_S_MAX
+        while not (fresh.job / "ready.json").exists():
+            if not fresh.alive() or time.monotonic() > end:
+                raise LabUnavailable(f"guest {fresh.name} did not come back:\n{fresh.log_tail()}")
+            time.sleep(0.05)
+        fresh.ready = json.loads((fresh.job / "ready.json").read_text())
+        return fresh
+
+    def _launch(self, i: int, extra_mount_opts: str, boot: int = 0) -> Guest:
         name = f"nfsg{i}"
-        job = self.work / "jobs" / name
+        job = self.work / "jobs" / (name if boot == 0 else f"{name}.boot{boot}")
         job.mkdir(parents=True)
         env = {
             "NAME": name, "GIP": f"{SUBNET}.{11 + i}", "SRV": SERVER_IP, "MODROOT": str(self.work / "mods"),
@@ -436,15 +457,26 @@ class NfsLab:
             "EXTRA_OPTS": extra_mount_opts, "REPO": str(REPO), "PY": self.python, "PORT": str(self.port),
         }
         # Read by the guest's init with `.`: values are quoted for the shell.
+        disk = []
+        if self.local_disk_mb:
+            image = job / "local.ext4"
+            with open(image, "wb") as f:
+                f.truncate(self.local_disk_mb << 20)
+            _run("mkfs.ext4", "-q", "-F", str(image), timeout_s=60)
+            disk = [f"ubd0={image}"]
+            env["LOCAL_DISK"] = "1"
         (job / "env").write_text("".join(f"{k}='{v}'\n" for k, v in env.items()))
         cmd = ["ip", "netns", "exec", self.ns, "linux.uml", f"mem={GUEST_MEM}", "rootfstype=hostfs",
                "rootflags=/", "rw", f"init={GUEST_INIT}", f"umid={self.ns}-{i}", f"uml_dir={self.work / 'uml'}",
-               f"vec0:transport=tap,ifname=nfsttap{i},mac=02:4e:46:53:00:{i + 1:02x}",
-               "con0=null,fd:1", "con=null", f"NFST_JOB={job}"]
+               # gro=1: the server side sends TSO/GSO frames through the tap (large NFS reads);
+               # without GRO the guest drops them ("Incoming GSO frames and GRO disabled")
+               # and its NFS mount stalls ("server not responding").
+               f"vec0:transport=tap,ifname=nfsttap{i},mac=02:4e:46:53:00:{i + 1:02x},gro=1",
+               *disk, "con0=null,fd:1", "con=null", f"NFST_JOB={job}"]
         with open(job / "uml.log", "wb") as out:
             p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                  start_new_session=True)
-        return Guest(name=name, index=i, job=job, pgid=p.pid, popen=p)
+        return Guest(name=name, index=i, job=job, pgid=p.pid, popen=p, boot=boot)
 
     # -- stop ------------------------------------------------------------------------------
 

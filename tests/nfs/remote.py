@@ -39,6 +39,11 @@ class Connection:
         self.broken = False
 
     def close(self) -> None:
+        """Close; a thread blocked reading this connection gets end-of-file at once."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self.sock.close()
         except OSError:
@@ -84,13 +89,16 @@ class Hub:
             self.conns[hello["hello"]] = Connection(sock, hello, rfile)
             self.cond.notify_all()
 
-    def wait_for(self, guest: str, *, newer_than: int = -1, deadline_s: float = 60.0) -> Connection:
-        """The connection of `guest`'s driver whose incarnation is above `newer_than`."""
+    def wait_for(self, guest: str, *, newer_than: int = -1, deadline_s: float = 60.0,
+                 boot_not: str | None = None) -> Connection:
+        """The connection of `guest`'s driver whose incarnation is above `newer_than` (and,
+        with `boot_not`, from another boot of the guest than that one)."""
         end = time.monotonic() + deadline_s
         with self.cond:
             while True:
                 c = self.conns.get(guest)
-                if c is not None and c.hello["incarnation"] > newer_than and not c.broken:
+                if (c is not None and c.hello["incarnation"] > newer_than and not c.broken
+                        and (boot_not is None or c.hello.get("boot_id") != boot_not)):
                     return c
                 left = end - time.monotonic()
                 if left <= 0:
@@ -115,10 +123,12 @@ class RemoteGuest:
         self.guest = guest
         self.log_tail = log_tail
         self.incarnation = -1
+        self.boot_id: str | None = None
 
     def connection(self, deadline_s: float = 60.0) -> Connection:
         c = self.hub.wait_for(self.name, newer_than=self.incarnation - 1, deadline_s=deadline_s)
         self.incarnation = c.hello["incarnation"]
+        self.boot_id = c.hello.get("boot_id")
         return c
 
     def request(self, op: str, *, deadline_s: float = 60.0, on_event: Callable[[dict], None] | None = None,
@@ -173,6 +183,24 @@ class RemoteGuest:
             pass
         self.incarnation = old + 1
         self.connection(deadline_s)
+
+    def drop_connection(self) -> None:
+        """Forget the driver's connection (its guest was powered off: the guest kernel will
+        never close it); a request waiting on it fails with DriverGone at once."""
+        with self.hub.cond:
+            c = self.hub.conns.pop(self.name, None)
+        if c is not None:
+            c.broken = True
+            c.close()
+
+    def rebooted(self, guest, *, deadline_s: float = 90.0) -> None:
+        """After the lab power-cycled this guest: wait for the first driver of its new boot."""
+        old_boot = self.boot_id
+        self.guest = guest
+        self.log_tail = guest.log_tail
+        c = self.hub.wait_for(self.name, newer_than=-1, deadline_s=deadline_s, boot_not=old_boot)
+        self.incarnation = c.hello["incarnation"]
+        self.boot_id = c.hello.get("boot_id")
 
     def wait_restarted(self, *, deadline_s: float = 60.0) -> int:
         """After a kill: wait for the guest's next driver; returns its incarnation."""
