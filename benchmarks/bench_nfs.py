@@ -3,6 +3,7 @@
     python benchmarks/bench_nfs.py               # about 3 minutes on 2 cores (root)
     python benchmarks/bench_nfs.py --quick       # about 1.5 minutes
     python benchmarks/bench_nfs.py --markdown    # the README table instead of JSON lines
+    python benchmarks/bench_nfs.py > run.jsonl && python benchmarks/bench_nfs.py --from run.jsonl
 
 Runs on the NFS tier's lab (`tests/nfs/lab.py`: nfs-ganesha in a private network namespace,
 User-Mode Linux guests as the NFS clients; needs root and `bin/install-nfs-tier`). Every
@@ -218,11 +219,22 @@ def markdown(lines: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def _heading(meta: dict) -> str:
+    return (f"NFS figures, `python benchmarks/bench_nfs.py` on {meta['date']} (commit {meta['commit']}, "
+            f"load average {meta['load_average']:.2f} at the start{', --quick' if meta.get('quick') else ''}):\n")
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--from", dest="from_file", metavar="JSONL", help="render a saved run as the table")
     a = p.parse_args(argv)
+    if a.from_file:
+        lines = [json.loads(x) for x in open(a.from_file) if x.strip()]
+        print(_heading(lines[0]))
+        print(markdown(lines[1:]))
+        return 0
     reason = why_unavailable()
     if reason:
         print(f"bench_nfs: cannot run: {reason}", file=sys.stderr)
@@ -255,8 +267,7 @@ def main(argv: list[str]) -> int:
     finally:
         sys.stdout = real_stdout
     if a.markdown:
-        print(f"NFS figures, `python benchmarks/bench_nfs.py` on {meta['date']} (commit {commit}, "
-              f"load average {meta['load_average']:.2f}{', --quick' if a.quick else ''}):\n")
+        print(_heading(meta))
         print(markdown(lines[1:]))
     return 0
 

@@ -12,6 +12,8 @@ when the session ends, also after failures and on SIGTERM.
 from __future__ import annotations
 
 import atexit
+import hashlib
+import os
 import re
 import shutil
 import signal
@@ -23,6 +25,9 @@ from .lab import LabUnavailable, NfsLab, remove_stale_labs, why_unavailable
 from .remote import Hub, RemoteGuest, in_parallel
 
 GUESTS = 3
+#: Extra NFS mount options for every guest mount (default: none, the production defaults),
+#: e.g. NFS_TIER_MOUNT_OPTS=lookupcache=positive to run the tier with that option.
+MOUNT_OPTS = os.environ.get("NFS_TIER_MOUNT_OPTS", "")
 #: NFS versions every scenario runs on (both are mounted in every guest).
 VERSIONS = ["v4.1", "v3"]
 
@@ -66,7 +71,7 @@ def nfs_lab():
     try:
         lab.start()
         hub = Hub(lab.listener)
-        booted = lab.boot_guests()
+        booted = lab.boot_guests(extra_mount_opts=MOUNT_OPTS)
         guests = [RemoteGuest(hub, g, log_tail=g.log_tail) for g in booted]
         in_parallel([lambda g=g: g.connection(deadline_s=90.0) for g in guests])
     except LabUnavailable as exc:
@@ -101,7 +106,9 @@ def _raise_on_sigterm(signum, frame):
 def nfs_cluster(request, nfs_lab):
     """A cluster folder of this test's own on the export, reached through one NFS version;
     the guests' drivers are reset afterwards (masters closed, fresh processes)."""
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)[:80]
+    # Unique per test and parameter (a long name is cut, so the digest keeps them apart).
+    digest = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8]
+    name = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', request.node.originalname)[:60]}-{request.param}-{digest}"
     cluster = NfsCluster(request.param, name, nfs_lab.guests)
     yield cluster
     in_parallel([lambda g=g: g.restart_driver(deadline_s=60.0) for g in nfs_lab.guests])
