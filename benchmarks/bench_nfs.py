@@ -6,7 +6,7 @@
     python benchmarks/bench_nfs.py > run.jsonl && python benchmarks/bench_nfs.py --from run.jsonl
 
 Runs on the NFS tier's lab (`tests/nfs/lab.py`: nfs-ganesha in a private network namespace,
-User-Mode Linux guests as the NFS clients; needs root and `bin/install-nfs-tier`). Every
+User-Mode Linux guests as the NFS clients; needs root and `bin/install-test-packages nfs`). Every
 figure is measured inside the guests, so the NFS ones and the local-folder baseline (the
 same guest kernel, on a local ext4 disk whose image file sits on the same host disk as the
 NFS export) pay the same virtualisation cost. These are figures of

@@ -80,7 +80,7 @@ def why_unavailable() -> str | None:
     if not uml_module_version():
         missing.append("user-mode-linux (modules)")
     if missing:
-        return (f"needs {', '.join(missing)}: run bin/install-nfs-tier as root "
+        return (f"needs {', '.join(missing)}: run bin/install-test-packages nfs as root "
                 "(bin/test does it when it can)")
     if not os.path.exists("/dev/net/tun"):
         return "needs /dev/net/tun (tap devices for the guests)"
