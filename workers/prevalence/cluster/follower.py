@@ -37,10 +37,11 @@ Threads
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .. import codec
 from ..clock import physical_ms
@@ -88,6 +89,9 @@ class Follower:
         self.key = cluster_key
         self.view = view
         self._lock = threading.RLock()
+        # Odd while the state changes (`_changing`): queries read without the lock and
+        # check it did not move meanwhile (`query`).
+        self._generation = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.reloads = 0
@@ -168,13 +172,13 @@ class Follower:
             if gap:
                 # Segments this follower still needed were collected: start over from the
                 # newest snapshot (members publish them, and keep what they cover).
-                with self._lock:
+                with self._changing():
                     self._load()
                 self.reloads += 1
                 reloaded = True
                 log.warning("follower: %s; reloaded from %s", gap, self.base)
                 continue
-            with self._lock:
+            with self._changing():
                 self._apply(new, applied)
                 live = [self._horizons.get(m, 0) for m in members if m not in retired]
                 frontier = min(published + live) if (published or live) else self.replica.frontier
@@ -252,12 +256,39 @@ class Follower:
     # -- reading ---------------------------------------------------------------------------
 
     def query(self, q: str | Callable, *args: Any) -> Any:
-        """Run a query on this follower's view (under its lock). Returns its value."""
+        """Run a query on this follower's view. Returns its value.
+
+        Reads take no lock, as a seqlock's readers do: the query runs on the state as it
+        is, and its answer stands if no change began or ended meanwhile (`_generation`
+        even and unchanged); otherwise (or if it raised: a dict changing under an
+        iteration) it runs again under the lock, which changes wait for. The GIL makes
+        each step of the query see memory as the follow thread left it; the generation
+        check makes the whole answer come from one state between two applied batches.
+        """
         fn = self.model.queries.get(q) if isinstance(q, str) else None
         if fn is None:
             fn = self.model.query_fn(q)
+        generation = self._generation
+        if not generation & 1:
+            try:
+                value = fn(self.replica.state, *args)
+            except Exception:  # noqa: BLE001 -- run again under the lock, which raises it if real
+                pass
+            else:
+                if self._generation == generation:
+                    return value
         with self._lock:
             return fn(self.replica.state, *args)
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Hold the lock and mark the state as changing for lock-free queries (`query`)."""
+        with self._lock:
+            self._generation += 1
+            try:
+                yield
+            finally:
+                self._generation += 1
 
     def applied_seq(self, master: str) -> int:
         """The last seq of `master` applied in this view."""
