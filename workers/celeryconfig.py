@@ -40,12 +40,6 @@ BROADCAST_OPTIONS: dict[str, Any] = {
     "declare": [BROADCAST_EXCHANGE],
 }
 
-#: Redis re-delivers an un-acked message (acks_late) this long after it was taken.
-#: It must exceed the longest task (a large execute_many or a snapshot of a big state takes
-#: minutes at most), or a slow task would run twice (harmless for
-#: idempotent execute, wasteful otherwise). After a kill -9 it is also how long a write
-#: that was in hand waits before another master gets it.
-VISIBILITY_TIMEOUT_S = 3600
 #: Results are read by a waiting client within seconds; keep them an hour, not a day.
 RESULT_EXPIRES_S = 3600
 
@@ -109,7 +103,13 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "broker_transport_options": {
-            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            # An un-acked write (acks_late: its master died holding it) comes back after
+            # this long (PREVALENCE_REDELIVERY_AFTER, default 1 h); workers scan for such
+            # writes every tenth of it, at most every 10 s, with no further throttling
+            # (kombu's default waits up to ten scans, ~100 s, on top of the timeout).
+            "visibility_timeout": settings.redelivery_after_s,
+            "unacked_restore_interval": min(10.0, settings.redelivery_after_s / 10),
+            "unacked_restore_throttle": 1,
             # Fanout PUB/SUB channel names carry the db number (fanout_prefix), and must
             # NOT carry the routing key (fanout_patterns=False): with patterns on, a worker
             # subscribes to "<exchange>/<its queue's binding key>" (which Celery fills from

@@ -39,6 +39,13 @@ PREVALENCE_SYNC_OVERLAP
     and the result is published, and the message acknowledged, only once the sync is done
     (`workers.master.results`): the same guarantee, in less time per write. ``off`` syncs before
     the task returns. Elsewhere than Linux it is always off.
+PREVALENCE_REDELIVERY_AFTER
+    How long a write a master took and never acknowledged (its worker was killed, its
+    host lost power) waits in Redis before it is delivered again, to the same master's
+    queue or the shared one. Default ``1h``; between 5 s and 7 d. It must exceed the
+    longest write task (a batch of 10,000 takes well under a second; a write redelivered
+    while it still runs applies once anyway, by its request id, and is only wasted work).
+    Workers scan for such writes every tenth of it (at most every 10 s).
 PREVALENCE_METRICS_PORT
     Serve a worker's Prometheus metrics (`workers.master.metrics`) on this port: ``9808``
     (loopback only) or ``HOST:PORT`` (``0.0.0.0:9808`` for a Prometheus on another host).
@@ -113,6 +120,7 @@ class Settings:
     journal_reserve_bytes: int | None = None  # None = auto
     sync_overlap: bool = True
     metrics_address: tuple[str, int] | None = None  # (host, port) of the metrics endpoint
+    redelivery_after_s: float = 3600.0
 
     def require_master(self) -> str:
         """Return the master name, or raise `SettingsError` if PREVALENCE_MASTER is unset."""
@@ -366,6 +374,10 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
 
     metrics_address = parse_address("PREVALENCE_METRICS_PORT", get("PREVALENCE_METRICS_PORT", None))
 
+    redelivery_after_s = parse_duration_s(
+        "PREVALENCE_REDELIVERY_AFTER", get("PREVALENCE_REDELIVERY_AFTER", "1h") or "",
+        minimum_s=5.0, maximum_s=7 * 86400.0)
+
     key_text = get("PREVALENCE_CLUSTER_KEY_FILE", None)
     cluster_key_file: Path | None = None
     if key_text is not None:
@@ -389,6 +401,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, cwd: Path | None 
         journal_reserve_bytes=journal_reserve_bytes,
         sync_overlap=overlap_text == "on",
         metrics_address=metrics_address,
+        redelivery_after_s=redelivery_after_s,
     )
 
 

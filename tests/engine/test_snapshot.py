@@ -9,7 +9,7 @@ import msgspec
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from workers.prevalence import codec, snapshot
+from workers.prevalence import Struct, codec, snapshot
 from workers.prevalence.errors import Corruption
 from workers.prevalence.codec import RequestIdEntry
 from workers.prevalence.snapshot import SnapshotBody
@@ -162,4 +162,45 @@ def test_recovery_falls_back_to_an_older_snapshot_even_after_segments_were_colle
     flip(newest, os.path.getsize(newest) // 2)
     m = open_master(tmp_path, segment_bytes_max=200)
     assert (m.query("balance", "a"), m.digest()) == (21, digest)
+    m.close()
+
+
+class _StateV1(Struct):
+    accounts: dict = {}
+    note: str = "kept"
+
+
+class _StateV2(Struct):  # the next release dropped `note`: msgspec ignores it
+    accounts: dict = {}
+
+
+def _struct_model(state_type):
+    from workers.prevalence import Model
+
+    model = Model("skewed", state_type, state_type=state_type)
+
+    @model.transaction
+    def put(root, ctx, key: str, value: int) -> None:
+        root.accounts[key] = value
+
+    @model.query
+    def accounts(root) -> dict:
+        return dict(root.accounts)
+
+    return model
+
+
+def test_a_snapshot_the_state_type_decodes_differently_is_refused_as_code_skew(tmp_path):
+    from workers.prevalence import Master
+
+    m = Master.open(_struct_model(_StateV1), str(tmp_path), "alpha", fsync="never")
+    m.execute("put", "a", 1)
+    m.snapshot()
+    m.close()
+    # Decoding drops `note`: the state would silently lose it. Refused; the journal
+    # (all still there) is replayed instead.
+    m = Master.open(_struct_model(_StateV2), str(tmp_path), "alpha", fsync="never")
+    assert m.snapshot_frontier == -1
+    assert "does not decode to what was written" in m.status()["last_error"]
+    assert m.query("accounts") == {"a": 1}
     m.close()

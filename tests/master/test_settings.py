@@ -25,6 +25,7 @@ def test_defaults_are_documented_values(tmp_path):
     assert settings.snapshot_interval_s == 600.0
     assert settings.fsync == "always"
     assert settings.cluster_key_file is None
+    assert settings.redelivery_after_s == 3600.0
 
 
 @pytest.mark.parametrize("variable, value, text", [
@@ -42,6 +43,8 @@ def test_defaults_are_documented_values(tmp_path):
     ("PREVALENCE_JOURNAL_RESERVE", "-1", "is not `auto`, `0` or a size"),
     ("PREVALENCE_JOURNAL_RESERVE", "65m", "expected at most 64m"),
     ("PREVALENCE_SYNC_OVERLAP", "yes", "is not `on` or `off`"),
+    ("PREVALENCE_REDELIVERY_AFTER", "soon", "is not a duration"),
+    ("PREVALENCE_REDELIVERY_AFTER", "1s", "expected between"),
     ("PREVALENCE_CLUSTER_KEY_FILE", "/nonexistent/key", "is not a readable file"),
     ("PREVALENCE_ENV_FILE", "/nonexistent/.env", "is not a file"),
 ])
@@ -67,6 +70,16 @@ def test_durations_accept_seconds_and_units(text, seconds):
 ])
 def test_journal_reserve_accepts_auto_zero_and_sizes(tmp_path, text, size):
     assert load(tmp_path, PREVALENCE_JOURNAL_RESERVE=text).journal_reserve_bytes == size
+
+
+def test_redelivery_after_sets_the_brokers_visibility_timeout_and_restore_scans(tmp_path):
+    from workers.celeryconfig import celery_settings
+
+    options = celery_settings(load(tmp_path, PREVALENCE_REDELIVERY_AFTER="30s"))["broker_transport_options"]
+    assert options["visibility_timeout"] == 30.0
+    assert options["unacked_restore_interval"] == 3.0 and options["unacked_restore_throttle"] == 1
+    default = celery_settings(load(tmp_path))["broker_transport_options"]
+    assert default["visibility_timeout"] == 3600.0 and default["unacked_restore_interval"] == 10.0
 
 
 @pytest.mark.parametrize("text, on", [(None, True), ("on", True), (" OFF ", False)])

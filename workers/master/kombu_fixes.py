@@ -10,7 +10,7 @@ and the worker exits, so a master restarts and recovers for nothing.
 `install()` (called by the master worker at start) makes ``QoS.restore_unacked`` skip
 that one case with a warning. Nothing is lost by skipping it: the broker itself is gone,
 so nothing could be restored through it, and a message that is still in Redis comes back
-after the visibility timeout (`workers.celeryconfig.VISIBILITY_TIMEOUT_S`); a write carries
+after the visibility timeout (`PREVALENCE_REDELIVERY_AFTER`, `workers.settings`); a write carries
 its request id, so a second delivery applies once. Every other case runs kombu's own code.
 """
 

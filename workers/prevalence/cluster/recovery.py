@@ -124,16 +124,24 @@ class Recovering:
                     raise Corruption(f"snapshot is of model {body.model!r}, this master runs {self.model.name!r}",
                                      path=path)
                 with codec.gc_paused():  # millions of new containers: no collections meanwhile
+                    root = decode_root(body, self.model.state_type, path)
+                    # The state must be what the writer encoded: its bytes are checked (CRC,
+                    # HMAC with a key), so encoding what was decoded must give them back.
+                    # This catches a state type that decodes them differently (code skew)
+                    # as the digest of the state would, in a third of the time (the
+                    # canonical encoding sorts every dict's keys; 1M nested users: 0.4 s
+                    # against 1.0 s).
+                    if memoryview(body.root) != codec.encode_record(root):
+                        raise Corruption(f"the snapshot's state does not decode to what was written under "
+                                         f"this model's state type ({self.model.state_type!r}): code skew?",
+                                         path=path)
                     # Handed over to tracked at once (adopt): fresh from the decoder, it is
                     # made tracked in place instead of copied (the replica keeps it as is).
-                    root = tracked.convert(decode_root(body, self.model.state_type, path), adopt=True)
+                    root = tracked.convert(root, adopt=True)
                     # Nor right after: the first allocation would walk them all in a young
                     # collection. Long-lived (frozen again once open, below): freeze now.
                     gc.freeze()
                 dedup = body.dedup
-                got = codec.digest_of(root, dedup)
-                if got != body.digest:
-                    raise Corruption(f"state digest {got} does not match the recorded {body.digest}", path=path)
             except (Corruption, OSError) as exc:
                 log.error("skipping snapshot %s: %s; falling back to an older one", path, exc)
                 self.last_error = str(exc)
