@@ -98,3 +98,32 @@ def test_a_worker_without_a_master_name_refuses_to_start(make_cluster):
                           text=True, timeout=120, cwd=str(cluster.run_dir))
     assert done.returncode == os.EX_CONFIG
     assert "PREVALENCE_MASTER: not set" in done.stderr
+
+
+def test_a_master_killed_holding_a_batch_applies_it_once_after_redelivery(make_cluster):
+    """kill -9 of a master while it runs a batch of 10,000 writes (acks_late: the message
+    is not acknowledged), restart: Redis delivers the batch again after
+    PREVALENCE_REDELIVERY_AFTER, and each write applies once, whether the killed process
+    had journaled the batch or not (its request ids answer the second delivery)."""
+    from tests.e2e.conftest import make_client
+    from tests.e2e.helpers import open_accounts
+
+    cluster = make_cluster(masters=("alpha", "beta"), env={"PREVALENCE_REDELIVERY_AFTER": "5s"})
+    cluster.start_masters()
+    cluster.start_beat()
+    client = make_client(cluster)
+    open_accounts(client, ["k1"], master="alpha")
+    items = [["deposit", ["k1", 1]] for _ in range(10_000)]
+    result = client.app.send_task("prevalence.execute_many", args=[items], queue="master.alpha")
+    log = cluster.log_dir / "alpha.log"
+    wait_until(lambda: f"execute_many[{result.id}] received" in log.read_text(), 60,
+               "alpha to take the batch")
+    cluster.kill_master("alpha")
+    cluster.start_master("alpha")
+    reply = result.get(timeout=120, interval=0.05)  # from the second delivery
+    assert [o["status"] for o in reply["outcomes"]] == ["ok"] * len(items)
+    view = converge(cluster)
+    assert view["verify"]["errors"] == {} and view["verify"]["duplicates"] == 0, view["verify"]
+    for master in cluster.masters:
+        assert client.query("balance", "k1", master=master) == len(items)
+    assert log.read_text().count(f"execute_many[{result.id}] received") == 2  # delivered again
