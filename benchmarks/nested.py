@@ -164,6 +164,46 @@ def cluster(users: int, rounds: int, shared: str) -> dict[str, Any]:
             "peak_mb_per_master": round(peak_mb / len(masters), 1), "converged": len(digests) == 1}
 
 
+def rebase(users: int, windows: list[int], shared: str) -> dict[str, Any]:
+    """Phase 4: the cost of one rebase on this state. The three masters settle; A executes
+    one order, then B a window of W orders without syncing, so A's record orders before
+    B's whole tentative window: B's next sync undoes the window and applies it again."""
+    masters = [Master.open(MODEL, shared, n, fsync="never", gc_grace_s=0) for n in MASTERS]
+    a, b = masters[0], masters[1]
+
+    def settle() -> None:
+        for _ in range(4):
+            for m in masters:
+                m.sync()
+
+    settle()
+    rng = random.Random(users + 1)
+    uids = [f"u{i:07d}" for i in range(users)]
+
+    def orders(n: int) -> list:
+        return [("order", [rng.choice(uids), rng.choice(SKUS), 1, 1], None) for _ in range(n)]
+
+    a.execute_many(orders(1))
+    t0 = time.perf_counter()
+    fast = b.sync()
+    out: dict[str, Any] = {"users": users, "fast_path_sync_ms": round((time.perf_counter() - t0) * 1000, 3),
+                           "fast_path_rebased": bool(fast["rebased"])}
+    settle()
+    for window in windows:
+        a.execute_many(orders(1))
+        for first in range(0, window, 1000):
+            b.execute_many(orders(min(1000, window - first)))
+        t0 = time.perf_counter()
+        report = b.sync()
+        out[f"window_{window}_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        out[f"window_{window}_rebased"] = bool(report["rebased"])
+        settle()
+    out["converged"] = len({m.digest() for m in masters}) == 1
+    for m in masters:
+        m.close()
+    return out
+
+
 def run_child(*args: Any) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-m", "benchmarks.nested", *map(str, args)],
                          capture_output=True, text=True, check=False)
@@ -197,6 +237,21 @@ def bench_nested(s: Any, wl: Any, rep: Any) -> None:
             rep.note(f"nested: {users:,} users, three masters, {rounds} rounds (child process)")
             r = run_size(users, rounds, root)
             results[users] = r
+            if users >= 100_000 or s.quick:
+                windows = (1, 100) if s.quick else (1, 1_000, 10_000)
+                rep.note(f"nested: rebase cost at {users:,} users, windows {windows}")
+                rb = run_child("rebase", users, ",".join(map(str, windows)), os.path.join(root, f"nested-{users}"))
+                for w in windows:
+                    rep.emit(value_line(
+                        f"nested_rebase_{users}_{w}",
+                        f"Rebase on sync, nested model: {users:,} users, window of {w:,} tentative records",
+                        "ms", "ours Master.sync (rebase: undo the window, apply the record, redo)",
+                        rb[f"window_{w}_ms"], higher_is_better=False,
+                        target_max=10.0 if (users, w) == (1_000_000, 1_000) else None,
+                        users=users, window=w, rebased=rb[f"window_{w}_rebased"],
+                        fast_path_sync_ms=rb["fast_path_sync_ms"], converged=rb["converged"],
+                        detail=f"rebased={rb[f'window_{w}_rebased']}; a fast-path sync of 1 record costs "
+                               f"{rb['fast_path_sync_ms']} ms"))
             rep.emit(value_line(
                 f"nested_{users}", f"Nested model, 3 masters writing at once, {users:,} users: cluster writes",
                 "writes/s", "ours, fsync=never, 50 orders per master per round, then every master syncs",
@@ -225,11 +280,13 @@ def main(argv: list[str]) -> int:
         out = load(rest[0])
     elif phase == "cluster":
         out = cluster(int(rest[0]), int(rest[1]), rest[2])
+    elif phase == "rebase":  # after build (and cluster): python -m benchmarks.nested rebase USERS 1,1000 DIR
+        out = rebase(int(rest[0]), [int(w) for w in rest[1].split(",")], rest[2])
     elif phase == "size":  # all phases: python -m benchmarks.nested size USERS ROUNDS DIR
         out = run_size(int(rest[0]), int(rest[1]), rest[2])
     else:
         print(f"unknown phase {phase!r}: build USERS DIR | load DIR | cluster USERS ROUNDS DIR | "
-              "size USERS ROUNDS DIR", file=sys.stderr)
+              "rebase USERS W1,W2 DIR | size USERS ROUNDS DIR", file=sys.stderr)
         return 2
     print(json.dumps(out))
     return 0
