@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -88,7 +87,13 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that over
+    an exec, so a child started by a large benchmark runner would report the runner's."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def build(users: int, shared: str) -> dict[str, Any]:
