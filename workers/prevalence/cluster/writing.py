@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 from .. import codec, journal
 from ..codec import Record
-from ..errors import BadArguments, InvariantViolation, NotReady, Rejected, TransactionFailed
+from ..errors import BadArguments, ClockSkew, InvariantViolation, NotReady, Rejected, TransactionFailed
 from ..model import OK, REJECTED
 
 log = logging.getLogger("prevalence.master")
@@ -42,6 +42,25 @@ class Writing:
                            f"acknowledgement from {waiting}. Members acknowledge at their next sync")
         if self.lease.lost:
             raise NotReady(self.lease.lost)
+
+    def clock_problem(self) -> str | None:
+        """Why this master's wall clock cannot be trusted now (it disagrees with the shared
+        folder's clock by more than the allowed drift), or None. Reads the clocks."""
+        self.clock.reading_ms()
+        skew = self.clock.skew_ms
+        if not skew:
+            return None
+        return (f"the wall clock of master {self.name!r} is {abs(skew) / 1000:.1f} s "
+                f"{'ahead of' if skew > 0 else 'behind'} the shared folder's clock (the file server's time), "
+                f"more than the {self.clock.drift_max_ms / 1000:g} s allowed: it takes no writes until this "
+                "host's clock is corrected (check its time synchronisation, e.g. NTP); it goes on reading its "
+                "peers, timed by the shared folder's clock, so it holds nobody back")
+
+    def _refuse_skewed(self) -> None:
+        """Raise ClockSkew: the tick just taken found the wall clock off (`clock_problem`)."""
+        why = self.clock_problem()
+        if why:
+            raise ClockSkew(why)
 
     def execute(self, tx, *args, rid: str | None = None) -> Any:
         """Journal one transaction durably, apply it and return its result.
@@ -77,6 +96,8 @@ class Writing:
         seq = self.seq + 1
         try:
             rec = Record(self.name, seq, self.clock.tick(), rid or "", name, args)
+            if self.clock.skew_ms:
+                self._refuse_skewed()
             payload = codec.encode_record(rec)
         except (TypeError, ValueError, OverflowError, codec.msgspec.EncodeError) as exc:
             raise BadArguments(f"arguments of {name!r} cannot be encoded as plain data: {exc}") from None
@@ -167,6 +188,8 @@ class Writing:
         index, fresh = [], []
         if n_new:
             hlc = self.clock.tick() - 1
+            if self.clock.skew_ms:
+                self._refuse_skewed()
             self.clock.last = hlc + n_new
             me = self.name
             if n_new == len(plans):  # the common case: every request is new
