@@ -143,6 +143,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         self._fault = fault or (lambda point: None)
         self._fault_on = fault is not None
         self.lease = Lease(self.shared, name, lease_ttl_s=lease_ttl_s, key=key)
+        self._retired_path = folder.retired_path(self.shared, name)
         if share_now_ms is None and now_ms is wall_ms:
             share_clock = ShareClock()
             self.lease.on_written = share_clock.measured

@@ -127,7 +127,10 @@ class Syncing:
         # lease): nothing in the folder is written otherwise.
         holds = self.lease.holds()
         if self.joined and self.writer is not None and holds:
-            waiting = max((p.max_real_hlc for p in self.peers.values() if p.counted), default=0)
+            # A retired member's records up to its cut wait on us as much as a counted
+            # member's: without a tick they would stay tentative in an idle cluster.
+            waiting = max((p.max_real_hlc for m, p in self.peers.items() if p.counted or m in self.retired),
+                          default=0)
             # A master that never wrote is counted by others at their acknowledgement,
             # which may lie below records it already holds (a joiner's snapshot): its
             # first tick lifts its horizon past all of them.

@@ -14,12 +14,14 @@ from __future__ import annotations
 import itertools
 import logging
 import operator
+import os
 from typing import Any, Iterable
 
 from .. import codec, journal
 from ..codec import Record
-from ..errors import BadArguments, ClockSkew, InvariantViolation, NotReady, Rejected, TransactionFailed
+from ..errors import BadArguments, BadFile, ClockSkew, InvariantViolation, NotReady, Rejected, TransactionFailed
 from ..model import OK, REJECTED
+from . import membership
 
 log = logging.getLogger("prevalence.master")
 
@@ -36,12 +38,40 @@ class Writing:
     def _check_writable(self) -> None:
         if self.closed:
             raise InvariantViolation(f"master {self.name!r} is closed")
+        if self.name in self.retired:
+            raise NotReady(self._retired_message())
         if not self.joined:
             waiting = ", ".join(self._join_waiting_for()) or "nobody (next sync completes it)"
             raise NotReady(f"master {self.name!r} is still joining the cluster: waiting for "
                            f"acknowledgement from {waiting}. Members acknowledge at their next sync")
         if self.lease.lost:
             raise NotReady(self.lease.lost)
+
+    def _retired_message(self) -> str:
+        return (f"master {self.name!r} was retired by the operator (cluster/retired/{self.name}, cut at seq "
+                f"{self.retired[self.name]}): it takes no more writes; its records up to the cut count, nothing "
+                "after it does. Stop this process")
+
+    def _check_not_retired(self) -> None:
+        """Before a write: stop at once if the operator retired this master meanwhile (a
+        ``retire --force`` of a master still running), without waiting for the next sync.
+        One existence check per write or batch (~0.7 us here: an `access` call, which raises
+        nothing when the file is absent); on NFS a cached lookup may hide a new file for a
+        while (lookupcache)."""
+        if not os.access(self._retired_path, os.F_OK, follow_symlinks=False):
+            return  # not retired
+        try:
+            cut = membership.read_retirement(self.shared, self.name, self.key)
+        except BadFile as exc:
+            self.last_error = str(exc)  # obeyed by nobody: reported, as at sync
+            return
+        if cut is None:
+            return
+        self.retired[self.name] = cut
+        self.joined = False
+        self.last_error = f"master {self.name!r} was retired by the operator; it takes no more writes"
+        log.error("%s", self._retired_message())
+        raise NotReady(self._retired_message())
 
     def clock_problem(self) -> str | None:
         """Why this master's wall clock cannot be trusted now (it disagrees with the shared
@@ -78,6 +108,7 @@ class Writing:
             self.settle()
         if self.closed or not self.joined or self.lease.lost:
             self._check_writable()
+        self._check_not_retired()
         model = self.model
         name = tx if tx.__class__ is str and tx in model.transactions else model.tx_name(tx)
         lo, hi = model.arity[name]
@@ -143,6 +174,7 @@ class Writing:
             self.settle()
         if self.closed or not self.joined or self.lease.lost:
             self._check_writable()
+        self._check_not_retired()
         model = self.model
         transactions = model.transactions
         arity = model.arity
