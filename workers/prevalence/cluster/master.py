@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from .. import journal
+from .. import codec, journal
 from ..clock import HybridClock, wall_ms
 from ..codec import Record
 from ..errors import LeaseLost, StorageError
@@ -253,13 +253,14 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
             self.settle()
         first = self.replica.dedup.get(rid) if rid else None  # "" is no request id
         if first is not None:
-            return {"status": first.status, "value": first.value, "error": first.error,
+            # A copy: the recorded outcome is part of the digest (and answers duplicates).
+            return {"status": first.status, "value": codec.detached(first.value), "error": first.error,
                     "record": first.record_id, "committed": first.hlc <= self.frontier}
         kept = self.outcomes.get(rid)
         if kept is None:
             return None
         hlc, out = kept
-        return dict(out, committed=hlc <= self.frontier)
+        return dict(out, value=codec.detached(out["value"]), committed=hlc <= self.frontier)
 
     # -- closing -----------------------------------------------------------------------
 

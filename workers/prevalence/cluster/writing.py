@@ -120,7 +120,8 @@ class Writing:
             first = self.replica.dedup.get(rid) if rid else None  # "" is no request id
             if first is not None:
                 # Idempotency: a known request id takes effect once; answer with its outcome.
-                return _result(name, {"status": first.status, "value": first.value, "error": first.error})
+                return _result(name, {"status": first.status, "value": codec.detached(first.value),
+                                      "error": first.error})
         flat = _FLAT.issuperset(map(type, args))
         if not flat:
             codec.check_depth(name, args)  # before encoding: a deep value never reaches the encoder
@@ -202,7 +203,7 @@ class Writing:
                 first = dedup.get(rid)
                 if first is not None:
                     # Idempotency: a known request id takes effect once; answer with its outcome.
-                    plans.append({"status": first.status, "value": first.value, "error": first.error,
+                    plans.append({"status": first.status, "value": codec.detached(first.value), "error": first.error,
                                   "duplicate_of": first.record_id, "record": first.record_id,
                                   "committed": first.hlc <= self.replica.frontier})
                     continue
