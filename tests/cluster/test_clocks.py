@@ -56,7 +56,7 @@ def test_a_master_an_hour_behind_refuses_writes_and_holds_back_nobody(tmp_path):
     status = c.status()
     assert status["held"] == {}, status["held"]
     assert status["clock_skew_ms"] == -HOUR_MS
-    assert "gamma" in status["last_error"] and "3600.0 s behind the shared folder's clock" in status["last_error"]
+    assert "gamma" in status["last_error"] and "3600 s behind the shared folder's clock" in status["last_error"]
     with pytest.raises(errors.ClockSkew, match="behind the shared folder's clock"):
         c.execute("deposit", "acct", 1)
     with pytest.raises(errors.ClockSkew):
@@ -77,7 +77,7 @@ def test_a_master_a_day_ahead_then_corrected_never_writes_in_the_future_nor_stal
     wall = FakeClock(share.ms)
     a, b, c = _three(tmp_path, share, wall)
     wall.ms += DAY_MS                          # gamma's clock jumps a day ahead
-    with pytest.raises(errors.ClockSkew, match="86400.0 s ahead of the shared folder's clock"):
+    with pytest.raises(errors.ClockSkew, match="86400 s ahead of the shared folder's clock"):
         c.execute("deposit", "acct", 1)
     a.execute("deposit", "acct", 5)
     _rounds([a, b, c], [share, wall])
@@ -140,3 +140,20 @@ def test_a_master_on_the_real_clock_checks_it_against_the_shared_folder(tmp_path
         m.execute("open_account", "acct", 1)
     finally:
         m.close()
+
+
+def test_prevalence_status_names_the_master_whose_clock_is_wrong_from_redis_and_from_the_folder(tmp_path):
+    from workers.client.monitor import evaluate
+    from workers.prevalence import read_all_progress
+    share = FakeClock()
+    behind = FakeClock(share.ms - HOUR_MS)
+    a, b, c = _three(tmp_path, share, behind)
+    _rounds([a, b, c], [share, behind])
+    statuses = {m.name: m.status() for m in (a, b, c)}            # what workers publish to Redis
+    progress = read_all_progress(str(tmp_path))                     # what it reads when Redis is down
+    for docs in (statuses, progress):
+        converged, reasons = evaluate(docs)
+        assert not converged
+        blamed = [r for r in reasons if "clock" in r]
+        assert len(blamed) == 1 and blamed[0].startswith("gamma reports an error: the wall clock of master "
+                                                         "'gamma' is 3600 s behind"), reasons

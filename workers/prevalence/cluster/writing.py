@@ -80,7 +80,7 @@ class Writing:
         skew = self.clock.skew_ms
         if not skew:
             return None
-        return (f"the wall clock of master {self.name!r} is {abs(skew) / 1000:.1f} s "
+        return (f"the wall clock of master {self.name!r} is {abs(skew) / 1000:.0f} s "
                 f"{'ahead of' if skew > 0 else 'behind'} the shared folder's clock (the file server's time), "
                 f"more than the {self.clock.drift_max_ms / 1000:g} s allowed: it takes no writes until this "
                 "host's clock is corrected (check its time synchronisation, e.g. NTP); it goes on reading its "
