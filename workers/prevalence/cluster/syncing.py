@@ -257,7 +257,10 @@ class Syncing:
                         f"{recs[i].seq} on are read once time catches up")
                     # Its journal only increases: whatever it writes from now on lies at or
                     # above this record, so the frontier may pass everything below it
-                    # without waiting for the record to be read.
+                    # without waiting for the record to be read. (This trusts a record
+                    # read but not applied: one that a machine crash of its owner under
+                    # fsync=never/interval loses and reissues lower would be reported as
+                    # below the frontier, never applied silently.)
                     peer.horizon = max(peer.horizon, recs[i].hlc - 1)
             if cut is not None and recs[-1].seq > cut:
                 i = bisect.bisect_right(recs, cut, key=_seq)

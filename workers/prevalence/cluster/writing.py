@@ -99,7 +99,8 @@ class Writing:
             Rejected: the transaction refused (its outcome is recorded all the same).
             TransactionFailed: it raised something else (recorded; replays alike).
             UnknownTransaction, BadArguments: refused before anything was written.
-            NotReady: still joining, or the lease was lost.
+            NotReady: still joining, the lease was lost, or this master was retired;
+                `ClockSkew` (a NotReady): its wall clock disagrees with the shared folder's.
             StorageError: the disk refused; nothing was applied or acknowledged. (With
                 `deferred_sync` a failed sync is raised by `settle` instead.)
         """
