@@ -73,3 +73,22 @@ def test_too_far_ahead_measures_the_excess_beyond_the_allowed_drift():
     assert c.too_far_ahead(clock.from_ms(165_000)) == 5_000
     wall.ms = 105_000  # real time catches up: the same reading becomes acceptable
     assert c.too_far_ahead(clock.from_ms(165_000)) == 0
+
+
+def test_a_wall_clock_off_the_reference_is_replaced_by_it_and_reported():
+    wall, ref = FakeClock(10_000_000), FakeClock(10_000_000)
+    c = HybridClock(now_ms=wall, drift_max_ms=1_000, reference_ms=ref)
+    assert c.tick() == clock.from_ms(10_000_000) and c.skew_ms == 0
+    wall.ms += 500                              # within the drift: the wall clock counts
+    assert clock.physical_ms(c.tick()) == 10_000_500 and c.skew_ms == 0
+    wall.ms += 86_400_000                       # a day ahead: the reference counts
+    assert clock.physical_ms(c.tick()) == 10_000_500 and c.skew_ms == 86_400_500
+    assert c.too_far_ahead(clock.from_ms(10_000_000 + 1_500)) == 500
+    wall.ms = ref.ms                            # corrected
+    c.tick()
+    assert c.skew_ms == 0
+
+
+def test_a_reference_not_measured_yet_leaves_the_wall_clock_alone():
+    c = HybridClock(now_ms=FakeClock(5_000), reference_ms=lambda: None)
+    assert c.tick() == clock.from_ms(5_000) and c.skew_ms == 0

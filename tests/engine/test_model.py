@@ -280,3 +280,52 @@ def test_declaring_a_name_twice_is_refused():
         model.transaction(once, name="once")
     with pytest.raises(ValueError):
         model.query(lambda root: None, name="once")
+
+
+def test_values_returned_by_execute_query_and_outcome_cannot_change_the_state_or_the_recorded_outcome(tmp_path):
+    # Issue 9, "Also": what the API returns is either the live state, which refuses every
+    # change outside a transaction, or a copy; the recorded outcome of a request id (part of
+    # the digest, and the answer every duplicate gets) is never handed out itself.
+    from workers.prevalence import Struct, codec, verify
+    from workers.prevalence.tracked import MutationOutsideTransaction
+
+    class Order(Struct):
+        sku: str
+        qty: int = 1
+
+    shop = Model("shop", lambda: {"users": {}})
+
+    @shop.transaction
+    def buy(root, ctx, uid, sku):
+        user = root["users"].setdefault(uid, {"orders": [], "tags": {"n": 0}})
+        user["orders"].append(Order(sku))
+        return user  # part of the state (a plain dict stored during this transaction)
+
+    @shop.query
+    def user(root, uid):
+        return root["users"][uid]
+
+    m = open_master(tmp_path, model=shop)
+    returned = [m.execute("buy", "u", "a", rid="r1"), m.execute_many([("buy", ["u", "b"], "r2")])[0]["value"],
+                m.query("user", "u"), m.outcome("r1")["value"], m.outcome("r2")["value"],
+                m.execute("buy", "u", "a", rid="r1"),                               # a duplicate's answer
+                m.execute_many([("buy", ["u", "b"], "r2")])[0]["value"]]
+    before = codec.digest_of(m.replica.state, m.replica.dedup)
+    answers = (m.outcome("r1"), m.outcome("r2"))
+    live = m.replica.state["users"]["u"]
+    for value in returned:
+        changes = (lambda: value.__setitem__("x", 1), lambda: value["orders"].append(1),
+                   lambda: value["orders"].pop(), lambda: value["tags"].update(n=5),
+                   lambda: value["orders"].sort(key=str), lambda: value.clear())
+        if value is live or value["orders"] is live["orders"]:
+            for change in changes + (lambda: setattr(value["orders"][0], "qty", 9),
+                                     lambda: delattr(value["orders"][0], "qty")):
+                with pytest.raises(MutationOutsideTransaction):
+                    change()
+        else:  # a copy: the caller may do what it likes with it
+            for change in changes:
+                change()
+    assert codec.digest_of(m.replica.state, m.replica.dedup) == before
+    assert (m.outcome("r1"), m.outcome("r2")) == answers
+    m.close()
+    assert verify(str(tmp_path), shop)["digest"] == before

@@ -142,10 +142,21 @@ def test_a_change_outside_a_record_is_refused(impl):
                    lambda: queue.__delitem__(0), lambda: queue.pop(), lambda: queue.pop(0),
                    lambda: queue.insert(0, 5), lambda: queue.remove(1), lambda: queue.clear(),
                    lambda: queue.sort(), lambda: queue.reverse(), lambda: queue.__imul__(2),
-                   lambda: setattr(item, "qty", 3)):
+                   lambda: setattr(item, "qty", 3), lambda: delattr(item, "qty")):
         with pytest.raises(impl.MutationOutsideTransaction, match="outside a transaction"):
             change()
     assert snapshot(state) == before
+
+
+@both
+def test_deleting_a_field_of_a_state_struct_is_refused_inside_a_record_too(impl):
+    state = fresh_state(impl)
+    before = snapshot(state)
+    log = impl.UndoLog()
+    with pytest.raises(TypeError, match="cannot delete field 'qty'"):
+        in_record(impl, log, delattr, state["items"][0], "qty")
+    log.undo_to(0)
+    assert snapshot(state) == before and state["items"][0].qty == 1
 
 
 @both

@@ -23,7 +23,7 @@ def test_a_status_document_sets_every_gauge_and_counters_only_grow(tmp_path):
     frontier = (1_700_000_000_000 << 16)
     status = {"seq": 42, "frontier": frontier, "tentative": 3, "last_error": "disk full",
               "snapshot_frontier": frontier, "clock": frontier, "horizons": {"beta": frontier + (2000 << 16)},
-              "lag": {"beta": 7, "gamma": None}, "rebases": 5, "outcomes_changed": 2}
+              "lag": {"beta": 7, "gamma": None}, "rebases": 5, "outcomes_changed": 2, "clock_skew_ms": -3_600_000}
     m.update(status, {"duration_ms": 12.5}, up=True, journal_dir=str(journal))
     assert _value(m, "prevalence_seq", master="alpha") == 42
     assert _value(m, "prevalence_tentative_records", master="alpha") == 3
@@ -31,6 +31,7 @@ def test_a_status_document_sets_every_gauge_and_counters_only_grow(tmp_path):
     assert _value(m, "prevalence_lag_records", master="alpha", peer="gamma") is None
     assert _value(m, "prevalence_clock_skew_seconds", master="alpha", peer="beta") == 2.0
     assert _value(m, "prevalence_last_error", master="alpha") == 1
+    assert _value(m, "prevalence_wall_clock_skew_seconds", master="alpha") == -3600.0
     assert _value(m, "prevalence_up", master="alpha") == 1
     assert _value(m, "prevalence_journal_bytes", master="alpha") == 1234
     assert _value(m, "prevalence_frontier_age_seconds", master="alpha") > 0

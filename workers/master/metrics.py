@@ -19,6 +19,9 @@ Metrics (label ``master`` on every one; ``peer`` where it says so):
 - ``prevalence_snapshot_age_seconds`` — wall time since the newest own snapshot's frontier.
 - ``prevalence_clock_skew_seconds{peer}`` — how far the peer's last record's clock is ahead
   of this master's (negative: behind).
+- ``prevalence_wall_clock_skew_seconds`` — how far this master's wall clock is ahead of the
+  shared folder's (negative: behind) while that is more than the allowed drift, when it
+  takes no writes; 0 while they agree.
 - ``prevalence_last_error`` — 1 while the master reports an error, else 0.
 - ``prevalence_up`` — 1 once the master is open and consuming.
 """
@@ -56,6 +59,9 @@ class Metrics:
         self.lag = gauge("prevalence_lag_records", "Records of the peer this master has not read yet.", ("peer",))
         self.skew = gauge("prevalence_clock_skew_seconds",
                           "How far the peer's last record's clock is ahead of this master's.", ("peer",))
+        self.wall_skew = gauge("prevalence_wall_clock_skew_seconds",
+                               "This wall clock minus the shared folder's, beyond the allowed drift "
+                               "(writes refused); 0 within it.")
         self.tentative = gauge("prevalence_tentative_records", "Real records above the frontier.")
         self.journal_bytes = gauge("prevalence_journal_bytes", "Bytes in this master's journal segments.")
         self.snapshot_age = gauge("prevalence_snapshot_age_seconds",
@@ -97,6 +103,7 @@ class Metrics:
         self.frontier_age.labels(m).set(max(0.0, (now_ms - (frontier >> 16)) / 1000) if frontier else 0)
         self.tentative.labels(m).set(status.get("tentative") or 0)
         self.last_error.labels(m).set(1 if status.get("last_error") else 0)
+        self.wall_skew.labels(m).set((status.get("clock_skew_ms") or 0) / 1000)
         snap = status.get("snapshot_frontier")
         if isinstance(snap, int) and snap > 0:
             self.snapshot_age.labels(m).set(max(0.0, (now_ms - (snap >> 16)) / 1000))

@@ -53,6 +53,15 @@ class Struct(msgspec.Struct):
 
     __setattr__ = _c.struct_setattr  # a method descriptor: called like a C type's method
 
+    def __delattr__(self, name: str) -> None:
+        # Rare, so in Python: setting the field to its own value raises
+        # MutationOutsideTransaction outside a transaction (and inside logs a no-op undone
+        # with the failed transaction).
+        _c.struct_setattr(self, name, getattr(self, name))
+        raise TypeError(f"cannot delete field {name!r} of {type(self).__name__} in the state: a state Struct "
+                        "keeps every field (its changes are logged for undo, and the codec writes every "
+                        "field); set it to a value instead")
+
 
 _c._set_struct_base(Struct)
 

@@ -582,3 +582,9 @@ class Struct(msgspec.Struct):
             raise
         if _needs_conversion(value):
             log.pending.append((self, name, value))
+
+    def __delattr__(self, name: str) -> None:
+        _current()  # outside a transaction: MutationOutsideTransaction, as for any change
+        raise TypeError(f"cannot delete field {name!r} of {type(self).__name__} in the state: a state Struct "
+                        "keeps every field (its changes are logged for undo, and the codec writes every "
+                        "field); set it to a value instead")

@@ -190,6 +190,21 @@ def round_trip(value: Any, type_: Any = Any) -> Any:
     return msgspec.msgpack.decode(_record_encoder.encode(value), type=type_)
 
 
+_IMMUTABLE_VALUES = frozenset({int, str, float, bool, bytes, type(None)})
+
+
+def detached(value: Any) -> Any:
+    """`value` itself when it is immutable, else a deep copy (`round_trip`): a recorded
+    outcome handed to a caller, whose changes must not reach the record kept here (it is
+    part of the digest, and what a duplicate request is answered)."""
+    if value.__class__ in _IMMUTABLE_VALUES:
+        return value
+    try:
+        return round_trip(value)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+        return f"<unencodable {type(value).__name__}>"  # as a request id's outcome records it
+
+
 @contextlib.contextmanager
 def gc_paused():
     """Pause the cyclic GC during bulk decoding/replay (records form no cycles).

@@ -21,7 +21,7 @@ from . import files
 from .errors import StorageError, UnsafeFile
 
 
-def publish_file(path: str, data: bytes, fault=None, *, fault_name: str = "publish") -> None:
+def publish_file(path: str, data: bytes, fault=None, *, fault_name: str = "publish") -> int:
     """Atomically replace `path` with `data`: temp + fsync + rename + directory fsync.
 
     The temp name is unique per host and pid, so two writers never share one; readers
@@ -39,6 +39,10 @@ def publish_file(path: str, data: bytes, fault=None, *, fault_name: str = "publi
             ``after-<fault_name>-rename`` (renamed, directory not yet fsynced).
         fault_name: the word that names this file's fault points: "publish" (small files)
             or "snapshot".
+
+    Returns:
+        The file's modification time in ns, as the file server stamped it (read from the
+        synced file: `cluster.shareclock` takes it as the shared folder's clock).
 
     Raises:
         StorageError: the disk refused (ENOSPC, EIO, a missing folder ...); the temp file
@@ -63,6 +67,7 @@ def publish_file(path: str, data: bytes, fault=None, *, fault_name: str = "publi
                 view = view[half:]
             _write_all(fd, view)
             os.fsync(fd)
+            mtime_ns = os.fstat(fd).st_mtime_ns
         finally:
             os.close(fd)
         if fault:
@@ -77,6 +82,7 @@ def publish_file(path: str, data: bytes, fault=None, *, fault_name: str = "publi
         fsync_dir(directory)
     except OSError as exc:
         raise storage_error("publishing (directory sync)", path, exc) from exc
+    return mtime_ns
 
 
 def storage_error(action: str, path: str, exc: OSError) -> StorageError:

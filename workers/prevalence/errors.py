@@ -49,6 +49,15 @@ class NotReady(PrevalenceError):
     """Raised when a master cannot take writes yet (it is still joining the cluster)."""
 
 
+class ClockSkew(NotReady):
+    """Raised when a master is asked to write while its wall clock disagrees with the
+    shared folder's clock (the file server's) by more than the allowed drift: a record it
+    stamped would hold its peers back (clock behind: it could not read theirs; ahead: they
+    could not read its). It takes no writes until the host's clock is corrected; its syncs
+    go on, timed by the folder's clock, so it holds nobody back.
+    """
+
+
 class StorageError(PrevalenceError):
     """Raised when the disk refuses an operation (fsync/close/rename failed, ENOSPC, EIO)."""
 

@@ -252,7 +252,7 @@ class Model:
         if rid:
             first = dedup.get(rid)
             if first is not None:
-                return {"status": first.status, "value": first.value, "error": first.error,
+                return {"status": first.status, "value": codec.detached(first.value), "error": first.error,
                         "duplicate_of": first.record_id}
         fn = self.transactions[record.tx]  # outside the try: an unknown name is a bug here
         ctx.record = record

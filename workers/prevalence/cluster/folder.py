@@ -110,13 +110,14 @@ def list_masters(shared: str) -> list[str]:
     return out
 
 
-def publish(path: str, data: bytes, fault=None) -> None:
-    """Atomically replace `path` with `data` (see `durable.publish_file`).
+def publish(path: str, data: bytes, fault=None) -> int:
+    """Atomically replace `path` with `data` (see `durable.publish_file`); returns the
+    modification time (ns) the file server stamped on it.
 
     Raises:
         StorageError: the disk refused (naming the file).
     """
-    publish_file(path, data, fault)
+    return publish_file(path, data, fault)
 
 
 def read_small(path: str, what: str = "small file") -> bytes | None:

@@ -136,6 +136,9 @@ class Lease:
         #: Set by the master: why its journal shows that another process took the name
         #: over (a seal on the segment it writes, a removed segment or folder), or None.
         self.fence: Callable[[], str | None] = lambda: None
+        #: Set by the master: called with (modification time in ns of the lease file just
+        #: written, `monotonic_s()` just before the write) -- the shared folder's clock.
+        self.on_written: Callable[[int, float], None] | None = None
         self._valid_until = float("-inf")  # monotonic_s() past which the holder re-checks
         self._lock = threading.RLock()     # the heartbeat thread vs the writer's guard
         self._local_lock = None
@@ -244,8 +247,10 @@ class Lease:
         body = LeaseFile(kind=LEASE_KIND, master=self.name, host=self._me["host"], boot_id=self._me["boot_id"],
                          pid=self._me["pid"], pid_start=self._me["pid_start"], heartbeat=time.time(),
                          token=self.token)
-        folder.publish(self.path, smallfile.encode(LEASE_KIND, body, self.key))
+        mtime_ns = folder.publish(self.path, smallfile.encode(LEASE_KIND, body, self.key))
         self._valid_until = started + self.lease_ttl_s * HOLDER_VALIDITY_FRACTION
+        if self.on_written is not None:
+            self.on_written(mtime_ns, started)
 
     # -- holding -------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from .. import journal
+from .. import codec, journal
 from ..clock import HybridClock, wall_ms
 from ..codec import Record
 from ..errors import LeaseLost, StorageError
@@ -35,6 +35,7 @@ from .housekeeping import Housekeeping
 from .lease import LEASE_TTL_S_DEFAULT, Lease
 from .reader import JournalReader
 from .recovery import Recovering
+from .shareclock import ShareClock
 from .reporting import Reporting
 from .syncing import Peer, Syncing
 from .writing import Writing
@@ -52,7 +53,8 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
              journal_reserve_bytes: int | None = None,
              lease_ttl_s: float = LEASE_TTL_S_DEFAULT, gc_grace_s: float = 60.0,
              snapshots_kept: int = 2, drift_max_ms: int = 60_000,
-             now_ms: Callable[[], int] = wall_ms, fault: Callable[[str], None] | None = None,
+             now_ms: Callable[[], int] = wall_ms, share_now_ms: Callable[[], int | None] | None = None,
+             fault: Callable[[str], None] | None = None,
              check_transactions: bool | None = None, deferred_sync: bool = False) -> "Master":
         """Open (recover, or found, or join) the master `name` on `shared_dir`.
 
@@ -70,6 +72,16 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
                 on a local disk, 0 on NFS and other network filesystems).
             gc_grace_s: a journal segment is deleted this long after it became collectable.
             now_ms: wall clock in ms (tests inject one).
+            drift_max_ms: how far clocks may disagree: a peer's record stamped further
+                ahead of this master's clock is held (read once time catches up), and this
+                master refuses writes (`ClockSkew`) while its wall clock and the shared
+                folder's differ by more.
+            share_now_ms: the shared folder's clock in ms (None while unknown), the
+                reference this master's wall clock is checked against (`clock`). None (the
+                default) = measured from the modification time of the lease file at each
+                heartbeat (`shareclock`) when `now_ms` is the real wall clock; with an
+                injected `now_ms` and no `share_now_ms`, nothing is checked (a test's fake
+                wall clock has no file server to disagree with).
             fault: test hook called with a point name at each crash-worthy step.
             deferred_sync: with fsync "always", `execute` and `execute_many` start the
                 commit's sync in the kernel and return before it completes (Linux; elsewhere
@@ -103,7 +115,7 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
                    fsync_interval_ms=fsync_interval_ms, segment_bytes_max=segment_bytes_max,
                    journal_reserve_bytes=journal_reserve_bytes,
                    lease_ttl_s=lease_ttl_s, gc_grace_s=gc_grace_s, snapshots_kept=snapshots_kept,
-                   drift_max_ms=drift_max_ms, now_ms=now_ms, fault=fault)
+                   drift_max_ms=drift_max_ms, now_ms=now_ms, share_now_ms=share_now_ms, fault=fault)
         if check_transactions is None:
             check_transactions = os.environ.get("PREVALENCE_CHECK_TRANSACTIONS", "") in ("1", "on", "true")
         self.replica.check = bool(check_transactions) and model.tracking
@@ -116,7 +128,8 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         return self
 
     def _init(self, model, shared, name, *, fsync, key, fsync_interval_ms, segment_bytes_max,
-              journal_reserve_bytes, lease_ttl_s, gc_grace_s, snapshots_kept, drift_max_ms, now_ms, fault):
+              journal_reserve_bytes, lease_ttl_s, gc_grace_s, snapshots_kept, drift_max_ms, now_ms,
+              share_now_ms, fault):
         self.model = model
         self.shared = os.path.abspath(shared)
         self.name = name
@@ -129,9 +142,16 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         self.snapshots_kept = snapshots_kept
         self._fault = fault or (lambda point: None)
         self._fault_on = fault is not None
-        self.clock = HybridClock(now_ms=now_ms, drift_max_ms=drift_max_ms)
-        self._now_ms = now_ms
         self.lease = Lease(self.shared, name, lease_ttl_s=lease_ttl_s, key=key)
+        self._retired_path = folder.retired_path(self.shared, name)
+        if share_now_ms is None and now_ms is wall_ms:
+            share_clock = ShareClock()
+            self.lease.on_written = share_clock.measured
+            share_now_ms = share_clock
+        self.clock_reference = ("none" if share_now_ms is None else
+                                "shared folder" if isinstance(share_now_ms, ShareClock) else "injected")
+        self.clock = HybridClock(now_ms=now_ms, drift_max_ms=drift_max_ms, reference_ms=share_now_ms)
+        self._now_ms = now_ms
         self.writer: JournalWriter | None = None
         self._on_sync = None
         self.joined = False
@@ -233,13 +253,14 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
             self.settle()
         first = self.replica.dedup.get(rid) if rid else None  # "" is no request id
         if first is not None:
-            return {"status": first.status, "value": first.value, "error": first.error,
+            # A copy: the recorded outcome is part of the digest (and answers duplicates).
+            return {"status": first.status, "value": codec.detached(first.value), "error": first.error,
                     "record": first.record_id, "committed": first.hlc <= self.frontier}
         kept = self.outcomes.get(rid)
         if kept is None:
             return None
         hlc, out = kept
-        return dict(out, committed=hlc <= self.frontier)
+        return dict(out, value=codec.detached(out["value"]), committed=hlc <= self.frontier)
 
     # -- closing -----------------------------------------------------------------------
 

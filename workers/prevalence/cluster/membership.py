@@ -114,6 +114,19 @@ def read_founder(shared: str, key: bytes | None = None) -> str | None:
     return founder.master
 
 
+def read_retirement(shared: str, name: str, key: bytes | None = None) -> int | None:
+    """The cut of master `name`'s retirement, or None when it is not retired.
+
+    Raises:
+        BadFile: its retirement file fails its checks (it is then obeyed by nobody).
+    """
+    path = folder.retired_path(shared, name)
+    raw = files.read_small(path, "retirement file")
+    if raw is None:
+        return None
+    return smallfile.decode(raw, path, kind=RETIRED_KIND, type_=Retirement, key=key, master=name).cut
+
+
 def read_retirements(shared: str, key: bytes | None = None) -> tuple[dict[str, int], list[BadFile]]:
     """(name -> cut of every valid retirement, the retirement files that failed their checks)."""
     out: dict[str, int] = {}

@@ -80,6 +80,7 @@ class Reporting:
             self._version_at_last_status = self.replica.version
             cached = self._digest_cache is not None and self._digest_cache[0] == self.replica.version
             digest = quiet or cached
+        self._note_clock()
         cursors = self._cursors()
         now = self._now_ms()
         lag = {}
@@ -102,6 +103,9 @@ class Reporting:
             "snapshot_frontier": self.snapshot_frontier,
             "peer_errors": {m: p.error for m, p in self.peers.items() if p.error},
             "held": {m: p.held_reason for m, p in self.peers.items() if p.held_reason},
+            # How far this wall clock is from the shared folder's when more than allowed
+            # (then it takes no writes; 0 while they agree), and what it is checked against.
+            "clock_skew_ms": self.clock.skew_ms, "clock_reference": self.clock_reference,
             "last_error": self.last_error or self.lease.lost,
         }
 

@@ -80,7 +80,9 @@ class Syncing:
             raise InvariantViolation(f"sync on closed master {self.name!r}")
         started = time.perf_counter()
         changed_before = self.outcomes_changed
-        # 1. Membership: our own folder, retirements, newcomers.
+        # 1. Our own clock against the shared folder's; membership: our own folder,
+        # retirements, newcomers.
+        self._note_clock()
         self._check_own_folder()
         self.retired = self._read_retired()
         if self.name in self.retired:
@@ -125,7 +127,10 @@ class Syncing:
         # lease): nothing in the folder is written otherwise.
         holds = self.lease.holds()
         if self.joined and self.writer is not None and holds:
-            waiting = max((p.max_real_hlc for p in self.peers.values() if p.counted), default=0)
+            # A retired member's records up to its cut wait on us as much as a counted
+            # member's: without a tick they would stay tentative in an idle cluster.
+            waiting = max((p.max_real_hlc for m, p in self.peers.items() if p.counted or m in self.retired),
+                          default=0)
             # A master that never wrote is counted by others at their acknowledgement,
             # which may lie below records it already holds (a joiner's snapshot): its
             # first tick lifts its horizon past all of them.
@@ -146,6 +151,18 @@ class Syncing:
                 "held": {m: p.held_reason for m, p in self.peers.items() if p.held_reason},
                 "reversed": self.outcomes_changed - changed_before,
                 "joined": self.joined, "duration_ms": round((time.perf_counter() - started) * 1000, 3)}
+
+    def _note_clock(self) -> None:
+        """Report a wall clock that disagrees with the shared folder's (and stop reporting
+        it once corrected): in `last_error`, hence in status and progress."""
+        why = self.clock_problem()
+        if why:
+            if self.last_error != why:
+                log.error("%s", why)
+            self.last_error = why
+        elif self.last_error and self.last_error.startswith(f"the wall clock of master {self.name!r}"):
+            log.info("master %s: its wall clock agrees with the shared folder's again; taking writes", self.name)
+            self.last_error = None
 
     def _peer(self, m: str) -> Peer:
         peer = self.peers.get(m)
@@ -236,7 +253,15 @@ class Syncing:
                     ahead = self.clock.too_far_ahead(recs[i].hlc)
                     stop, peer.held_reason = i, (
                         f"clock of {peer.name!r} is {ahead + self.clock.drift_max_ms} ms ahead of ours "
-                        f"(more than the {self.clock.drift_max_ms} ms allowed); waiting")
+                        f"(more than the {self.clock.drift_max_ms} ms allowed); its records from seq "
+                        f"{recs[i].seq} on are read once time catches up")
+                    # Its journal only increases: whatever it writes from now on lies at or
+                    # above this record, so the frontier may pass everything below it
+                    # without waiting for the record to be read. (This trusts a record
+                    # read but not applied: one that a machine crash of its owner under
+                    # fsync=never/interval loses and reissues lower would be reported as
+                    # below the frontier, never applied silently.)
+                    peer.horizon = max(peer.horizon, recs[i].hlc - 1)
             if cut is not None and recs[-1].seq > cut:
                 i = bisect.bisect_right(recs, cut, key=_seq)
                 if i < stop:
