@@ -15,8 +15,9 @@ Queries answer a shorter document, ``{"status", "value", "master"}`` (plus ``err
 committed flag (`query`, `query_many`).
 
 A refused or failed transaction is an outcome, not a task failure: the caller gets a
-clear error and Flower shows what happened. A task fails (raises) only on a bug, after
-logging the task id.
+clear error, the task succeeds (no retry, the message is acknowledged) and Flower shows
+its result led by ``REJECTED: <error>`` or ``FAILED: ...`` (`workers.master.verdicts`). A
+task fails (raises) only on a bug, after logging the task id.
 
 Idempotence: the request id (`rid`) is the client's key when given, else the Celery task
 id, so a message redelivered after a crash (same task id) applies once. For a batch the
@@ -35,7 +36,7 @@ import time
 import uuid
 from typing import Any
 
-from workers.master import runtime
+from workers.master import runtime, verdicts
 from workers.celery import app
 
 logger = logging.getLogger("workers.master.tasks")
@@ -124,7 +125,18 @@ def _retry_not_ready(task: Any, exc: Exception, rid: str | None) -> dict[str, An
     raise task.retry(exc=exc, countdown=NOT_READY_RETRY_S)
 
 
-@app.task(name="prevalence.execute", bind=True, acks_late=True,
+class OutcomeTask(app.Task):
+    """A task whose result is an outcome document (or a batch of them): a refused or
+    failed outcome leads its result in Flower with a verdict (`workers.master.verdicts`);
+    the task still succeeds, the document is unchanged."""
+
+    Request = "workers.master.verdicts:VerdictRequest"
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        verdicts.note(task_id, retval)
+
+
+@app.task(name="prevalence.execute", bind=True, acks_late=True, base=OutcomeTask,
           max_retries=NOT_READY_RETRIES_MAX)
 def execute(self: Any, tx: str, args: list | None = None, key: str | None = None) -> dict:
     """Apply one transaction on this master; idempotent on ``key`` or the task id.
@@ -155,7 +167,7 @@ def execute(self: Any, tx: str, args: list | None = None, key: str | None = None
     return _from_engine(out, tx, rid)
 
 
-@app.task(name="prevalence.execute_many", bind=True, acks_late=True,
+@app.task(name="prevalence.execute_many", bind=True, acks_late=True, base=OutcomeTask,
           max_retries=NOT_READY_RETRIES_MAX)
 def execute_many(self: Any, items: list, key: str | None = None) -> dict:
     """Apply a batch of transactions with one fsync; each item is idempotent on its id.
@@ -396,7 +408,7 @@ def snapshot(self: Any) -> dict:
                            (time.perf_counter() - started) * 1000)
 
 
-@app.task(name="prevalence.outcome", acks_late=False)
+@app.task(name="prevalence.outcome", acks_late=False, base=OutcomeTask)
 def outcome(key: str) -> dict:
     """The recorded outcome of request `key` on this master, with ``committed``.
 
