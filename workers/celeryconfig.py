@@ -161,7 +161,7 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         # the task finishes, and its un-acked message comes back after the visibility
         # timeout, where the request id catches it.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
-        # Flower and `celery events` see every task, including each sync's report.
+        # Flower and `celery events` see every task, including each master's sync report.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "beat_schedule": beat_schedule(settings),
