@@ -90,6 +90,7 @@ def task_result(text: str) -> str:
 
 def test_flower_shows_each_masters_sync_with_a_readable_report(make_cluster, tmp_path, capsys):
     from tests.e2e.conftest import make_client
+    from tests.e2e.helpers import converge
 
     cluster = make_cluster()
     cluster.start_masters()
@@ -99,6 +100,9 @@ def test_flower_shows_each_masters_sync_with_a_readable_report(make_cluster, tmp
     client.execute("open_account", "empty", 0, master="alpha")
     refused = client.execute_outcome("withdraw", "empty", 5, master="alpha")
     assert refused["status"] == "rejected"
+    # Once both writes are committed everywhere, every later report has a frontier (before
+    # anything is committed it is None) and lag 0.
+    converge(cluster)
     browser = Browser(tmp_path)
     task_list = f"{url}/tasks?name=prevalence.sync"
 
