@@ -7,8 +7,12 @@ topology is DESIGN §5:
   write or a query, which balances load for free.
 - ``master.<name>``: work aimed at one master (created on demand, consumed by that master).
 - ``prevalence.broadcast``: a fanout exchange; every master binds its own queue to it and
-  receives sync and snapshot. Over Redis a fanout is PUB/SUB: at-most-once per worker, and
-  a worker that is down misses it (each master therefore also syncs at start).
+  receives the requests to sync and to snapshot (`prevalence.broadcast_sync`,
+  `prevalence.broadcast_snapshot`). Over Redis a fanout is PUB/SUB: at-most-once per
+  worker, and a worker that is down misses it (each master therefore also syncs at start).
+  Each master answers a request by queueing its own `prevalence.sync` / `prevalence.snapshot`
+  on ``master.<name>``, so that each has a task id, a row in Flower and a result of its own
+  (all recipients of one broadcast share its task id, and Flower keys tasks by id).
 
 The broadcast exchange must be declared by the *sender* on every publish (celery issue
 #2638): Celery does not declare a `Broadcast` queue's exchange when it sends, and kombu's
@@ -52,8 +56,9 @@ def master_queue(name: str) -> str:
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """The beat schedule: the one place that says what runs periodically and why.
 
-    Both entries go to the broadcast exchange so that every master runs every tick.
-    Both tasks are idempotent, so two beats running at once, a missed tick or a manual
+    Both entries go to the broadcast exchange so that every master runs every tick: each
+    master answers the request with a sync or snapshot task of its own, queued on
+    ``master.<name>`` (`workers.master.tasks.broadcast_sync`). Both tasks are idempotent, so two beats running at once, a missed tick or a manual
     `prevalence sync` do no harm: a sync with nothing new reads the folder listings and
     returns, and a snapshot of an unchanged frontier is skipped or rewritten identically.
     """
@@ -62,7 +67,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         # replication lag (a commit on one master is visible on another within about one
         # interval) and how long a transaction stays tentative. PREVALENCE_SYNC_INTERVAL.
         "prevalence-sync": {
-            "task": "prevalence.sync",
+            "task": "prevalence.broadcast_sync",
             "schedule": settings.sync_interval_s,
             "options": dict(BROADCAST_OPTIONS),
         },
@@ -71,7 +76,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         # to cover a segment). Costs one serialisation of the whole state per master, hence
         # minutes rather than seconds. PREVALENCE_SNAPSHOT_INTERVAL.
         "prevalence-snapshot": {
-            "task": "prevalence.snapshot",
+            "task": "prevalence.broadcast_snapshot",
             "schedule": settings.snapshot_interval_s,
             "options": dict(BROADCAST_OPTIONS),
         },
@@ -134,20 +139,29 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_default_exchange": WRITE_QUEUE,
         # master.<name> queues are created on demand by senders and by the master itself.
         "task_create_missing_queues": True,
+        # Only the requests are broadcast. `prevalence.sync` and `prevalence.snapshot` go
+        # to the queue their sender names (master.<name>); a route here would add the
+        # fanout exchange to an aimed send and reach every master under one task id.
         "task_routes": {
-            "prevalence.sync": dict(BROADCAST_OPTIONS),
-            "prevalence.snapshot": dict(BROADCAST_OPTIONS),
+            "prevalence.broadcast_sync": dict(BROADCAST_OPTIONS),
+            "prevalence.broadcast_snapshot": dict(BROADCAST_OPTIONS),
         },
         # Writes: acknowledge after the task ran, so a write taken by a master that dies
         # before committing goes back to the queue; the request id makes the retry apply
         # once. One message at a time per master (solo pool: nothing runs in parallel).
         "task_acks_late": True,
         "worker_prefetch_multiplier": 1,
+        # A worker reserves concurrency x multiplier messages. The solo pool runs one task
+        # at a time whatever the concurrency says, but Celery still defaults concurrency to
+        # the number of CPUs, so a solo master on 2 cores held a second write it could not
+        # start while another master sat idle (Flower: "Prefetch Count 2"). One, so the
+        # prefetch count is 1.
+        "worker_concurrency": 1,
         # A solo worker cannot cancel the task in hand when the broker connection drops;
         # the task finishes, and its un-acked message comes back after the visibility
         # timeout, where the request id catches it.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
-        # Flower and `celery events` see every task, including each sync's report.
+        # Flower and `celery events` see every task, including each master's sync report.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "beat_schedule": beat_schedule(settings),

@@ -15,7 +15,7 @@ TICKS_MIN = 6
 
 def sent_sync_ids(beat_log: str) -> list[str]:
     # beat logs "<task> sent. id-><uuid>" at debug level for every entry it sends.
-    return re.findall(r"prevalence\.sync sent\. id->([0-9a-f-]{36})", beat_log)
+    return re.findall(r"prevalence\.broadcast_sync sent\. id->([0-9a-f-]{36})", beat_log)
 
 
 def test_every_master_runs_every_beat_tick(make_cluster):
@@ -33,11 +33,26 @@ def test_every_master_runs_every_beat_tick(make_cluster):
         gaps = {}
         for name in cluster.masters:
             log = (cluster.log_dir / f"{name}.log").read_text()
-            gaps[name] = [t for t in ticks if f"prevalence.sync[{t}] succeeded" not in log]
+            # Each master answers the tick's request and queues its own sync, whose id
+            # is the request's plus its name (or skips it while its last one is queued).
+            gaps[name] = [t for t in ticks if f"prevalence.broadcast_sync[{t}] succeeded" not in log]
         return {name: ids for name, ids in gaps.items() if ids}
 
     wait_until(lambda: not missing(), 30, "every master to run every tick",
                on_timeout=lambda: f"ticks not run: {missing()}")
+
+    # Every sync a master queued for itself ran, under its own task id.
+    def own_syncs_not_run() -> dict[str, list[str]]:
+        gaps = {}
+        for name in cluster.masters:
+            log = (cluster.log_dir / f"{name}.log").read_text()
+            queued = re.findall(rf"'queued': '([0-9a-f-]{{36}}\.{re.escape(name)})'", log)
+            assert queued, f"{name} queued no sync of its own"
+            gaps[name] = [i for i in queued if f"prevalence.sync[{i}] succeeded" not in log]
+        return {name: ids for name, ids in gaps.items() if ids}
+
+    wait_until(lambda: not own_syncs_not_run(), 30, "every queued sync to run",
+               on_timeout=lambda: f"queued syncs not run: {own_syncs_not_run()}")
 
 
 def test_a_manual_sync_and_snapshot_broadcast_reach_every_master(make_cluster):

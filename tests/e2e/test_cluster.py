@@ -122,7 +122,7 @@ def test_two_beats_at_once_still_converge_and_apply_nothing_twice(cluster, clien
     load.check(balances["alpha"])
     assert view["verify"]["duplicates"] == 0
     for name in ("beat", "beat2"):
-        assert "prevalence.sync" in (cluster.log_dir / f"{name}.log").read_text()
+        assert "(prevalence.broadcast_sync)" in (cluster.log_dir / f"{name}.log").read_text()
 
 
 def _journal_state(cluster) -> tuple:

@@ -438,7 +438,7 @@ class Client:
         """Sync now. With `master`, wait for and return its report; without, broadcast to
         every master and return None at once (broadcasts have no reply)."""
         if master is None:
-            self._broadcast("prevalence.sync")
+            self._broadcast("prevalence.broadcast_sync")
             return None
         result = self._send("prevalence.sync", [], master=master, ignore_result=False)
         return self._wait(result, timeout_s, f"sync of {master}")
@@ -447,7 +447,7 @@ class Client:
                  ) -> dict[str, Any] | None:
         """Snapshot now: broadcast to every master (None), or one master (its report)."""
         if master is None:
-            self._broadcast("prevalence.snapshot")
+            self._broadcast("prevalence.broadcast_snapshot")
             return None
         result = self._send("prevalence.snapshot", [], master=master, ignore_result=False)
         return self._wait(result, timeout_s, f"snapshot of {master}")

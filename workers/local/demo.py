@@ -186,7 +186,7 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"total money on {masters[-1]}: {total} (transfers move it, never create it)")
         print()
         if cluster.flower_url:
-            _say(f"Flower: {cluster.flower_url}  (workers, tasks, each sync's report)")
+            _say(f"Flower: {cluster.flower_url}  (workers, tasks, each master's sync report)")
         if not args.unattended and not stopping["flag"]:
             _say("cluster running. Try, in another shell with the same environment:")
             # The command of this environment, by path: the venv is not on PATH in a new shell.

@@ -24,6 +24,12 @@ logger = logging.getLogger("workers.master.runtime")
 #: Exit status of a worker whose journal sync failed after a deferred commit (`settle`).
 EXIT_SYNC_FAILED = getattr(os, "EX_IOERR", 74)
 
+#: How long a sync or snapshot task this master queued for itself may wait to start before
+#: it counts as lost and the next broadcast queues another: ten sync intervals, within
+#: these bounds (seconds). Waiting behind a long task is normal; a flushed Redis is not.
+OWN_TASK_PENDING_MIN_S = 5.0
+OWN_TASK_PENDING_MAX_S = 60.0
+
 _current: "MasterRuntime | None" = None
 _lock = threading.Lock()
 
@@ -68,6 +74,11 @@ class MasterRuntime:
         self.last_sync: dict[str, Any] | None = None
         self.last_sync_at: float | None = None
         self.last_sync_task_id: str | None = None
+        # Own sync/snapshot tasks queued for a broadcast request and not started yet:
+        # kind -> (task id, monotonic time sent). See `own_task_due`.
+        self.pending_own: dict[str, tuple[str, float]] = {}
+        self.own_task_pending_max_s = min(OWN_TASK_PENDING_MAX_S,
+                                          max(OWN_TASK_PENDING_MIN_S, 10 * settings.sync_interval_s))
         self.publisher = (StatusPublisher(settings.broker_url, self.name,
                                           status_ttl_s(settings.sync_interval_s))
                           if settings.is_redis else None)
@@ -85,14 +96,42 @@ class MasterRuntime:
                              "port)", self.name, *settings.metrics_address, exc)
 
     def record_sync(self, report: Any, task_id: str | None) -> dict[str, Any]:
-        """Remember a sync's report (as plain data) and publish the new status."""
+        """Remember a sync's report (as plain data), publish the new status and return the
+        task's readable report (`workers.master.reports.sync_report`)."""
+        from workers.master.reports import sync_report
+
         self.syncs += 1
         self.last_sync = plain(report)
         self.last_sync_at = time.time()
         self.last_sync_task_id = task_id
-        self.publish()
+        document = self.publish()
         self.publish_committed()
-        return self.last_sync if isinstance(self.last_sync, dict) else {"report": self.last_sync}
+        engine_report = self.last_sync if isinstance(self.last_sync, dict) else {"report": self.last_sync}
+        return sync_report(self.name, engine_report, document)
+
+    def own_task_due(self, kind: str, now_s: float | None = None) -> str | None:
+        """Whether this master should queue its own `kind` task ("sync" or "snapshot") for
+        a broadcast request: None if so, else the id of the one already queued and not
+        started yet (a master busy in a long task gets a request per beat tick; one
+        queued task catches up with all of them). A queued task that has not started
+        within `own_task_pending_max_s` counts as lost (Redis flushed): another is due."""
+        pending = self.pending_own.get(kind)
+        if pending is None:
+            return None
+        task_id, sent_at = pending
+        now_s = time.monotonic() if now_s is None else now_s
+        if now_s - sent_at > self.own_task_pending_max_s:
+            del self.pending_own[kind]
+            return None
+        return task_id
+
+    def own_task_sent(self, kind: str, task_id: str) -> None:
+        """Remember that this master queued its own `kind` task `task_id`."""
+        self.pending_own[kind] = (task_id, time.monotonic())
+
+    def own_task_started(self, kind: str) -> None:
+        """A `kind` task started on this master: whatever was queued is no longer pending."""
+        self.pending_own.pop(kind, None)
 
     def status_document(self) -> dict[str, Any]:
         """The engine's status plus node, pid, state, sync count and timestamps (unix s)."""
@@ -124,9 +163,9 @@ class MasterRuntime:
         })
         return document
 
-    def publish(self) -> None:
-        """Publish the status document to Redis (best effort; see `StatusPublisher`), and
-        update the metrics from it."""
+    def publish(self) -> dict[str, Any]:
+        """Publish the status document to Redis (best effort; see `StatusPublisher`), update
+        the metrics from it and return it."""
         document = self.status_document()
         self.publish_document(document)
         if self.metrics is not None:
@@ -134,6 +173,7 @@ class MasterRuntime:
             journal_dir = os.path.join(self.master.shared, "masters", self.name, "journal")
             self.metrics.update(document, report, up=self.consuming and self.state == "running",
                                 journal_dir=journal_dir)
+        return document
 
     def publish_committed(self) -> None:
         """Publish the final outcomes of this master's requests committed since the last

@@ -15,24 +15,28 @@ Queries answer a shorter document, ``{"status", "value", "master"}`` (plus ``err
 committed flag (`query`, `query_many`).
 
 A refused or failed transaction is an outcome, not a task failure: the caller gets a
-clear error and Flower shows what happened. A task fails (raises) only on a bug, after
-logging the task id.
+clear error, the task succeeds (no retry, the message is acknowledged) and Flower shows
+its result led by ``REJECTED: <error>`` or ``FAILED: ...`` (`workers.master.verdicts`). A
+task fails (raises) only on a bug, after logging the task id.
 
 Idempotence: the request id (`rid`) is the client's key when given, else the Celery task
 id, so a message redelivered after a crash (same task id) applies once. For a batch the
 item ids are ``<key or task id>:<index>`` unless an item carries its own.
 
 Routing is chosen by the sender (`workers.client`): `prevalence.write` lets any master
-answer, ``master.<name>`` picks one; `sync` and `snapshot` are broadcast (see
-`workers.celeryconfig`).
+answer, ``master.<name>`` picks one; `broadcast_sync` and `broadcast_snapshot` are
+broadcast, and each master answers them with a `sync` / `snapshot` task of its own (see
+the comment above `broadcast_sync` and `workers.celeryconfig`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from typing import Any
 
-from workers.master import runtime
+from workers.master import runtime, verdicts
 from workers.celery import app
 
 logger = logging.getLogger("workers.master.tasks")
@@ -121,7 +125,18 @@ def _retry_not_ready(task: Any, exc: Exception, rid: str | None) -> dict[str, An
     raise task.retry(exc=exc, countdown=NOT_READY_RETRY_S)
 
 
-@app.task(name="prevalence.execute", bind=True, acks_late=True,
+class OutcomeTask(app.Task):
+    """A task whose result is an outcome document (or a batch of them): a refused or
+    failed outcome leads its result in Flower with a verdict (`workers.master.verdicts`);
+    the task still succeeds, the document is unchanged."""
+
+    Request = "workers.master.verdicts:VerdictRequest"
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        verdicts.note(task_id, retval)
+
+
+@app.task(name="prevalence.execute", bind=True, acks_late=True, base=OutcomeTask,
           max_retries=NOT_READY_RETRIES_MAX)
 def execute(self: Any, tx: str, args: list | None = None, key: str | None = None) -> dict:
     """Apply one transaction on this master; idempotent on ``key`` or the task id.
@@ -152,7 +167,7 @@ def execute(self: Any, tx: str, args: list | None = None, key: str | None = None
     return _from_engine(out, tx, rid)
 
 
-@app.task(name="prevalence.execute_many", bind=True, acks_late=True,
+@app.task(name="prevalence.execute_many", bind=True, acks_late=True, base=OutcomeTask,
           max_retries=NOT_READY_RETRIES_MAX)
 def execute_many(self: Any, items: list, key: str | None = None) -> dict:
     """Apply a batch of transactions with one fsync; each item is idempotent on its id.
@@ -301,43 +316,99 @@ def _query_refused(message: str, master: str | None = None,
             "master": master}
 
 
-# Broadcast tasks: at-most-once per worker and one task id for all recipients, so no
-# acks_late (a broadcast is never redelivered) and no stored result (every master would
-# overwrite the same key). Flower still shows each master's report via task events.
+# Sync and snapshot. Beat (and `prevalence sync` without --master) broadcasts a small
+# request, `broadcast_sync` / `broadcast_snapshot`, which every master receives with one task
+# id; each master answers it by queueing the real `sync` / `snapshot` task on its own queue,
+# master.<name>, with an id of its own (``<request id>.<master>``). So every master's sync
+# and snapshot is a task of its own in Flower, with its own result (Flower keys tasks by id:
+# a broadcast's recipients would all share one row). A broadcast is at-most-once per worker
+# and never redelivered: no acks_late, and no stored result (every master would overwrite
+# the same key); an aimed `sync` stores its result only when the sender asks for it.
 
-@app.task(name="prevalence.sync", bind=True, acks_late=False, ignore_result=True)
+#: Largest repr of a sync report in Flower and the log (characters; Celery's default, 1024,
+#: cuts a report of a cluster with more than a few masters).
+REPORT_REPR_CHARS_MAX = 4096
+#: Bounded retries when a master queues its own task (the broker was just reachable: the
+#: broadcast came through it).
+OWN_TASK_SEND_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.2,
+                              "interval_max": 0.5}
+
+
+def _queue_own(trigger: Any, kind: str, task: Any) -> dict:
+    """Answer a broadcast request on this master: queue its own `task` (kind "sync" or
+    "snapshot") on master.<name>, unless one it queued earlier has not started yet."""
+    from workers.celeryconfig import master_queue
+
+    current = runtime.require()
+    queued = current.own_task_due(kind)
+    if queued is not None:
+        return {"master": current.name, "queued": None,
+                "skipped": f"{task.name} {queued} is queued and has not started yet"}
+    own_id = f"{trigger.request.id or uuid.uuid4()}.{current.name}"
+    try:
+        task.apply_async(task_id=own_id, queue=master_queue(current.name),
+                         retry=True, retry_policy=OWN_TASK_SEND_RETRY_POLICY)
+    except Exception as exc:  # the Celery boundary: the broker went away just now
+        logger.error("%s[%s] on %s could not queue %s %s: %s: %s", trigger.name, trigger.request.id,
+                     current.name, task.name, own_id, type(exc).__name__, exc)
+        return {"master": current.name, "queued": None, "error": f"{type(exc).__name__}: {exc}"}
+    current.own_task_sent(kind, own_id)
+    return {"master": current.name, "queued": own_id}
+
+
+@app.task(name="prevalence.broadcast_sync", bind=True, acks_late=False, ignore_result=True)
+def broadcast_sync(self: Any) -> dict:
+    """Every master: queue this master's own `prevalence.sync` (see the comment above)."""
+    return _queue_own(self, "sync", sync)
+
+
+@app.task(name="prevalence.broadcast_snapshot", bind=True, acks_late=False, ignore_result=True)
+def broadcast_snapshot(self: Any) -> dict:
+    """Every master: queue this master's own `prevalence.snapshot`."""
+    return _queue_own(self, "snapshot", snapshot)
+
+
+@app.task(name="prevalence.sync", bind=True, acks_late=False, ignore_result=True,
+          resultrepr_maxsize=REPORT_REPR_CHARS_MAX)
 def sync(self: Any) -> dict:
-    """Catch up with the other masters' journals, then publish this master's status."""
+    """Catch up with the other masters' journals, publish this master's status and return
+    the readable report of `workers.master.reports.sync_report` (frontier as a time, lag
+    per peer, tentative, rebases, reversed outcomes, digest)."""
     from workers.prevalence import errors
 
     current = runtime.require()
+    current.own_task_started("sync")
     try:
         report = current.master.sync()
     except errors.PrevalenceError as exc:
         logger.error("prevalence.sync[%s] on %s failed: %s", self.request.id, current.name, exc)
         report = {"error": str(exc), "error_type": type(exc).__name__}
-    summary = current.record_sync(report, self.request.id)
-    summary = dict(summary)
-    summary["master"] = current.name
-    return summary
+    return current.record_sync(report, self.request.id)
 
 
-@app.task(name="prevalence.snapshot", bind=True, acks_late=False, ignore_result=True)
+@app.task(name="prevalence.snapshot", bind=True, acks_late=False, ignore_result=True,
+          resultrepr_maxsize=REPORT_REPR_CHARS_MAX)
 def snapshot(self: Any) -> dict:
-    """Write a snapshot of this master's state; returns its path."""
+    """Write a snapshot of this master's state; returns its frontier (ISO time) and path
+    (`workers.master.reports.snapshot_report`)."""
+    from workers.master.reports import snapshot_report
     from workers.prevalence import errors
 
     current = runtime.require()
+    current.own_task_started("snapshot")
+    started = time.perf_counter()
     try:
         path = current.master.snapshot()
     except errors.PrevalenceError as exc:
         logger.error("prevalence.snapshot[%s] on %s failed: %s", self.request.id,
                      current.name, exc)
         return {"master": current.name, "error": str(exc), "error_type": type(exc).__name__}
-    return {"master": current.name, "path": str(path)}
+    frontier = getattr(current.master, "snapshot_frontier", None)
+    return snapshot_report(current.name, path, {"snapshot_frontier": frontier},
+                           (time.perf_counter() - started) * 1000)
 
 
-@app.task(name="prevalence.outcome", acks_late=False)
+@app.task(name="prevalence.outcome", acks_late=False, base=OutcomeTask)
 def outcome(key: str) -> dict:
     """The recorded outcome of request `key` on this master, with ``committed``.
 
