@@ -28,6 +28,11 @@ from typing import Callable
 LOGICAL_BITS = 16
 LOGICAL_MASK = (1 << LOGICAL_BITS) - 1
 DRIFT_MAX_MS_DEFAULT = 60_000
+#: While the wall clock agrees with the reference, `tick` compares them again only once the
+#: wall clock has moved this far (or back) since the last comparison: a write path's tick
+#: then costs one clock read. A skew beyond the drift (seconds at least) shows at the first
+#: tick after the wall clock jumped, forward or back.
+RECHECK_MS = 100
 
 
 def wall_ms() -> int:
@@ -63,16 +68,20 @@ class HybridClock:
         #: How far the wall clock was ahead of the reference (negative: behind) at the last
         #: reading, when by more than `drift_max_ms`; 0 while they agree.
         self.skew_ms = 0
+        self._checked_at_ms = -(1 << 62)  # the wall clock at the last comparison
 
     def reading_ms(self) -> int:
         """The physical time this clock goes by, in ms: the wall clock while it agrees
         with the reference (or there is none), else the reference. Updates `skew_ms`."""
-        wall = self._now_ms()
+        return self._reading_ms(self._now_ms())
+
+    def _reading_ms(self, wall: int) -> int:
         if self._reference_ms is None:
             return wall
         ref = self._reference_ms()
         if ref is None:
             return wall
+        self._checked_at_ms = wall
         skew = wall - ref
         if -self.drift_max_ms <= skew <= self.drift_max_ms:
             self.skew_ms = 0
@@ -82,7 +91,10 @@ class HybridClock:
 
     def tick(self) -> int:
         """A new timestamp strictly above every one issued or observed."""
-        wall = (self._now_ms() if self._reference_ms is None else self.reading_ms()) << LOGICAL_BITS
+        wall = self._now_ms()
+        if self._reference_ms is not None and (self.skew_ms or not 0 <= wall - self._checked_at_ms < RECHECK_MS):
+            wall = self._reading_ms(wall)
+        wall <<= LOGICAL_BITS
         self.last = wall if wall > self.last else self.last + 1
         return self.last
 
