@@ -97,14 +97,18 @@ def test_flower_shows_each_masters_sync_with_a_readable_report(make_cluster, tmp
     url = cluster.start_flower()
     cluster.start_beat()
     client = make_client(cluster)
+    browser = Browser(tmp_path)
+    task_list = f"{url}/tasks?name=prevalence.sync"
+    # Flower knows only the tasks whose events it saw: before writing, wait until it shows
+    # syncs (its event capture starts a moment after its web server answers).
+    wait_until(lambda: sync_rows(browser.dom(task_list)) or None, 45, "Flower to show the first syncs",
+               poll_s=0.5)
     client.execute("open_account", "empty", 0, master="alpha")
     refused = client.execute_outcome("withdraw", "empty", 5, master="alpha")
     assert refused["status"] == "rejected"
     # Once both writes are committed everywhere, every later report has a frontier (before
     # anything is committed it is None) and lag 0.
     converge(cluster)
-    browser = Browser(tmp_path)
-    task_list = f"{url}/tasks?name=prevalence.sync"
 
     # The task list, as rendered: a sync row of its own for every master.
     seen: dict = {}
