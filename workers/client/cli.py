@@ -157,12 +157,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         return read(str(shared))
 
+    def read_leases(shared: Any) -> dict:
+        from workers.prevalence.cluster.lease import read_all_holders
+
+        return read_all_holders(str(shared), key)
+
     deadline = time.monotonic() + (args.wait or 0.0)
     while True:
         view = cluster_view(settings.broker_url if settings.is_redis else "redis://invalid:0",
                             settings.shared_dir if settings.shared_dir.is_dir() else None,
                             sync_interval_s=settings.sync_interval_s,
-                            read_progress=read_progress, read_retired=read_retired)
+                            read_progress=read_progress, read_retired=read_retired,
+                            read_leases=read_leases)
         if view["converged"] or time.monotonic() >= deadline:
             break
         time.sleep(min(1.0, max(0.1, settings.sync_interval_s)))
