@@ -174,6 +174,19 @@ def test_with_redis_down_a_dead_master_is_down_from_its_lease(monkeypatch, tmp_p
     assert "a is down: gone" in view["verdict"]
 
 
+@pytest.mark.parametrize("command", ["tx", "query"])
+def test_a_missing_name_is_the_only_required_argument_named(command, capsys):
+    from workers.client.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([command])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"prevalence {command}: error: the following arguments are required: NAME"
+    # A name alone is a complete call: a transaction or query may take no argument.
+    assert build_parser().parse_args([command, "total"]).args == []
+
+
 def _cli(*args, env_extra):
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **env_extra}
     return subprocess.run([sys.executable, "-m", "workers.client.cli", *args], env=env,

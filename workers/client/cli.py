@@ -370,9 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            description=f"Run a {what} on one master (--master) or on whichever\n"
                            "master takes it from the shared queue.\n\n" + ARGUMENT_RULES)
-        p.add_argument("name", help=f"the {what} name, e.g. "
+        p.add_argument("name", metavar="NAME", help=f"the {what} name, e.g. "
                        + ("deposit" if name == "tx" else "balance"))
-        p.add_argument("args", nargs="*", metavar="ARG", help="its arguments (rules above)")
+        # default=[]: without it argparse names ARG as required when NAME is missing,
+        # although a transaction or query may take no argument at all.
+        p.add_argument("args", nargs="*", metavar="ARG", default=[], help="its arguments (rules above)")
         p.add_argument("--master", "-m", help="send it to this master (default: any)")
         p.add_argument("--strings", action="store_true", help="take every ARG as a string")
         p.add_argument("--json", action="store_true", help="print the outcome document")

@@ -287,6 +287,10 @@ def _query_failed(exc: Exception, name: Any, master: str, task_id: str | None) -
 
     if isinstance(exc, _BadRequest):
         return _query_refused(str(exc), master)
+    if isinstance(exc, errors.Rejected):
+        # A query refuses as a transaction does ("no account 'x'"): rejected, not an error.
+        return {"status": "rejected", "value": None, "error": str(exc), "error_type": "Rejected",
+                "master": master}
     if isinstance(exc, errors.PrevalenceError):
         return _query_refused(str(exc), master, type(exc).__name__)
     logger.warning("query task %s: query %r on %s raised %s: %s", task_id, name, master,

@@ -165,14 +165,15 @@ class Lease:
             return other.token == self.token
         return other.pid == self._me["pid"] and other.host == self._me["host"]  # an older release's lease
 
-    def _describe(self, other: LeaseFile, age_s: float, future_s: float = 0.0) -> str:
+    def _describe(self, other: LeaseFile, age_s: float, future_s: float = 0.0,
+                  advice: str = "Stop that process first, or pick another master name") -> str:
         if future_s:
             beat = (f"heartbeat {future_s:.0f} s in the future by this host's clock -- a wrong clock or a forged "
                     f"file; not believed: the file was last rewritten {age_s:.1f} s ago")
         else:
             beat = f"heartbeat {age_s:.1f} s ago"
         return (f"master {self.name!r} is held by pid {other.pid} on host {other.host!r} ({beat}, lease TTL "
-                f"{self.lease_ttl_s:.0f} s). Stop that process first, or pick another master name")
+                f"{self.lease_ttl_s:.0f} s). {advice}")
 
     # -- claiming ------------------------------------------------------------------------
 
@@ -205,10 +206,10 @@ class Lease:
         self._thread = threading.Thread(target=self._heartbeat_loop, name=f"lease-{self.name}", daemon=True)
         self._thread.start()
 
-    def check_free(self) -> None:
+    def check_free(self, advice: str = "Stop that process first, or pick another master name") -> None:
         """Raise LeaseHeld when a claim would be refused now (module docstring); claims
         nothing. A lease naming this very process (same host, boot and pid) counts as free,
-        as a stale one does.
+        as a stale one does. `advice` ends the message: what the caller should do next.
 
         Raises:
             LeaseHeld: held by a live process. BadFile: the lease does not parse; it is not
@@ -232,9 +233,9 @@ class Lease:
         same_host = other.host == self._me["host"] and other.boot_id == self._me["boot_id"]
         if same_host:
             if other.pid != os.getpid() and _alive(other.pid, other.pid_start):
-                raise LeaseHeld(self._describe(other, age_s, future_s))
+                raise LeaseHeld(self._describe(other, age_s, future_s, advice))
         elif age_s < self.lease_ttl_s:
-            raise LeaseHeld(self._describe(other, age_s, future_s))
+            raise LeaseHeld(self._describe(other, age_s, future_s, advice))
         log.info("taking over stale lease of %s (pid %s on %s, heartbeat %.1f s ago)",
                  self.name, other.pid, other.host, age_s)
 
