@@ -170,3 +170,36 @@ def test_a_backup_of_a_hostile_or_damaged_share_stops_naming_the_file_and_leaves
     assert os.path.basename(segment) in str(caught.value)
     assert not os.path.exists(tmp_path / "bk")
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".bk.partial")]
+
+
+def test_a_retired_masters_old_snapshot_does_not_hold_the_backup_to_collected_segments(tmp_path):
+    from workers.prevalence import retire
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    members = [_member(shared, n) for n in ("alpha", "beta", "gamma")]
+    sync_until_quiet(members)
+    members[0].execute("open_account", "a", 0)
+    sync_until_quiet(members)
+    gamma = members.pop()
+    gamma.snapshot()
+    gamma.close()
+    retire(str(shared), "gamma")
+    for i in range(400):
+        members[i % 2].execute("deposit", "a", 1)
+        if i % 50 == 49:
+            sync_until_quiet(members)
+            for m in members:
+                m.snapshot()
+    sync_until_quiet(members)
+    assert journal.list_segments(folder.journal_dir(str(shared), "alpha"))[0][0] > 1, "nothing was collected"
+    manifest = backup(str(shared), str(tmp_path / "bk"), support.test_model())
+    assert manifest["attempts"] == 1
+    digest = members[0].digest()
+    for m in members:
+        m.close()
+    restored = [_member(tmp_path / "bk", n) for n in ("alpha", "beta")]
+    sync_until_quiet(restored)
+    assert digest == manifest["digest"] and {m.digest() for m in restored} == {digest}
+    for m in restored:
+        m.close()

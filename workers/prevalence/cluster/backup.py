@@ -90,12 +90,14 @@ def backup(shared_dir: str, dest: str, model: Model, *, cluster_key: bytes | Non
     parent = os.path.dirname(dest)
     os.makedirs(parent, exist_ok=True)
     staging = os.path.join(parent, f".{os.path.basename(dest)}.partial-{socket.gethostname()}-{os.getpid()}")
+    last_change = ""
     for attempt in range(1, ATTEMPTS_MAX + 1):
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
         try:
             manifest = _copy_cut(shared_dir, staging, cluster_key, say)
         except _Changed as exc:
+            last_change = str(exc)
             say(f"the folder changed while it was copied ({exc}); starting over "
                 f"(attempt {attempt + 1} of {ATTEMPTS_MAX})")
             continue
@@ -118,7 +120,8 @@ def backup(shared_dir: str, dest: str, model: Model, *, cluster_key: bytes | Non
         return manifest
     shutil.rmtree(staging, ignore_errors=True)
     raise BackupError(f"the folder {shared_dir} changed under {ATTEMPTS_MAX} attempts in a row (segments "
-                      "collected while they were copied); try again, or snapshot less often meanwhile")
+                      f"collected while they were copied; the last: {last_change}); try again, or snapshot "
+                      "less often meanwhile")
 
 
 # -- one attempt --------------------------------------------------------------------------
@@ -133,6 +136,8 @@ def _copy_cut(shared: str, out: str, key: bytes | None, say: Say) -> dict[str, A
     # 1. Cluster files: founder and retirements (each checked as its reader checks it).
     _copy_cluster_files(shared, out, key, stats)
     # 2. Progress files and joining markers, before anything they speak of.
+    retired = membership.read_retired(shared, key)
+    joining: set[str] = set()
     for m in masters:
         os.makedirs(folder.master_dir(out, m))
         path = folder.progress_path(shared, m)
@@ -140,13 +145,18 @@ def _copy_cut(shared: str, out: str, key: bytes | None, say: Say) -> dict[str, A
         if data is not None:
             decode_progress(data, path, key, master=m)
             _write(folder.progress_path(out, m), data, stats)
-        joining = files.read_small(folder.joining_path(shared, m), "joining marker")
-        if joining is not None:
-            _write(folder.joining_path(out, m), joining, stats)
-    # 3. Each member's newest valid snapshot; what it has applied sets the journal floor.
+        marker = files.read_small(folder.joining_path(shared, m), "joining marker")
+        if marker is not None:
+            joining.add(m)
+            _write(folder.joining_path(out, m), marker, stats)
+    # 3. Each member's newest valid snapshot; what it has applied sets the journal floor,
+    # as garbage collection sees it: a retired master never starts again, and a joiner
+    # that has no snapshot of its own joins again from a member's snapshot.
     floors: dict[str, int] = {m: -1 for m in masters}  # -1: no copied snapshot spoke yet
     for m in masters:
         body = _copy_newest_snapshot(shared, out, m, key, stats, say)
+        if m in retired or (body is None and m in joining):
+            continue
         if body is None:
             floors = {p: 0 for p in masters}  # a member without one replays every journal from seq 1
             continue
