@@ -119,7 +119,9 @@ def transfer(root, ctx, src, dst, amount):
 @nested_ledger.query
 def balance(root, account_id):
     acct = root["accounts"].get(account_id)
-    return None if acct is None else acct["balance"]
+    if acct is None:
+        raise Rejected(f"no account {account_id!r}")  # as the example ledger's balance
+    return acct["balance"]
 
 
 @nested_ledger.query

@@ -158,8 +158,14 @@ class Settings:
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
+            hint = ""
+            if isinstance(exc, ModuleNotFoundError) and exc.name and (
+                    module_name == exc.name or module_name.startswith(exc.name + ".")):
+                hint = ("; the model's module must be importable by every master worker and by "
+                        "`prevalence verify`/`backup`: install it into the same venv, or put the "
+                        "folder that holds it on PYTHONPATH")
             raise SettingsError(
-                "PREVALENCE_MODEL", f"cannot import module {module_name!r}: {exc}"
+                "PREVALENCE_MODEL", f"cannot import module {module_name!r}: {exc}{hint}"
             ) from exc
         target: Any = module
         for part in attribute.split("."):

@@ -45,6 +45,7 @@ from typing import Any
 from flask import Flask, jsonify, request
 
 from workers.client import NoReply, RequestRefused, TransactionFailed, TransactionRejected, raise_for_outcome
+from workers.prevalence import Rejected
 
 #: How long a write waits for the follower to apply it before answering 202 (seconds).
 VISIBLE_TIMEOUT_S_DEFAULT = 10.0
@@ -79,8 +80,9 @@ def create_app(follower: Any, client: Any, *,
             if not seen:
                 return _error(503, f"record {after} is not visible here yet; try again",
                               headers={"Retry-After": "1"})
-        balance = follower.query("balance", account)
-        if balance is None:
+        try:
+            balance = follower.query("balance", account)
+        except Rejected:
             return _error(404, f"no account {account!r}")
         return jsonify(account=account, balance=balance)
 

@@ -135,6 +135,58 @@ def test_a_retired_master_is_neither_expected_nor_evaluated(monkeypatch, tmp_pat
     assert view["retired"] == ["c"] and set(view["masters"]) == {"a"}
 
 
+def test_a_master_whose_lease_says_its_process_is_gone_is_down_at_once(monkeypatch, tmp_path):
+    import workers.client.monitor as monitor
+
+    # b's last report is one second old and says ready; its lease says the process is gone.
+    monkeypatch.setattr(monitor, "read_status_documents",
+                        lambda url: {"a": doc("a"), "b": doc("b", reported_at=99.0)})
+    why = "its process (pid 77 on host 'h1', named by its lease) is gone"
+    leases = {"a": {"lease": "alive", "why": "running"}, "b": {"lease": "down", "why": why}}
+    view = monitor.cluster_view("redis://x", tmp_path, sync_interval_s=1.0,
+                                read_progress=lambda shared: {"a": doc("a"), "b": doc("b")},
+                                read_retired=lambda shared: {}, read_leases=lambda shared: leases,
+                                now_s=100.0)
+    assert not view["converged"]
+    assert view["masters"]["b"]["state"] == "down"
+    assert f"b is down: {why}" in view["verdict"]
+    assert "\nb  " in render_table(view) and " down " in render_table(view)
+    # Without the leases the same view calls it converged: the lease is what tells.
+    view = monitor.cluster_view("redis://x", tmp_path, sync_interval_s=1.0,
+                                read_progress=lambda shared: {"a": doc("a"), "b": doc("b")},
+                                read_retired=lambda shared: {}, now_s=100.0)
+    assert view["converged"], view["reasons"]
+
+
+def test_with_redis_down_a_dead_master_is_down_from_its_lease(monkeypatch, tmp_path):
+    import workers.client.monitor as monitor
+
+    def unavailable(url):
+        raise monitor.MonitorUnavailable("ConnectionError: refused")
+
+    monkeypatch.setattr(monitor, "read_status_documents", unavailable)
+    view = monitor.cluster_view("redis://x", tmp_path, sync_interval_s=1.0,
+                                read_progress=lambda shared: {"a": doc("a", joined=True)},
+                                read_retired=lambda shared: {},
+                                read_leases=lambda shared: {"a": {"lease": "down", "why": "gone"}},
+                                now_s=100.0)
+    assert view["source"] == "progress-files" and view["masters"]["a"]["state"] == "down"
+    assert "a is down: gone" in view["verdict"]
+
+
+@pytest.mark.parametrize("command", ["tx", "query"])
+def test_a_missing_name_is_the_only_required_argument_named(command, capsys):
+    from workers.client.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([command])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"prevalence {command}: error: the following arguments are required: NAME"
+    # A name alone is a complete call: a transaction or query may take no argument.
+    assert build_parser().parse_args([command, "total"]).args == []
+
+
 def _cli(*args, env_extra):
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **env_extra}
     return subprocess.run([sys.executable, "-m", "workers.client.cli", *args], env=env,

@@ -219,3 +219,26 @@ def test_status_digest_auto_skips_the_state_pass_until_the_state_holds_still(tmp
     a.digest()  # cached for this version: auto returns it at no cost
     assert a.status(digest=None)["digest"] == a.digest()
     a.close()
+
+
+def test_retiring_a_live_master_is_refused_once_with_what_to_do(tmp_path):
+    from workers.prevalence import PrevalenceError, retire
+
+    import json
+    import socket
+
+    from workers.prevalence.cluster import lease
+
+    open_member(str(tmp_path), "alpha").close()
+    # The lease names a live process on this host (this test's parent), as a running
+    # master's would.
+    holder = os.getppid()
+    body = {"host": socket.gethostname(), "boot_id": lease.boot_id(), "master": "alpha",
+            "heartbeat": time.time(), "pid": holder, "pid_start": lease.pid_start(holder)}
+    folder.publish(folder.lease_path(str(tmp_path), "alpha"), json.dumps(body).encode())
+    with pytest.raises(PrevalenceError) as caught:
+        retire(str(tmp_path), "alpha")
+    message = str(caught.value)
+    assert message.startswith("refusing to retire a live master: master 'alpha' is held by pid")
+    assert message.count("top that process first") == 1 and "Stop it first" not in message
+    assert "pick another master name" not in message and "--force" in message

@@ -72,3 +72,80 @@ def test_the_systemd_units_verify(tmp_path):
     problems = [line for line in (done.stdout + done.stderr).splitlines()
                 if line.strip() and "prevalence" in line]
     assert done.returncode == 0 and not problems, done.stdout + done.stderr
+
+
+def _deploy_readme() -> str:
+    return (DEPLOY / "README.md").read_text()
+
+
+def test_every_documentation_path_of_the_units_is_installed_by_a_step_of_the_guide():
+    guide = _deploy_readme()
+    for name in UNITS:
+        unit = (DEPLOY / name).read_text()
+        paths = [p for line in re.findall(r"^Documentation=(.*)$", unit, re.M)
+                 for p in re.findall(r"file://(\S+)", line)]
+        assert paths, f"{name} has no Documentation= path"
+        for path in paths:
+            assert re.search(rf"^install .*{re.escape(path)}$", guide, re.M), (
+                f"{name} points to {path}, which no `install` step of deploy/README.md creates")
+
+
+def test_the_key_file_mode_is_the_same_in_the_guide_and_the_environment_example():
+    example = (ROOT / "config" / "prevalence.env.example").read_text()
+    guide = _deploy_readme()
+    assert "chmod 0440 /etc/prevalence/cluster.key" in guide and "chown root:prevalence" in guide
+    assert "mode 0440, owner root, group prevalence" in example
+    assert "0400" not in example and "0400" not in guide
+
+
+def _reason_fragments() -> list[str]:
+    """The fixed text of every NOT CONVERGED reason `workers.client.monitor` can give: the
+    longest literal part of each f-string added to the reasons (placeholders removed)."""
+    import ast
+
+    import workers.client.monitor as monitor
+
+    tree = ast.parse(Path(monitor.__file__).read_text())
+    fragments = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.JoinedStr, ast.Constant)) or not _is_reason(node, tree):
+            continue
+        parts = ([v.value for v in node.values if isinstance(v, ast.Constant)]
+                 if isinstance(node, ast.JoinedStr) else [node.value])
+        longest = max(parts, key=len).strip()
+        if len(longest) >= 6:
+            fragments.append(longest)
+    return fragments
+
+
+def _is_reason(node, tree) -> bool:
+    import ast
+
+    for parent in ast.walk(tree):
+        if (isinstance(parent, ast.Call) and isinstance(parent.func, ast.Attribute)
+                and parent.func.attr == "append" and isinstance(parent.func.value, ast.Name)
+                and parent.func.value.id == "reasons"):
+            # The text itself, or the first operand of a concatenation ("..." + detail).
+            tops = [arg.left if isinstance(arg, ast.BinOp) else arg for arg in parent.args]
+            if any(node is top for top in tops):
+                return True
+        if isinstance(parent, ast.List) and any(node is elt for elt in parent.elts):
+            return isinstance(node, ast.Constant) and "reported" in node.value
+    return False
+
+
+def test_the_runbook_says_what_to_do_for_every_not_converged_reason_the_code_gives():
+    fragments = _reason_fragments()
+    assert len(fragments) >= 10, fragments  # the parse found them
+    runbook = _deploy_readme().split("### Runbook: `NOT CONVERGED` reasons", 1)[1]
+    missing = [f for f in fragments if f.replace("`", "") not in runbook.replace("`", "")]
+    assert not missing, f"deploy/README.md's runbook lacks {missing}"
+    # The states a worker reports besides ready and running ("NAME is <state>").
+    for state in ("joining", "starting", "stopping", "stopped"):
+        assert f"NAME is {state}" in runbook, state
+    # The reasons of a master named down by its lease (workers/prevalence/cluster/lease.py).
+    from workers.prevalence.cluster import lease
+
+    source = Path(lease.__file__).read_text()
+    for why in ("is gone", "has rebooted since", "no heartbeat from"):
+        assert why in source and why in runbook, why

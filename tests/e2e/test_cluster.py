@@ -155,7 +155,7 @@ def test_bad_input_via_tasks_is_refused_clearly_and_journals_nothing(cluster, cl
     with pytest.raises(RequestRefused, match="no transaction 'nosuch'"):
         client.execute_many([("deposit", ["b1", 1]), ("nosuch", [])], master="gamma")
     # Queries: unknown name and wrong arity are clear errors too.
-    assert client.query_outcome("nosuch")["error_type"] == "UnknownTransaction"
+    assert client.query_outcome("nosuch")["error_type"] == "UnknownQuery"
     assert client.query_outcome("balance")["error_type"] == "BadArguments"
     assert _journal_state(cluster) == before
 
@@ -176,6 +176,8 @@ def test_bad_input_via_the_cli_exits_non_zero_with_a_clear_message(cluster, clie
         (("tx", "deposit", "c1", "1180591620717411303424"), 2, "cannot be encoded"),
         (("tx", "deposit", "c1", "[1,"), 2, "looks like JSON but is not"),
         (("query", "nosuch"), 2, "no query 'nosuch'"),
+        (("query", "balanse", "c1"), 2, "error (UnknownQuery): "),
+        (("query", "balance", "nosuch"), 1, "rejected: no account 'nosuch'"),
         (("tx", "deposit", "c1", "1", "--master", "nosuch"), 2, "no master named 'nosuch'"),
     ]
     for args, status, text in cases:

@@ -43,3 +43,55 @@ def _processes_in(folder: Path) -> list[str]:
         if cwd.startswith(str(folder)):
             found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes()[:120]!r}")
     return found
+
+
+def test_the_demo_says_it_reuses_a_folder_and_its_hints_work_in_a_fresh_shell(tmp_path, broker):
+    import signal
+    import threading
+
+    from workers.models.ledger import model
+    from workers.prevalence import Master
+
+    # An earlier run's folder: one master's state.
+    shared = tmp_path / "var" / "shared"
+    shared.mkdir(parents=True)
+    Master.open(model, str(shared), "alpha").close()
+    env = dict(os.environ, CELERY_BROKER_URL=broker.url, PYTHONPATH=str(ROOT))
+    demo = subprocess.Popen([sys.executable, "-m", "workers.client.cli", "demo", "--root",
+                             str(tmp_path / "var"), "--no-flower", "--transactions", "12"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=str(tmp_path))
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in demo.stdout:
+            lines.append(line)
+            if "press Ctrl-C to stop" in line:
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(240), "".join(lines[-40:])
+        text = "".join(lines)
+        assert "reusing the shared folder of an earlier run" in text and "(masters alpha)" in text
+        assert "--fresh" in text
+        start = next(i for i, line in enumerate(lines) if "Try, in another shell" in line)
+        hints = [line.strip() for line in lines[start + 1:] if line.startswith("    ")]
+        export, commands = hints[0], hints[1:]
+        assert export.startswith("export ") and len(commands) == 3, hints
+        # A fresh shell: the venv is not on PATH, no PYTHONPATH, nothing of this process.
+        bare = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+        for command in commands:
+            done = subprocess.run(["bash", "-c", f"{export}\n{command}"], env=bare,
+                                  capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+            expected = (0, 3) if command.endswith(" status") else (0,)  # 3: still settling
+            assert done.returncode in expected, (command, done.stdout, done.stderr)
+            assert "Traceback" not in done.stderr
+        assert "MASTER" in done.stdout and "alpha" in done.stdout
+    finally:
+        demo.send_signal(signal.SIGTERM)
+        demo.wait(120)
+        reader.join(30)
+    assert "masters stopped (warm shutdown" in "".join(lines)

@@ -84,3 +84,24 @@ def test_the_journal_reservation_setting_reaches_the_worker(make_cluster, reserv
     # it (not the 256 KiB of the default).
     zeros = len(data) - end
     assert zeros == 0 if reserve == "0" else 64 * 1024 - end < zeros <= 64 * 1024, zeros
+
+
+def test_status_names_a_master_killed_9_down_at_once_from_its_lease(cluster):
+    import json
+
+    from workers.client.monitor import read_status_documents
+
+    converge(cluster)
+    pid = cluster.processes["beta"].pid
+    cluster.kill_master("beta")
+    # Its last report is still in Redis and says ready (it keeps for a minute) ...
+    assert read_status_documents(cluster.broker.url)["beta"]["state"] == "ready"
+    # ... but its lease names a pid that is gone: status says so on its first look.
+    done = subprocess.run([sys.executable, "-m", "workers.client.cli", "status", "--json"],
+                          env=cluster.env(), capture_output=True, text=True, timeout=120,
+                          cwd=str(cluster.run_dir))
+    assert done.returncode == 3, done.stdout + done.stderr
+    view = json.loads(done.stdout)
+    assert view["masters"]["beta"]["state"] == "down"
+    assert f"beta is down: its process (pid {pid} on host" in view["verdict"]
+    assert view["masters"]["alpha"]["state"] == "ready"

@@ -16,7 +16,7 @@ def test_query_many_reads_several_keys_in_one_task_and_a_bad_call_fails_alone(ma
 
     outcomes = client.query_many([("balance", ["qm1"]), ("balance", ["qm2"]), ("nosuch", []),
                                   ("balance", ["nobody"]), ("total", [])])
-    assert [o["status"] for o in outcomes] == ["ok", "ok", "error", "ok", "ok"]
+    assert [o["status"] for o in outcomes] == ["ok", "ok", "error", "rejected", "ok"]
     assert [o["value"] for o in outcomes] == [3, 5, None, None, 8]
     assert {o["master"] for o in outcomes} == {"alpha"}
     with pytest.raises(RequestRefused, match="no query 'nosuch'"):

@@ -34,7 +34,7 @@ def main() -> None:
     deferred = fsync == "deferred"
     m = Master.open(model, shared, "solo", fsync="always" if deferred else fsync, fault=fault,
                     gc_grace_s=0, segment_bytes_max=SEGMENT_BYTES_MAX, deferred_sync=deferred)
-    if m.query("balance", "acct") is None:
+    if "acct" not in m.query("balances"):
         m.execute("open_account", "acct", 0, rid="open")
         print("ack open", flush=True)
     for i in range(writes):

@@ -223,6 +223,43 @@ def test_lease_naming_a_reused_pid_is_stale_at_once(tmp_path):
     open_master(tmp_path).close()
 
 
+def test_status_names_a_holder_down_as_soon_as_its_process_on_this_host_is_gone(tmp_path):
+    import subprocess
+    import sys
+    from workers.prevalence.cluster import lease
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    started = lease.pid_start(child.pid)
+    _write_lease(tmp_path, pid=child.pid, pid_start=started, heartbeat=1000.0)
+    assert lease.holder_state(str(tmp_path), "solo", now_s=1000.0)["lease"] == "alive"
+    child.kill()
+    child.wait()
+    # Same heartbeat, same clock: only the process is gone, and that alone names it down.
+    state = lease.holder_state(str(tmp_path), "solo", now_s=1000.0)
+    assert state["lease"] == "down" and state["pid"] == child.pid
+    assert f"pid {child.pid}" in state["why"] and "is gone" in state["why"]
+
+
+def test_status_names_a_holder_on_another_host_down_once_a_heartbeat_is_missed(tmp_path):
+    from workers.prevalence.cluster import lease
+    _write_lease(tmp_path, host="elsewhere", pid=4242, heartbeat=1000.0)
+    period_s = lease.heartbeat_period_s(lease.LEASE_TTL_S_DEFAULT)
+    due_s = 1000.0 + period_s + lease.HEARTBEAT_SLACK_S
+    assert lease.holder_state(str(tmp_path), "solo", now_s=due_s)["lease"] == "alive"
+    late = lease.holder_state(str(tmp_path), "solo", now_s=due_s + 0.5)
+    assert late["lease"] == "down" and "no heartbeat from pid 4242 on host 'elsewhere'" in late["why"]
+    # Well before the lease TTL: the lease is not stale for a claim yet.
+    assert due_s + 0.5 < 1000.0 + lease.LEASE_TTL_S_DEFAULT
+
+
+def test_status_reads_a_released_or_damaged_lease_without_raising(tmp_path):
+    from workers.prevalence.cluster import folder, lease
+    assert lease.holder_state(str(tmp_path), "solo")["lease"] == "released"
+    os.makedirs(os.path.dirname(folder.lease_path(str(tmp_path), "solo")), exist_ok=True)
+    folder.publish(folder.lease_path(str(tmp_path), "solo"), b"garbage")
+    state = lease.holder_state(str(tmp_path), "solo")
+    assert state["lease"] == "unreadable" and "lease" in state["why"]
+
+
 def test_master_whose_lease_was_taken_over_stops_taking_writes(tmp_path):
     from workers.prevalence.errors import NotReady
     m = open_master(tmp_path)

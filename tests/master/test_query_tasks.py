@@ -53,8 +53,9 @@ def _run(task, *args):
 
 def test_a_query_answers_its_value_and_master_and_nothing_a_write_carries(master):
     assert _run(tasks.query, "balance", ["a"]) == {"status": "ok", "value": 7, "master": "alpha"}
-    assert _run(tasks.query, "balance", ["nobody"]) == {"status": "ok", "value": None,
-                                                       "master": "alpha"}
+    assert _run(tasks.query, "balance", ["nobody"]) == {
+        "status": "rejected", "value": None, "error": "no account 'nobody'", "error_type": "Rejected",
+        "master": "alpha"}
 
 
 def test_a_query_value_that_is_not_a_json_scalar_is_converted_to_builtins(master):
@@ -62,7 +63,7 @@ def test_a_query_value_that_is_not_a_json_scalar_is_converted_to_builtins(master
 
 
 @pytest.mark.parametrize("name, args, error_type, text", [
-    ("nosuch", [], "UnknownTransaction", "no query 'nosuch'"),
+    ("nosuch", [], "UnknownQuery", "no query 'nosuch'"),
     ("balance", [], "BadArguments", "missing a required argument"),
     ("balance", ["a", "b"], "BadArguments", "too many"),
     ("", [], "BadRequest", "non-empty string"),
@@ -88,9 +89,9 @@ def test_query_many_answers_every_call_in_order_and_a_bad_call_fails_alone(maste
                                     "junk", ["broken", []], ["known", ["a"]], ["balance", ["b"]]])
     assert reply["master"] == "alpha"
     outcomes = reply["outcomes"]
-    assert [o["status"] for o in outcomes] == ["ok", "error", "error", "error", "error", "ok", "ok"]
+    assert [o["status"] for o in outcomes] == ["ok", "error", "error", "error", "error", "ok", "rejected"]
     assert [o.get("error_type") for o in outcomes] == [
-        None, "UnknownTransaction", "BadArguments", "BadRequest", "QueryFailed", None, None]
+        None, "UnknownQuery", "BadArguments", "BadRequest", "QueryFailed", None, "Rejected"]
     assert [o["value"] for o in outcomes] == [7, None, None, None, None, ["a"], None]
 
 
@@ -124,7 +125,9 @@ def test_client_query_many_sends_one_task_and_gives_each_call_its_outcome(master
     assert app.sent == [("prevalence.query_many",
                          [[["balance", ["a"]], ["balance", ["nobody"]], ["nosuch", []]]])]
     assert [o["master"] for o in outcomes] == ["alpha"] * 3
-    assert raise_for_outcome(outcomes[0]) == 7 and raise_for_outcome(outcomes[1]) is None
+    assert raise_for_outcome(outcomes[0]) == 7
+    with pytest.raises(TransactionRejected, match="no account 'nobody'"):
+        raise_for_outcome(outcomes[1])
     with pytest.raises(RequestRefused, match="no query 'nosuch'"):
         raise_for_outcome(outcomes[2])
 

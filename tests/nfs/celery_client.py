@@ -62,7 +62,7 @@ def load(masters: list[str], ops: int, seed: int, accounts: int, initial: int) -
     # Every master must know the accounts before it is sent transfers on them.
     end = time.monotonic() + 60
     for m in masters:
-        while client.query("balance", names[-1], master=m) is None:
+        while names[-1] not in client.query("balances", master=m):
             if time.monotonic() > end:
                 return {"error": f"{m} never saw the accounts", "acked": acked}
             time.sleep(0.2)

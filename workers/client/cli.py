@@ -7,6 +7,7 @@
     prevalence sync [--master M]                     broadcast, or one master with its report
     prevalence snapshot [--master M]
     prevalence verify [--json]                       reference digest from the folder alone
+    prevalence backup DEST [--json]                  a consistent cut of the folder, verified
     prevalence retire NAME [--force]
     prevalence demo [--unattended]                   a local three-master cluster
 
@@ -18,10 +19,11 @@ every argument verbatim as a string.
 
 Exit status: 0 success; 1 the model refused (Rejected) or the transaction raised;
 2 bad input or configuration (nothing was journaled); 3 `status`: not converged, `verify`:
-errors found; 4 no reply or no broker (the outcome of a write is then unknown: retry it
+errors found, `backup`: no backup made; 4 no reply or no broker (the outcome of a write is then unknown: retry it
 with the same --key).
 
-Everything except `verify`, `retire` and `status` (when Redis is down) goes through Celery.
+Everything except `verify`, `backup`, `retire` and `status` (when Redis is down) goes
+through Celery.
 Settings come from the environment (see `workers.settings`).
 """
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import shlex
@@ -157,12 +160,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         return read(str(shared))
 
+    def read_leases(shared: Any) -> dict:
+        from workers.prevalence.cluster.lease import read_all_holders
+
+        return read_all_holders(str(shared), key)
+
     deadline = time.monotonic() + (args.wait or 0.0)
     while True:
         view = cluster_view(settings.broker_url if settings.is_redis else "redis://invalid:0",
                             settings.shared_dir if settings.shared_dir.is_dir() else None,
                             sync_interval_s=settings.sync_interval_s,
-                            read_progress=read_progress, read_retired=read_retired)
+                            read_progress=read_progress, read_retired=read_retired,
+                            read_leases=read_leases)
         if view["converged"] or time.monotonic() >= deadline:
             break
         time.sleep(min(1.0, max(0.1, settings.sync_interval_s)))
@@ -311,6 +320,42 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if healthy else EXIT_NOT_CONVERGED
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from workers.prevalence import PrevalenceError
+    from workers.prevalence.cluster.backup import BackupError, backup
+
+    settings = _settings()
+    shared = settings.require_shared_dir()
+    model = settings.load_model()
+    dest = os.path.abspath(args.dest)
+    if os.path.lexists(dest) and (not os.path.isdir(dest) or os.path.islink(dest) or os.listdir(dest)):
+        raise CliError(f"backup destination {dest} exists and is not an empty folder; name a new one")
+    if dest == str(shared.resolve()) or dest.startswith(str(shared.resolve()) + os.sep):
+        raise CliError(f"backup destination {dest} is inside the shared folder {shared}; name one outside it")
+
+    def say(line: str) -> None:
+        print(f"backup: {line}", file=sys.stderr, flush=True)
+
+    try:
+        manifest = backup(str(shared), args.dest, model, cluster_key=settings.read_cluster_key(),
+                          say=None if args.quiet else say)
+    except BackupError as exc:
+        raise CliError(f"no backup made: {exc}", EXIT_NOT_CONVERGED) from exc
+    except PrevalenceError as exc:
+        raise CliError(f"no backup made: {exc}", EXIT_NOT_CONVERGED) from exc
+    if args.json:
+        _print_json(manifest)
+    else:
+        cuts = ", ".join(f"{m} {seq}" for m, seq in sorted(manifest["cuts"].items()))
+        print(f"backed up {shared} to {args.dest}: {manifest['files']} files, {manifest['bytes']:,} bytes")
+        print(f"cut (last seq per master): {cuts}")
+        print(f"digest: {manifest['digest']} ({manifest['total']} records), the same as `prevalence verify` "
+              "computes on the source at this cut")
+        print("restore: copy the folder to a new shared folder and start the masters on it under the same "
+              "names (deploy/README.md, Backups)")
+    return EXIT_OK
+
+
 def cmd_retire(args: argparse.Namespace) -> int:
     from workers.prevalence import PrevalenceError, retire
 
@@ -350,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Settings come from the environment or .env (PREVALENCE_*, CELERY_BROKER_URL).\n"
                "`prevalence tx --help` explains how arguments are read.\n"
                "Exit status: 0 ok; 1 refused by the model; 2 bad input or configuration;\n"
-               "3 status: not converged, verify: errors; 4 no reply or no broker.")
+               "3 status: not converged, verify: errors, backup: none made; 4 no reply or no broker.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("status", help="show every master and whether the cluster converged")
@@ -364,9 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            description=f"Run a {what} on one master (--master) or on whichever\n"
                            "master takes it from the shared queue.\n\n" + ARGUMENT_RULES)
-        p.add_argument("name", help=f"the {what} name, e.g. "
+        p.add_argument("name", metavar="NAME", help=f"the {what} name, e.g. "
                        + ("deposit" if name == "tx" else "balance"))
-        p.add_argument("args", nargs="*", metavar="ARG", help="its arguments (rules above)")
+        # default=[]: without it argparse names ARG as required when NAME is missing,
+        # although a transaction or query may take no argument at all.
+        p.add_argument("args", nargs="*", metavar="ARG", default=[], help="its arguments (rules above)")
         p.add_argument("--master", "-m", help="send it to this master (default: any)")
         p.add_argument("--strings", action="store_true", help="take every ARG as a string")
         p.add_argument("--json", action="store_true", help="print the outcome document")
@@ -401,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="compute the reference digest from the folder alone")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("backup", help="copy a consistent cut of the shared folder and verify it")
+    p.add_argument("dest", metavar="DEST", help="a new folder (or an empty one) to hold the backup")
+    p.add_argument("--json", action="store_true", help="print the manifest")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("retire", help="remove a master from the cluster for good")
     p.add_argument("name")

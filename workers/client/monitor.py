@@ -92,18 +92,24 @@ def _lag_text(lag: Any) -> str:
 
 def evaluate(masters: dict[str, dict[str, Any]], *, expected: Iterable[str] = (),
              stale_after_s: float | None = None, now_s: float | None = None,
-             has_tentative: bool = True) -> tuple[bool, list[str]]:
+             has_tentative: bool = True, down: dict[str, str] | None = None
+             ) -> tuple[bool, list[str]]:
     """Decide whether the masters have converged, and why not.
 
-    Converged (DESIGN §6): every expected master reported, none is stale or stopped, every
-    one has ``tentative == 0``, all report the same cursors and the same digest. Returns
+    Converged (DESIGN §6): every expected master reported, none is down, stale or stopped,
+    every one has ``tentative == 0``, all report the same cursors and the same digest.
+    `down` maps a master whose lease shows its process gone to why (`mark_down`). Returns
     ``(converged, reasons)``; `reasons` explains each failed condition in a sentence.
     """
     reasons: list[str] = []
+    down = down or {}
     now_s = time.time() if now_s is None else now_s
     missing = sorted(set(expected) - set(masters))
     for name in missing:
-        reasons.append(f"{name} has not reported (down, or not started yet)")
+        if name in down:
+            reasons.append(f"{name} is down: {down[name]}")
+        else:
+            reasons.append(f"{name} has not reported (down, or not started yet)")
     if not masters:
         return False, reasons or ["no master has reported"]
     for name, doc in sorted(masters.items()):
@@ -111,9 +117,12 @@ def evaluate(masters: dict[str, dict[str, Any]], *, expected: Iterable[str] = ()
             reasons.append(f"{name}'s status document is unreadable")
             continue
         state = doc.get("state")
-        if state and state not in ("ready", "running"):
+        if name in down:
+            reasons.append(f"{name} is down: {down[name]}")
+        elif state and state not in ("ready", "running"):
             reasons.append(f"{name} is {state}")
-        if stale_after_s is not None and isinstance(doc.get("reported_at"), (int, float)):
+        if (name not in down and stale_after_s is not None
+                and isinstance(doc.get("reported_at"), (int, float))):
             age_s = now_s - doc["reported_at"]
             if age_s > stale_after_s:
                 reasons.append(f"{name}'s last report is {age_s:.0f} s old (busy, or down?)")
@@ -144,6 +153,7 @@ def evaluate(masters: dict[str, dict[str, Any]], *, expected: Iterable[str] = ()
 def cluster_view(broker_url: str, shared_dir: Path | None, *, sync_interval_s: float,
                  read_progress: Callable[[Path], dict[str, dict[str, Any]]] | None = None,
                  read_retired: Callable[[Path], dict[str, int]] | None = None,
+                 read_leases: Callable[[Path], dict[str, dict[str, Any]]] | None = None,
                  now_s: float | None = None) -> dict[str, Any]:
     """Build the cluster view from Redis, or from the progress files when Redis is down.
 
@@ -155,6 +165,10 @@ def cluster_view(broker_url: str, shared_dir: Path | None, *, sync_interval_s: f
             30 s counts as stale.
         read_progress: `workers.prevalence.read_all_progress`, injected by the caller.
         read_retired: the retired names in the folder (name -> cut), injected likewise.
+        read_leases: what each master's lease says of its process
+            (`workers.prevalence.cluster.lease.read_all_holders`): a master whose process
+            is gone, or whose heartbeat stopped, shows as ``down`` at once, instead of
+            ``ready`` until its last report grows stale.
     """
     now_s = time.time() if now_s is None else now_s
     progress: dict[str, dict[str, Any]] | None = None
@@ -170,6 +184,12 @@ def cluster_view(broker_url: str, shared_dir: Path | None, *, sync_interval_s: f
             retired = set(read_retired(shared_dir))
         except Exception as exc:  # shown below with the folder's other troubles
             progress_error = progress_error or f"{type(exc).__name__}: {exc}"
+    leases: dict[str, dict[str, Any]] = {}
+    if shared_dir is not None and read_leases is not None:
+        try:
+            leases = read_leases(shared_dir)
+        except Exception as exc:  # shown below with the folder's other troubles
+            progress_error = progress_error or f"{type(exc).__name__}: {exc}"
     expected = [n for n in (progress or {}) if n not in retired]
     stale_after_s = 3 * sync_interval_s + 30.0
     view: dict[str, Any] = {"generated_at": now_s, "broker_url": _redact(broker_url),
@@ -181,14 +201,16 @@ def cluster_view(broker_url: str, shared_dir: Path | None, *, sync_interval_s: f
         retired |= {n for doc in masters.values() for n in (doc.get("retired") or {})}
         expected = [n for n in expected if n not in retired]
         masters = {n: d for n, d in masters.items() if n not in retired}
+        down = mark_down(masters, leases)
         converged, reasons = evaluate(masters, expected=expected, stale_after_s=stale_after_s,
-                                      now_s=now_s)
+                                      now_s=now_s, down=down)
         # Show a member that has not reported with what its progress file says.
         for name in expected:
             if name not in masters and (progress or {}).get(name):
                 doc = dict(progress[name])
-                doc["state"] = "no report"
+                doc["state"] = "down" if name in down else "no report"
                 masters[name] = doc
+        mark_down(masters, leases)
     except MonitorUnavailable as exc:
         view["source"] = "progress-files"
         view["redis_error"] = str(exc)
@@ -201,7 +223,7 @@ def cluster_view(broker_url: str, shared_dir: Path | None, *, sync_interval_s: f
             if "joined" in doc:
                 doc.setdefault("state", "ready" if doc["joined"] else "joining")
             masters[name] = doc
-        converged, reasons = evaluate(masters, now_s=now_s)
+        converged, reasons = evaluate(masters, now_s=now_s, down=mark_down(masters, leases))
         if progress is None:
             reasons.append("the shared folder could not be read either"
                            + (f" ({progress_error})" if progress_error else ""))
@@ -219,6 +241,20 @@ def cluster_view(broker_url: str, shared_dir: Path | None, *, sync_interval_s: f
     view["reasons"] = reasons
     view["verdict"] = _verdict(view)
     return view
+
+
+def mark_down(masters: dict[str, dict[str, Any]], leases: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Set ``state`` to ``down`` (and ``down`` to why) on every master whose lease says its
+    process is gone; return those masters' names with why. A master that stopped cleanly
+    (state ``stopped``, lease released) is left as it is."""
+    down = {name: lease.get("why", "its lease says so") for name, lease in leases.items()
+            if lease.get("lease") == "down"}
+    for name, why in down.items():
+        doc = masters.get(name)
+        if doc is not None and doc.get("state") != "stopped":
+            doc["state"] = "down"
+            doc["down"] = why
+    return down
 
 
 def _redact(url: str) -> str:

@@ -248,6 +248,7 @@ class LocalCluster:
         from workers.settings import parse_duration_s
         from workers.client.monitor import cluster_view
         from workers.prevalence import read_all_progress
+        from workers.prevalence.cluster.lease import read_all_holders
         from workers.prevalence.cluster.membership import read_retired
 
         return cluster_view(self.broker.url, self.shared_dir,
@@ -255,7 +256,8 @@ class LocalCluster:
                                                              self.sync_interval,
                                                              minimum_s=0, maximum_s=1e9),
                             read_progress=lambda shared: read_all_progress(str(shared)),
-                            read_retired=lambda shared: read_retired(str(shared)))
+                            read_retired=lambda shared: read_retired(str(shared)),
+                            read_leases=lambda shared: read_all_holders(str(shared)))
 
     def wait_converged(self, deadline_s: float = 60.0, model: Any = None) -> dict:
         """Wait until every master reports converged and, when `model` is given, their

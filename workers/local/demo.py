@@ -114,6 +114,36 @@ def _label(outcome: dict) -> str:
     return "refused"
 
 
+def earlier_masters(shared: Path) -> list[str]:
+    """Names of the masters that an earlier run left in `shared` (none for a new folder)."""
+    masters = shared / "masters"
+    if not masters.is_dir():
+        return []
+    return sorted(p.name for p in masters.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def another_shell_hints(broker_url: str, shared_dir: Path, example: str, masters: list[str]) -> list[str]:
+    """The commands the demo suggests for another shell: an ``export`` line, then CLI calls.
+
+    They work in a fresh shell where the venv is not activated: the command is named by its
+    absolute path (the console script beside this interpreter, else ``python -m``), and
+    PYTHONPATH names the project, in case it is not installed in that interpreter.
+    """
+    from workers.local.processes import PROJECT_ROOT
+
+    script = os.path.join(os.path.dirname(sys.executable), "prevalence")
+    if os.access(script, os.X_OK):
+        cli = shlex.quote(script)
+    else:
+        cli = f"{shlex.quote(sys.executable)} -m workers.client.cli"
+    exports = {"CELERY_BROKER_URL": broker_url, "PREVALENCE_SHARED_DIR": str(shared_dir),
+               "PYTHONPATH": str(PROJECT_ROOT)}
+    return ["export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in exports.items()),
+            f"{cli} tx deposit {shlex.quote(example)} 10 --master {masters[1]} --wait committed",
+            f"{cli} query balance {shlex.quote(example)} --master {masters[0]}",
+            f"{cli} status"]
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from workers.local.cluster import ClusterError, LocalCluster, start_broker
     from workers.local.processes import port_is_free
@@ -123,6 +153,11 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.fresh and (root / "shared").exists():
         _say(f"--fresh: deleting {root / 'shared'}")
         shutil.rmtree(root / "shared")
+    earlier = earlier_masters(root / "shared")
+    if earlier:
+        _say(f"reusing the shared folder of an earlier run, {root / 'shared'} (masters "
+             f"{', '.join(earlier)}): the masters recover its state and the workload adds to "
+             "it. To start from an empty folder: --fresh (bin/quickstart --fresh)")
     external = os.environ.get("CELERY_BROKER_URL") if not args.embedded else None
     stopping = {"flag": False}
 
@@ -188,13 +223,9 @@ def run_demo(args: argparse.Namespace) -> int:
         if cluster.flower_url:
             _say(f"Flower: {cluster.flower_url}  (workers, tasks, each master's sync report)")
         if not args.unattended and not stopping["flag"]:
-            _say("cluster running. Try, in another shell with the same environment:")
-            # The command of this environment, by path: the venv is not on PATH in a new shell.
-            cli = shlex.quote(os.path.join(os.path.dirname(sys.executable), "prevalence"))
-            print(f"    export CELERY_BROKER_URL={broker.url} PREVALENCE_SHARED_DIR={cluster.shared_dir}")
-            print(f"    {cli} tx deposit {example} 10 --master {masters[1]} --wait committed")
-            print(f"    {cli} query balance {example} --master {masters[0]}")
-            print(f"    {cli} status")
+            _say("cluster running. Try, in another shell (copy the export line first):")
+            for line in another_shell_hints(broker.url, cluster.shared_dir, example, masters):
+                print(f"    {line}")
             _say("press Ctrl-C to stop")
             while True:
                 time.sleep(3600)

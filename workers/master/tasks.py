@@ -220,9 +220,11 @@ def execute_many(self: Any, items: list, key: str | None = None) -> dict:
 def query(name: str, args: list | None = None) -> dict:
     """Run a query on this master's current (possibly tentative) state.
 
-    Returns a query outcome: ``{"status": "ok", "value": ..., "master": name}``, or with
-    ``status: "error"``, ``error`` and ``error_type`` (``BadRequest``,
-    ``UnknownTransaction``, ``BadArguments``, ``QueryFailed``) when refused.
+    Returns a query outcome: ``{"status": "ok", "value": ..., "master": name}``; with
+    ``status: "rejected"`` (``error``, ``error_type: "Rejected"``) when the query refused
+    (raised `Rejected`, e.g. the ledger's balance of no account); or with ``status:
+    "error"``, ``error`` and ``error_type`` (``BadRequest``, ``UnknownQuery``,
+    ``BadArguments``, ``QueryFailed``) when refused.
 
     Lean on purpose (the no-op task is its yardstick, benchmarks/bench_app.py): no
     request id, record or committed flag (a query writes nothing), JSON scalars are
@@ -290,7 +292,7 @@ def _run_query(master: Any, name: Any, args: Any) -> Any:
     if problem:
         raise _BadRequest(problem)
     model = master.model
-    model.query_fn(name)  # UnknownTransaction, naming the known queries
+    model.query_fn(name)  # UnknownQuery, naming the known queries
     model.check_arguments(name, args, is_query=True)
     return master.query(name, *args)
 
@@ -302,6 +304,10 @@ def _query_failed(exc: Exception, name: Any, master: str, task_id: str | None) -
 
     if isinstance(exc, _BadRequest):
         return _query_refused(str(exc), master)
+    if isinstance(exc, errors.Rejected):
+        # A query refuses as a transaction does ("no account 'x'"): rejected, not an error.
+        return {"status": "rejected", "value": None, "error": str(exc), "error_type": "Rejected",
+                "master": master}
     if isinstance(exc, errors.PrevalenceError):
         return _query_refused(str(exc), master, type(exc).__name__)
     logger.warning("query task %s: query %r on %s raised %s: %s", task_id, name, master,

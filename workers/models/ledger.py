@@ -92,8 +92,13 @@ def transfer(root, ctx, src: str, dst: str, amount: int) -> int:
 
 
 @model.query
-def balance(root, account_id: str) -> int | None:
-    return root["accounts"].get(account_id)
+def balance(root, account_id: str) -> int:
+    """The account's balance; refuses (`Rejected`) an account that does not exist, as
+    `deposit` and `withdraw` do. `balances()` lists the accounts without refusing."""
+    amount = root["accounts"].get(account_id)
+    if amount is None:
+        raise Rejected(f"no account {account_id!r}")
+    return amount
 
 
 @model.query

@@ -28,6 +28,11 @@ class UnknownTransaction(RequestError):
     """Raised when a transaction or query name is not declared by the model."""
 
 
+class UnknownQuery(UnknownTransaction):
+    """Raised when a query name is not declared by the model (a subclass of
+    `UnknownTransaction`, which callers of older releases catch)."""
+
+
 class BadArguments(RequestError):
     """Raised when arguments do not fit the transaction's signature or cannot be encoded."""
 

@@ -39,7 +39,7 @@ from . import codec, tracked
 from .tracked import run_record
 from .clock import from_ms, physical_ms
 from .codec import RequestIdEntry
-from .errors import BadArguments, Rejected, UnknownTransaction
+from .errors import BadArguments, Rejected, UnknownQuery, UnknownTransaction
 
 OK = "ok"
 REJECTED = "rejected"
@@ -203,7 +203,7 @@ class Model:
         fn = self.queries.get(name) if name is not None else None
         if fn is None:
             known = ", ".join(sorted(self.queries)) or "none"
-            raise UnknownTransaction(f"{self!r} has no query {q!r} (known: {known})")
+            raise UnknownQuery(f"{self!r} has no query {q!r} (known queries: {known})")
         return fn
 
     def check_arguments(self, name: str, args: tuple | list, *, is_query: bool = False) -> None:

@@ -1,5 +1,6 @@
 """The multi-master layer: the master and its parts (recovery, writing, syncing,
-housekeeping, reporting), shared folder, leases, progress, reader, membership, verify.
+housekeeping, reporting), shared folder, leases, progress, reader, membership, verify,
+backup.
 
 Built on the engine modules beside it (journal, snapshot, clock, codec, model), which
 know nothing of this layer.

@@ -168,14 +168,15 @@ class Lease:
             return other.token == self.token
         return other.pid == self._me["pid"] and other.host == self._me["host"]  # an older release's lease
 
-    def _describe(self, other: LeaseFile, age_s: float, future_s: float = 0.0) -> str:
+    def _describe(self, other: LeaseFile, age_s: float, future_s: float = 0.0,
+                  advice: str = "Stop that process first, or pick another master name") -> str:
         if future_s:
             beat = (f"heartbeat {future_s:.0f} s in the future by this host's clock -- a wrong clock or a forged "
                     f"file; not believed: the file was last rewritten {age_s:.1f} s ago")
         else:
             beat = f"heartbeat {age_s:.1f} s ago"
         return (f"master {self.name!r} is held by pid {other.pid} on host {other.host!r} ({beat}, lease TTL "
-                f"{self.lease_ttl_s:.0f} s). Stop that process first, or pick another master name")
+                f"{self.lease_ttl_s:.0f} s). {advice}")
 
     # -- claiming ------------------------------------------------------------------------
 
@@ -208,10 +209,10 @@ class Lease:
         self._thread = threading.Thread(target=self._heartbeat_loop, name=f"lease-{self.name}", daemon=True)
         self._thread.start()
 
-    def check_free(self) -> None:
+    def check_free(self, advice: str = "Stop that process first, or pick another master name") -> None:
         """Raise LeaseHeld when a claim would be refused now (module docstring); claims
         nothing. A lease naming this very process (same host, boot and pid) counts as free,
-        as a stale one does.
+        as a stale one does. `advice` ends the message: what the caller should do next.
 
         Raises:
             LeaseHeld: held by a live process. BadFile: the lease does not parse; it is not
@@ -235,9 +236,9 @@ class Lease:
         same_host = other.host == self._me["host"] and other.boot_id == self._me["boot_id"]
         if same_host:
             if other.pid != os.getpid() and _alive(other.pid, other.pid_start):
-                raise LeaseHeld(self._describe(other, age_s, future_s))
+                raise LeaseHeld(self._describe(other, age_s, future_s, advice))
         elif age_s < self.lease_ttl_s:
-            raise LeaseHeld(self._describe(other, age_s, future_s))
+            raise LeaseHeld(self._describe(other, age_s, future_s, advice))
         log.info("taking over stale lease of %s (pid %s on %s, heartbeat %.1f s ago)",
                  self.name, other.pid, other.host, age_s)
 
@@ -371,3 +372,66 @@ class Lease:
         """Stop heartbeating without removing the lease (tests: simulate a crash or a pause)."""
         self._stop.set()
         self._release_local()
+
+
+# -- liveness, for operators ------------------------------------------------------------
+
+#: How far past one heartbeat period a lease of another host may be before status names
+#: its holder down: the heartbeat write's own latency (an NFS round trip) plus the clock
+#: difference between the two hosts (deploy/README.md: keep it under 1 s with NTP).
+HEARTBEAT_SLACK_S = 2.0
+
+
+def heartbeat_period_s(lease_ttl_s: float = LEASE_TTL_S_DEFAULT) -> float:
+    """How often a holder rewrites its lease (`Lease._heartbeat_loop`), in seconds."""
+    return lease_ttl_s / 3
+
+
+def holder_state(shared: str, name: str, *, key: bytes | None = None,
+                 lease_ttl_s: float = LEASE_TTL_S_DEFAULT, now_s: float | None = None) -> dict:
+    """Whether master `name`'s process is alive, judged by its lease alone (for status).
+
+    Returns a dict: ``lease`` is ``"alive"``, ``"down"`` (the process is gone or its
+    heartbeat stopped), ``"released"`` (no lease file: stopped cleanly, or never started)
+    or ``"unreadable"``; ``why`` says so in a sentence; ``host``, ``pid`` and
+    ``heartbeat_age_s`` when the file names them.
+
+    On this host (same host name and boot id) the holder is down as soon as its pid is
+    gone: no waiting. On another host it is down once its heartbeat is older than one
+    heartbeat period (a third of the TTL) plus `HEARTBEAT_SLACK_S`. Not guaranteed: a
+    holder whose heartbeat thread is starved for that long (a machine paused or swapping)
+    is named down although it may resume; its lease is not taken over before the TTL.
+    Reads only; raises nothing for a bad file (it is reported as ``unreadable``).
+    """
+    now_s = time.time() if now_s is None else now_s
+    path = folder.lease_path(shared, name)
+    try:
+        data = files.read_small(path, "lease")
+        lease = None if data is None else smallfile.decode(
+            data, path, kind=LEASE_KIND, type_=LeaseFile, key=key, master=name)
+    except (BadFile, StorageError) as exc:
+        return {"lease": "unreadable", "why": f"its lease cannot be read: {exc}"}
+    if lease is None:
+        return {"lease": "released", "why": "it holds no lease (stopped cleanly, or never started)"}
+    out = {"host": lease.host, "pid": lease.pid, "heartbeat_age_s": round(now_s - lease.heartbeat, 1)}
+    holder = f"pid {lease.pid} on host {lease.host!r}"
+    if lease.host == socket.gethostname():
+        if lease.boot_id and lease.boot_id != boot_id():
+            return {**out, "lease": "down", "why": f"its lease names {holder}, and that host has rebooted since"}
+        if not _alive(lease.pid, lease.pid_start):
+            return {**out, "lease": "down", "why": f"its process ({holder}, named by its lease) is gone"}
+        return {**out, "lease": "alive", "why": f"{holder} is running"}
+    period_s = heartbeat_period_s(lease_ttl_s)
+    age_s = now_s - lease.heartbeat
+    if age_s > period_s + HEARTBEAT_SLACK_S:
+        return {**out, "lease": "down",
+                "why": f"no heartbeat from {holder} for {age_s:.0f} s (one is written every {period_s:.0f} s)"}
+    return {**out, "lease": "alive", "why": f"{holder} wrote its heartbeat {max(age_s, 0.0):.0f} s ago"}
+
+
+def read_all_holders(shared: str, key: bytes | None = None,
+                     lease_ttl_s: float = LEASE_TTL_S_DEFAULT) -> dict[str, dict]:
+    """`holder_state` of every master folder in `shared`."""
+    now_s = time.time()
+    return {name: holder_state(shared, name, key=key, lease_ttl_s=lease_ttl_s, now_s=now_s)
+            for name in folder.list_masters(shared)}

@@ -187,9 +187,12 @@ def retire(shared: str, name: str, *, force: bool = False, key: bytes | None = N
         raise PrevalenceError(f"master {name!r} is already retired")
     if not force:
         try:
-            Lease(shared, name, key=key).check_free()
+            Lease(shared, name, key=key).check_free(
+                advice="Retire only a master that is gone for good: stop that process first (its lease "
+                       "is released on a clean stop, or goes stale one TTL after its heartbeat stops), "
+                       "or pass --force if you know it is dead")
         except LeaseHeld as exc:
-            raise PrevalenceError(f"refusing to retire a live master: {exc}. Stop it first, or pass --force") from None
+            raise PrevalenceError(f"refusing to retire a live master: {exc}") from None
     cut = last_written_seq(shared, name, key)
     files.make_dirs(folder.cluster_dir(shared), folder.retired_dir(shared), what="cluster folder")
     retirement = Retirement(kind=RETIRED_KIND, master=name, cut=cut, retired_at=time.time())

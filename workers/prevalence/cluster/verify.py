@@ -29,7 +29,8 @@ def _journals_cover(shared: str, masters: list[str], cursors: dict) -> bool:
     return True
 
 
-def _choose_base(shared: str, model: Model, masters: list[str], key: bytes | None):
+def _choose_base(shared: str, model: Model, masters: list[str], key: bytes | None,
+                 cuts: dict[str, int] | None = None):
     if _journals_cover(shared, masters, {}):
         return "initial state", model.root_factory, {}, {}
     snaps = sorted((f, p, m) for m in masters for f, p in list_snapshots(folder.snapshots_dir(shared, m)))
@@ -38,6 +39,8 @@ def _choose_base(shared: str, model: Model, masters: list[str], key: bytes | Non
             body = load_snapshot(path, key, master=m)
         except (Corruption, OSError):
             continue
+        if cuts is not None and any(int(seq) > cuts.get(p, 0) for p, seq in body.cursors.items()):
+            continue  # it has applied records past the cut
         if _journals_cover(shared, masters, body.cursors):
             return (f"snapshot {path}", lambda body=body: decode_root(body, model.state_type),
                     dict(body.cursors), body.dedup)
@@ -45,16 +48,23 @@ def _choose_base(shared: str, model: Model, masters: list[str], key: bytes | Non
                      "cursors are covered by the remaining journals", path=shared)
 
 
-def verify(shared_dir: str, model: Model, *, cluster_key: bytes | None = None) -> dict[str, Any]:
+def verify(shared_dir: str, model: Model, *, cluster_key: bytes | None = None,
+           cuts: dict[str, int] | None = None) -> dict[str, Any]:
     """Compute the reference digest of the folder's records (see module docstring).
+
+    `cuts` (master -> last seq that counts; `backup` uses it) limits the records to a
+    cut: masters not named are left out, records past their cut ignored (and what lies
+    after the cut, a torn tail being written, is not an error).
 
     Returns a dict: ``digest``, ``records`` (real records per master), ``ticks``,
     ``duplicates`` (records skipped: their request id appeared earlier), ``base``, ``errors`` (per master: where reading stopped and why),
     ``deterministic`` (two replays agreed), ``last_hlc``.
     """
     masters = folder.list_masters(shared_dir)
+    if cuts is not None:
+        masters = [m for m in masters if m in cuts]
     retired = membership.read_retired(shared_dir, cluster_key)
-    base, make_root, cursors, dedup0 = _choose_base(shared_dir, model, masters, cluster_key)
+    base, make_root, cursors, dedup0 = _choose_base(shared_dir, model, masters, cluster_key, cuts)
     records: list = []
     errors: dict[str, str] = {}
     counts: dict[str, int] = {}
@@ -65,6 +75,8 @@ def verify(shared_dir: str, model: Model, *, cluster_key: bytes | None = None) -
         while True:
             res = reader.read_new(records_max=200_000)
             got += res.records
+            if cuts is not None and got and got[-1].seq >= cuts[m]:
+                break  # the cut is reached: what follows does not count
             if res.error is not None:
                 errors[m] = str(res.error)
                 break
@@ -74,6 +86,8 @@ def verify(shared_dir: str, model: Model, *, cluster_key: bytes | None = None) -
             if not res.records:
                 break
         cut = retired.get(m)
+        if cuts is not None:
+            cut = cuts[m] if cut is None else min(cut, cuts[m])
         if cut is not None:
             got = [r for r in got if r.seq <= cut]
         unknown = next((r for r in got if r.tx != codec.TICK and r.tx not in model.transactions), None)

@@ -1,0 +1,149 @@
+"""A custom model through the Celery tasks, as the README's "Your own model" describes it:
+what the state may hold is checked at the write, ``ctx.now`` is a UTC datetime, and the
+model's module must be importable by `prevalence verify` (and the workers)."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from workers.master import runtime, tasks
+from workers.prevalence import Master, Model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tags_model() -> Model:
+    model = Model("tags", lambda: {"tags": {}, "seen": {}})
+
+    @model.transaction
+    def tag_as_set(root, ctx, key):
+        root["tags"][key] = {"a", "b"}          # a set: its changes could not be tracked
+
+    @model.transaction
+    def tag_as_list(root, ctx, key):
+        root["tags"][key] = sorted({"b", "a"})  # a set as a temporary, stored as a list: fine
+
+    @model.transaction
+    def stamp(root, ctx, key):
+        root["seen"][key] = ctx.now.isoformat()
+        return root["seen"][key]
+
+    @model.query
+    def tags(root):
+        return dict(root["tags"])
+
+    return model
+
+
+@pytest.fixture
+def master(tmp_path):
+    opened = Master.open(_tags_model(), str(tmp_path / "shared"), "alpha", fsync="never")
+    runtime.install(SimpleNamespace(name="alpha", master=opened))
+    yield opened
+    runtime.uninstall()
+    opened.close()
+
+
+def _execute(tx, *args):
+    result = tasks.execute.apply(args=[tx, list(args)])
+    assert result.successful(), result.traceback
+    return result.get()
+
+
+def test_a_set_stored_by_a_transaction_is_refused_by_execute_at_the_write(master):
+    outcome = _execute("tag_as_set", "x")
+    # Refused at the write, not minutes later at a snapshot: the outcome says so and the
+    # state holds no trace of it (only the request id's recorded outcome).
+    assert outcome["status"] == "error", outcome
+    assert "UntrackableValue" in outcome["error"] and "set" in outcome["error"], outcome
+    assert master.query("tags") == {}
+    assert master.outcome(outcome["rid"])["status"] == "error"
+    assert _execute("tag_as_list", "y")["status"] == "ok"
+    assert master.query("tags") == {"y": ["a", "b"]}
+    master.snapshot()  # the state is one a snapshot can hold
+
+
+def test_ctx_now_is_the_records_time_as_a_utc_datetime(master):
+    value = _execute("stamp", "k")["value"]
+    now = datetime.datetime.fromisoformat(value)
+    assert now.tzinfo is not None and now.utcoffset() == datetime.timedelta(0)
+
+
+MODULE = '''
+from workers.prevalence import Model
+
+model = Model("counter", lambda: {"n": 0})
+
+
+@model.transaction
+def add(root, ctx, k):
+    root["n"] += k
+'''
+
+
+def test_verify_imports_the_model_from_pythonpath_and_says_what_to_do_when_it_cannot(tmp_path):
+    package = tmp_path / "mymodels"
+    package.mkdir()
+    (package / "counter.py").write_text(textwrap.dedent(MODULE))
+    sys.path.insert(0, str(package))
+    try:
+        import counter
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        m = Master.open(counter.model, str(shared), "alpha")
+        m.execute("add", 5)
+        digest = m.digest()
+        m.close()
+    finally:
+        sys.path.remove(str(package))
+        sys.modules.pop("counter", None)
+    env = {"PATH": "/usr/bin:/bin", "PREVALENCE_SHARED_DIR": str(shared),
+           "PREVALENCE_MODEL": "counter:model"}
+
+    def verify(pythonpath: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "workers.client.cli", "verify"],
+                              env=dict(env, PYTHONPATH=pythonpath), capture_output=True, text=True,
+                              timeout=60, cwd=str(tmp_path))
+
+    done = verify(str(ROOT))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "cannot import module 'counter'" in done.stderr and "PYTHONPATH" in done.stderr
+    done = verify(f"{ROOT}:{package}")
+    assert done.returncode == 0, done.stderr
+    assert f"reference digest: {digest}" in done.stdout
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "engine bug found for issue 13, not fixed here: the tracker (workers/prevalence/_tracked_py.py "
+    "_ATOMS and _check_value, and _tracked.c) accepts these values at the write, but the snapshot "
+    "codec reads them back as other types, so the next snapshot fails with UnsupportedState, "
+    "minutes after the write was acknowledged -- the set's old bug. Fix: refuse them at the "
+    "write as sets are (or decode them typed); then this passes and the xfail goes"))
+@pytest.mark.parametrize("value", [
+    "(1, 'a')", "datetime.date(2020, 1, 2)", "datetime.datetime(2020, 1, 1)",
+    "datetime.timedelta(seconds=3)", "datetime.time(1, 2)", "decimal.Decimal('1.5')", "uuid.UUID(int=5)",
+])
+def test_a_value_a_snapshot_cannot_read_back_is_refused_at_the_write(tmp_path, value):
+    import decimal  # noqa: F401 (used by eval)
+    import uuid  # noqa: F401
+
+    model = Model("values", lambda: {"v": {}})
+
+    @model.transaction
+    def put(root, ctx):
+        root["v"]["x"] = eval(value)
+
+    m = Master.open(model, str(tmp_path), "alpha", fsync="never")
+    try:
+        with pytest.raises(Exception, match="UntrackableValue"):
+            m.execute("put")
+        m.snapshot()
+    finally:
+        m.close()
