@@ -89,11 +89,7 @@ class Bench:
                 break
             if time.monotonic() > end:
                 raise RuntimeError("b did not join")
-        # The first records of b: make sure a reads them before timing anything. Listing
-        # b's folder first spares the ~30 s of the new-journal-folder bug (measured on its
-        # own, by `new_journal_folder`), as the tests' workaround does.
-        if mount != "local":
-            ga.request("listdir", mount=mount, cluster=c, sub="masters/b")
+        # The first records of b: make sure a reads them before timing anything.
         gb.request("execute", master="b", tx="deposit", args=["bench", 1])
         seq_b = gb.request("status", master="b")["seq"]
         ga.request("bench_catch_up", master="a", peer="b", seq=seq_b, deadline_s=90)
