@@ -41,7 +41,8 @@ v4.1 clients against nfs-ganesha, ``tests/nfs``), and what it does not:
   folder's attributes (close-to-open applies to directories too). So `list_dir` enters a
   folder it has not seen before only after its parent's listing shows it (`_known_dirs`),
   a segment or seal is read only once its journal's listing shows it, and a small file is
-  read by name only where it is known to exist or its absence is final. Nothing here relies
+  read by name only once a listing showed it, or where seeing it late is harmless (a
+  master's own lease; ``cluster/founder``, there before anyone reads it). Nothing here relies
   on a positive answer being fresh either: a name listed may be gone by the time it is
   opened (ENOENT, handled as "not there").
 * **Rename is atomic on the server, not in a reader's hands.** A small file published by
