@@ -267,3 +267,31 @@ def test_fsync_eio_refuses_the_write_and_loses_nothing_acknowledged(hosts):
         assert m.outcome("refused") is None and m.outcome("after") is None
         assert m.query("balance", "acct") == 107
     assert ref["records"]["alpha"] >= 2
+
+
+@pytest.mark.parametrize("fsync", ["never", "interval"])
+def test_records_a_host_has_not_flushed_are_waited_for_and_then_read(hosts, fsync):
+    # Under fsync=never/interval a master acknowledges before its records reach the server:
+    # its peers see them only once its host writes them back (here: at close, or at the
+    # interval's fsync). Until then they must wait, not fail, and then read them all.
+    h0, h1 = hosts(2)
+    a = open_on(h0, "alpha")
+    a.execute("open_account", "acct", 100, rid="open")
+    b = open_on(h1, "beta")
+    sync_until_quiet([a, b])
+    a.close()
+    a = open_on(h0, "alpha", fsync=fsync)
+    for i in range(5):
+        a.execute("deposit", "acct", 1, rid=f"d{i}")
+    a.sync()
+    b.sync()
+    if fsync == "never":                    # nothing written back yet: b has not read them
+        assert b.status()["cursors"]["alpha"] < a.seq
+    assert b.status()["last_error"] is None and not b.status()["peer_errors"]
+    a.close()                               # the host writes back what it held
+    a = open_on(h0, "alpha", fsync=fsync)
+    sync_until_quiet([a, b])
+    assert_converged(hosts.share, [a, b])
+    for m in (a, b):
+        assert m.query("balance", "acct") == 105
+        assert all(m.outcome(f"d{i}")["status"] == "ok" for i in range(5))
