@@ -29,6 +29,48 @@ from workers.local.broker import Broker, start_broker
 os.environ.setdefault("PREVALENCE_CHECK_TRANSACTIONS", "1")
 
 _databases = itertools.cycle(range(1, 16))
+
+
+def pytest_generate_tests(metafunc):
+    # A test marked `faultfs` runs twice: on a local folder, and with each master behind a
+    # faultfs host of its own (tests/faultfs). tests/cluster/conftest.py does it for the
+    # tests it also runs on two ledgers.
+    if (metafunc.definition.get_closest_marker("faultfs") and "state_model" not in metafunc.fixturenames
+            and "tmp_path" in metafunc.fixturenames):
+        metafunc.parametrize("shared_fs", ["local", "faultfs"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def shared_fs(request):
+    """``local``, or (the ``faultfs`` variant) the `Hosts` through which every master of this
+    test reaches its folder: `tests.support.open_master` routes each master name to a FUSE
+    mount of its own, with the NFS-like faults on (`tests.faultfs.hosts.NFS_LIKE`). Where
+    FUSE cannot be used, that variant skips with one line saying why. Every mount is
+    unmounted afterwards, also when the test fails."""
+    kind = getattr(request, "param", "local")
+    if kind == "local":
+        yield kind
+        return
+    from tests import support
+    from tests.faultfs.hosts import Hosts
+    from tests.faultfs.mount import FuseUnavailable, why_unavailable
+    reason = why_unavailable()
+    if reason:
+        pytest.skip(f"faultfs not run: {reason}")
+    tmp_path = request.getfixturevalue("tmp_path")
+    hosts = Hosts(tmp_path, request.getfixturevalue("tmp_path_factory").mktemp("hosts"))
+    key = os.path.realpath(tmp_path)
+    support.HOSTS[key] = hosts
+    try:
+        try:
+            hosts.mount_for("(first host)")  # mount one now: a FUSE that cannot mount skips here
+        except FuseUnavailable as exc:
+            pytest.skip(f"faultfs not run: {exc}")
+        hosts.host_of.clear()
+        yield hosts
+    finally:
+        support.HOSTS.pop(key, None)
+        hosts.stop()
 EMBEDDED_NOTE = pytest.StashKey[str]()
 
 

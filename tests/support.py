@@ -30,9 +30,22 @@ def test_model() -> Model:
     return nested_ledger if os.environ.get("PREVALENCE_TEST_MODEL") == "nested" else ledger
 
 
+#: Shared folders whose masters each reach them through a host of their own: real folder ->
+#: `tests.faultfs.hosts.Hosts` (set by the ``faultfs`` variant of a test, tests/conftest.py).
+HOSTS: dict = {}
+
+
 def open_master(shared, name: str = NAME, *, model=None, **kw) -> Master:
     """Open master `name` of `model` (default `test_model()`) on folder `shared`,
-    ``fsync="never"`` unless told otherwise; every other keyword goes to `Master.open`."""
+    ``fsync="never"`` unless told otherwise; every other keyword goes to `Master.open`.
+    In the ``faultfs`` variant of a test, the master opens the folder through the mount of
+    its own host (`HOSTS`), with ``fsync="always"`` unless told otherwise: as on NFS, what a
+    host has not fsynced or closed its peers do not see (faultfs never writes back on its
+    own, where an NFS client would within ~30 s)."""
+    hosts = HOSTS.get(os.path.realpath(str(shared)))
+    if hosts is not None:
+        kw.setdefault("fsync", "always")
+        return hosts.open(name, lambda path: Master.open(model or test_model(), path, name, **kw))
     kw.setdefault("fsync", "never")
     return Master.open(model or test_model(), str(shared), name, **kw)
 

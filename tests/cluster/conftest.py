@@ -23,4 +23,9 @@ def state_model(request, monkeypatch):
 def pytest_generate_tests(metafunc):
     if "state_model" in metafunc.fixturenames:
         kinds = ["ledger"] if metafunc.definition.get_closest_marker("ledger_only") else ["ledger", "nested"]
-        metafunc.parametrize("state_model", kinds, indirect=True)
+        if metafunc.definition.get_closest_marker("faultfs"):
+            # Once more on the flat ledger with every master behind its own faultfs host.
+            metafunc.parametrize(("state_model", "shared_fs"), [(k, "local") for k in kinds] + [("ledger", "faultfs")],
+                                 indirect=True, ids=[*kinds, "ledger-faultfs"])
+        else:
+            metafunc.parametrize("state_model", kinds, indirect=True)

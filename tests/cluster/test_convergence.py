@@ -1,4 +1,5 @@
-"""Scenarios where the Lisp original diverged or lost data, and ordering edge cases."""
+"""Scenarios where the Lisp original diverged or lost data, and ordering edge cases. Each also
+runs with every master behind a faultfs host of its own (marker `faultfs`, tests/faultfs)."""
 
 import pytest
 
@@ -7,6 +8,8 @@ from workers.prevalence.errors import NotReady
 
 from tests.support import FakeClock, open_member
 from .helpers import assert_converged, sync_until_quiet
+
+pytestmark = pytest.mark.faultfs
 
 
 def make_pair(tmp_path, clock=None):

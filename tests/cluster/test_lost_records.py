@@ -18,6 +18,8 @@ from tests.engine.helpers import flip, frames, journal_bytes, middle, segments
 from tests.support import open_master, open_member
 from .helpers import sync_until_quiet
 
+pytestmark = pytest.mark.faultfs  # also with every master behind a faultfs host (tests/faultfs)
+
 
 def ten_deposits(shared, **kw):
     """One account, ten acknowledged deposits, progress published (seq 11), then a kill -9."""

@@ -15,6 +15,8 @@ from workers.prevalence.errors import LeaseHeld, LostRecords
 from tests.support import open_member
 from .helpers import assert_converged, sync_until_quiet
 
+pytestmark = pytest.mark.faultfs  # also with every master behind a faultfs host (tests/faultfs)
+
 
 def test_second_process_claiming_a_live_master_name_refuses_to_start(tmp_path):
     a = open_member(tmp_path, "alpha")

@@ -1,6 +1,8 @@
 """Recovery: a torn tail is unwritten and set aside; damage before the end is refused intact.
 
-Half of these run on the hand-made files in tests/fixtures (see its README).
+Half of these run on the hand-made files in tests/fixtures (see its README). Those marked
+`faultfs` also run with the master behind a faultfs host (tests/faultfs); the others
+compare error paths with the real folder's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tests.fixtures import make_fixtures as fx
 
 from tests.support import open_master
 from .helpers import flip, frames, middle, journal_bytes, journal_dir, segments, snapshots_dir
+
 
 FIXTURES = os.path.dirname(os.path.abspath(fx.__file__))
 FIRST_SEGMENT = journal.format_segment_name(1)
@@ -44,12 +47,14 @@ def open_fixture(shared, **kw):
 
 # -- the fixture files themselves ------------------------------------------------------
 
+@pytest.mark.faultfs
 def test_fixture_files_are_exactly_what_the_script_builds():
     for name, data in fx.build().items():
         with open(os.path.join(FIXTURES, name), "rb") as f:
             assert f.read() == data, f"{name} is stale: run python -m tests.fixtures.make_fixtures"
 
 
+@pytest.mark.faultfs
 def test_valid_fixture_journal_recovers_every_record(tmp_path):
     install(tmp_path, journal_file="journal-valid.log")
     m = open_fixture(tmp_path)
@@ -94,6 +99,7 @@ def test_torn_final_record_is_set_aside_and_truncated_with_good_records_kept(tmp
     m.close()
 
 
+@pytest.mark.faultfs
 @pytest.mark.parametrize("reserve", [0, 1 << 20])
 def test_zero_filled_tail_is_unwritten_space_sealed_where_the_records_end(tmp_path, caplog, reserve):
     # Writeback extended the file before the data landed, or the writer's own reservation:
@@ -118,6 +124,7 @@ def test_zero_filled_tail_is_unwritten_space_sealed_where_the_records_end(tmp_pa
     m.close()
 
 
+@pytest.mark.faultfs
 def test_torn_tail_written_by_a_master_is_set_aside_on_reopen(tmp_path):
     m = open_master(tmp_path, segment_bytes_max=300, journal_reserve_bytes=0)
     m.execute("open_account", "a", 0)
@@ -163,6 +170,7 @@ def test_damaged_record_in_an_earlier_segment_refuses_to_open_and_truncates_noth
     assert journal_bytes(tmp_path) == before
 
 
+@pytest.mark.faultfs
 def test_missing_middle_segment_is_a_gap_and_refuses_to_open(tmp_path):
     write_segmented_journal(tmp_path)
     segs = segments(tmp_path)
@@ -174,6 +182,7 @@ def test_missing_middle_segment_is_a_gap_and_refuses_to_open(tmp_path):
     assert journal_bytes(tmp_path) == before
 
 
+@pytest.mark.faultfs
 def test_zeroed_end_of_an_earlier_segment_refuses_to_open_and_truncates_nothing(tmp_path):
     write_segmented_journal(tmp_path)
     (_f, first), *_rest = segments(tmp_path)
@@ -190,6 +199,7 @@ def test_zeroed_end_of_an_earlier_segment_refuses_to_open_and_truncates_nothing(
 
 # -- HMAC ------------------------------------------------------------------------------
 
+@pytest.mark.faultfs
 def test_signed_fixture_journal_recovers_with_its_key(tmp_path):
     install(tmp_path, journal_file="journal-signed-key-a.log")
     m = open_fixture(tmp_path, cluster_key=fx.KEY_A)
@@ -197,6 +207,7 @@ def test_signed_fixture_journal_recovers_with_its_key(tmp_path):
     m.close()
 
 
+@pytest.mark.faultfs
 def test_master_reopened_with_another_key_refuses_to_open(tmp_path):
     m = open_master(tmp_path, cluster_key=b"key-A")
     m.execute("open_account", "a", 1)
@@ -207,6 +218,7 @@ def test_master_reopened_with_another_key_refuses_to_open(tmp_path):
     assert journal_bytes(tmp_path) == before
 
 
+@pytest.mark.faultfs
 @pytest.mark.parametrize("key", [b"another-key", None], ids=["wrong-key", "unsigned-read-with-key"])
 def test_journal_that_fails_its_hmac_refuses_to_open_and_is_not_truncated(tmp_path, key):
     fixture = "journal-signed-key-a.log" if key else "journal-valid.log"
@@ -221,6 +233,7 @@ def test_journal_that_fails_its_hmac_refuses_to_open_and_is_not_truncated(tmp_pa
 @pytest.mark.parametrize("name,why", [("snapshot-flipped-body.snap", "body checksum"),
                                       ("snapshot-truncated.snap", "does not match the file size"),
                                       ("snapshot-huge-length.snap", "does not match the file size")])
+@pytest.mark.faultfs
 def test_damaged_fixture_snapshots_are_corruption(name, why):
     path = os.path.join(FIXTURES, name)
     with pytest.raises(Corruption, match=why) as err:
@@ -228,6 +241,7 @@ def test_damaged_fixture_snapshots_are_corruption(name, why):
     assert err.value.path == path
 
 
+@pytest.mark.faultfs
 def test_valid_fixture_snapshot_equals_a_replay_of_the_valid_journal(tmp_path):
     body = snapshot.load_snapshot(os.path.join(FIXTURES, "snapshot-valid.snap"), None)
     install(tmp_path, journal_file="journal-valid.log")
@@ -236,6 +250,7 @@ def test_valid_fixture_snapshot_equals_a_replay_of_the_valid_journal(tmp_path):
     m.close()
 
 
+@pytest.mark.faultfs
 def test_recovery_skips_a_damaged_newest_snapshot_for_an_older_valid_one(tmp_path):
     frontier = fx.HLC0 + 3
     install(tmp_path, journal_file="journal-valid.log",
@@ -246,6 +261,7 @@ def test_recovery_skips_a_damaged_newest_snapshot_for_an_older_valid_one(tmp_pat
     m.close()
 
 
+@pytest.mark.faultfs
 def test_recovery_from_only_damaged_snapshots_replays_the_journal(tmp_path):
     frontier = fx.HLC0 + 3
     install(tmp_path, journal_file="journal-valid.log",
@@ -258,6 +274,7 @@ def test_recovery_from_only_damaged_snapshots_replays_the_journal(tmp_path):
 
 # -- a snapshot ahead of its journal -----------------------------------------------------
 
+@pytest.mark.faultfs
 def test_journal_that_ends_before_its_snapshot_refuses_to_open_instead_of_writing_a_gap(tmp_path):
     from workers.prevalence.errors import LostRecords
     m = open_master(tmp_path)
@@ -277,6 +294,7 @@ def test_journal_that_ends_before_its_snapshot_refuses_to_open_instead_of_writin
     assert journal_bytes(tmp_path) == before
 
 
+@pytest.mark.faultfs
 def test_snapshot_makes_the_journal_durable_before_it_is_published(tmp_path, monkeypatch):
     events = []
     name = "fdatasync" if hasattr(os, "fdatasync") else "fsync"  # what durable.sync_data calls
@@ -297,6 +315,7 @@ def test_snapshot_makes_the_journal_durable_before_it_is_published(tmp_path, mon
     m.close()
 
 
+@pytest.mark.faultfs
 def test_a_second_torn_tail_at_the_same_offset_does_not_overwrite_the_first(tmp_path):
     m = open_master(tmp_path)
     m.execute("open_account", "a", 1)

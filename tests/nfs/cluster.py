@@ -11,32 +11,10 @@ from dataclasses import dataclass, field
 
 from .remote import DriverGone, RemoteGuest, in_parallel
 
-#: Engine bugs (see tests/nfs/test_nfs_rules.py, the strict xfails
-#: `test_journal_directory_created_after_a_peer_looked_is_found_by_listing` and
-#: `test_retirement_is_seen_by_members_that_looked_before_the_retired_folder_existed`): a
-#: folder created after a client looked for it (a peer's ``journal/``, ``cluster/retired/``)
-#: stays invisible to that client for ~30 s (cached negative lookup), because the engine
-#: lists such a folder by path and never the folder above it. Until the engine lists the
-#: parent itself, the scenarios list ``cluster/`` and every master's folder in every guest
-#: after a join and after a retirement -- exactly what the engine fix would do -- so that
-#: they test everything else in a modest time. Remove with the fix.
-WORK_AROUND_NEW_FOLDER_LOOKUP = True
-
 #: Masters' options on NFS: durable commits (production), and a lease TTL short enough that
 #: nothing in the tier waits long for one.
 MASTER_OPTIONS = {"fsync": "always", "lease_ttl_s": 30.0}
 CONVERGE_S_MAX = 90.0
-
-
-def refresh_listings(guests, mount: str, cluster: str) -> None:
-    """List ``cluster/``, ``masters/`` and every master's folder in each guest (the
-    `WORK_AROUND_NEW_FOLDER_LOOKUP` workaround: a listing refreshes the guest kernel's cached
-    lookups, for every process of that guest)."""
-    def refresh(g):
-        g.request("listdir", mount=mount, cluster=cluster, sub="cluster")
-        for name in g.request("listdir", mount=mount, cluster=cluster, sub="masters"):
-            g.request("listdir", mount=mount, cluster=cluster, sub=f"masters/{name}")
-    in_parallel([lambda g=g: refresh(g) for g in {g.name: g for g in guests}.values()])
 
 
 @dataclass
@@ -96,22 +74,13 @@ class NfsCluster:
         while True:
             reports = self.sync_all()
             if all(r["joined"] for r in reports):
-                if WORK_AROUND_NEW_FOLDER_LOOKUP:
-                    self.refresh_listings()
                 return
             if time.monotonic() > end:
                 raise AssertionError(f"not every master joined within {deadline_s:.0f} s: {reports}")
 
     def retire(self, operator: RemoteGuest, name: str) -> dict:
         """`prevalence retire NAME` run on host `operator`, through NFS."""
-        body = operator.request("retire", mount=self.mount, cluster=self.cluster, name=name)
-        if WORK_AROUND_NEW_FOLDER_LOOKUP:
-            self.refresh_listings()
-        return body
-
-    def refresh_listings(self) -> None:
-        """The workaround above, in every guest that runs a member."""
-        refresh_listings([m.guest for m in self.members], self.mount, self.cluster)
+        return operator.request("retire", mount=self.mount, cluster=self.cluster, name=name)
 
     def workload(self, member: Member, **kw) -> dict:
         """Run a workload on `member`; every acknowledged transaction lands in `acked`.

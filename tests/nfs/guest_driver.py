@@ -16,18 +16,10 @@ the guest powers off. A driver killed with SIGKILL (``kill`` op, or an armed fau
 is started again by the init loop: that is a master killed -9 and restarted on its host.
 
 Everything is bounded: a workload runs at most `ops` transactions and `duration_s_max`.
-
-Workaround (`WORK_AROUND_ESTALE_ON_PROGRESS_READ`) for an engine bug shown by the strict
-xfail `tests/nfs/test_nfs_rules.py::test_reading_a_peer_progress_while_it_is_replaced_is_not_an_error`:
-on NFSv3, reading a peer's ``progress`` while the peer renames a new one over it fails with
-ESTALE, and `Master.sync` / `Master.status` raise it. The driver counts such a sync and
-leaves the next one to retry (what the next beat would do), so that the scenarios test
-everything else. Remove with the fix.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -46,7 +38,6 @@ from workers.prevalence.errors import PrevalenceError
 CONNECT_S_MAX = 30.0
 #: Where each NFS version is mounted in the guest (tests/nfs/guest_init.sh, lab.MOUNTS).
 MOUNT_ROOT = "/run/nfs"
-WORK_AROUND_ESTALE_ON_PROGRESS_READ = True
 
 log = logging.getLogger("nfs-driver")
 
@@ -74,7 +65,6 @@ class Driver:
         self.incarnation = incarnation
         self.masters: dict[str, Master] = {}
         self.armed: dict[str, tuple[str, int]] = {}  # master -> (fault point, hits left)
-        self.estale_syncs = 0
         self.workers: dict[str, subprocess.Popen] = {}  # Celery workers started here, by master
 
     # -- channel ---------------------------------------------------------------------
@@ -157,29 +147,13 @@ class Driver:
             return {"status": "rejected", "error": str(exc)}
 
     def op_sync(self, emit, master: str):
-        m = self.masters[master]
-        for _attempt in range(5):
-            report = self._sync(m)
-            if report is not None:
-                return report
-        return m.sync()
+        return self.masters[master].sync()
 
     def op_snapshot(self, emit, master: str):
         return self.masters[master].snapshot()
 
     def op_status(self, emit, master: str):
-        m = self.masters[master]
-        for _attempt in range(5):
-            try:
-                return _status(m)
-            except OSError as exc:
-                if not (WORK_AROUND_ESTALE_ON_PROGRESS_READ and exc.errno == errno.ESTALE):
-                    raise
-                self.estale_syncs += 1
-        return _status(m)
-
-    def op_estale_count(self, emit):
-        return self.estale_syncs
+        return _status(self.masters[master])
 
     def op_query(self, emit, master: str, q: str, args: list = ()):
         return self.masters[master].query(q, *args)
@@ -194,8 +168,11 @@ class Driver:
     def op_retire(self, emit, mount: str, cluster: str, name: str):
         return retire(shared_path(mount, cluster), name)
 
-    def op_listdir(self, emit, mount: str, cluster: str, sub: str = ""):
-        return sorted(os.listdir(os.path.join(shared_path(mount, cluster), sub)))
+    def op_rmdir(self, emit, mount: str, cluster: str, sub: str):
+        """Remove an empty folder of the cluster (to make the layout of an older release)."""
+        if sub.startswith("/") or ".." in sub.split("/"):
+            raise ValueError(f"bad folder {sub!r}")
+        os.rmdir(os.path.join(shared_path(mount, cluster), sub))
 
     # -- Celery workers (the Celery variant: one master worker per guest) -------------
 
@@ -315,7 +292,7 @@ class Driver:
 
     def op_status_loop(self, emit, master: str, duration_s: float):
         """Call `status()` (which reads every peer's progress) for `duration_s`; count the
-        errors by errno instead of stopping at the first (no retries: the engine's own view)."""
+        errors by errno (or error type) instead of stopping at the first: the engine's own view."""
         m = self.masters[master]
         end = time.monotonic() + min(duration_s, 60.0)
         calls, errors, first = 0, {}, None
@@ -323,8 +300,9 @@ class Driver:
             calls += 1
             try:
                 m.status(digest=False)
-            except OSError as exc:
-                errors[str(exc.errno)] = errors.get(str(exc.errno), 0) + 1
+            except (OSError, PrevalenceError) as exc:
+                kind = str(exc.errno) if isinstance(exc, OSError) else type(exc).__name__
+                errors[kind] = errors.get(kind, 0) + 1
                 first = first or traceback.format_exc(limit=6)
         return {"calls": calls, "errors": errors, "first_error": first}
 
@@ -336,21 +314,9 @@ class Driver:
         n = 0
         while time.monotonic() < end:
             m.execute("deposit", account, 1)
-            self._sync(m)
+            m.sync()
             n += 1
         return n
-
-    def _sync(self, m: Master) -> dict | None:
-        """`m.sync()`; with the ESTALE workaround on, a sync that failed with ESTALE is counted
-        and skipped (the next one retries, as a beat's next tick would)."""
-        try:
-            return m.sync()
-        except OSError as exc:
-            if not (WORK_AROUND_ESTALE_ON_PROGRESS_READ and exc.errno == errno.ESTALE):
-                raise
-            self.estale_syncs += 1
-            log.warning("sync of %s failed with ESTALE (engine bug, see module docstring): %s", m.name, exc)
-            return None
 
     def op_workload(self, emit, master: str, seed: int, ops: int, accounts: list, amount_max: int = 40,
                     sync_interval_s: float = 0.1, snapshot_interval_s: float | None = None,
@@ -397,7 +363,7 @@ class Driver:
             emit({"ack": rid, "status": status})
             now = time.monotonic()
             if now >= next_sync:
-                report = self._sync(m)
+                report = m.sync()
                 counts["syncs"] += 1
                 counts["rebases"] += bool(report and report["rebased"])
                 next_sync = now + sync_interval_s
@@ -408,7 +374,6 @@ class Driver:
             if pause_s:
                 time.sleep(pause_s)
         counts["elapsed_s"] = round(time.monotonic() - started, 3)
-        counts["estale_syncs"] = self.estale_syncs
         return counts
 
 

@@ -87,6 +87,13 @@ def why_unavailable() -> str | None:
     return None
 
 
+def _read(path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 def uml_module_version() -> str | None:
     versions = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob("/usr/lib/uml/modules/*/kernel"))
     return versions[-1] if versions else None
@@ -422,6 +429,13 @@ class NfsLab:
         end = time.monotonic() + BOOT_S_MAX
         for g in self.guests:
             while not (g.job / "ready.json").exists():
+                if not g.alive() and "ptrace set fp regs failed" in _read(g.job / "uml.log"):
+                    # UML 6.1 sizes its FPU-register buffer for the CPUs it knew: on a host
+                    # CPU with AMX (Sapphire Rapids and later) the host kernel refuses it
+                    # (PTRACE_SETREGSET, EFAULT) and the guest's init dies at once.
+                    raise LabUnavailable(f"guest {g.name} died at boot: this user-mode-linux kernel cannot "
+                                         "run on this CPU (its ptrace FPU-register set fails, errno 14; "
+                                         "seen on CPUs with AMX)")
                 if not g.alive() or time.monotonic() > end:
                     raise LabUnavailable(f"guest {g.name} did not mount the export "
                                          f"({'exited' if not g.alive() else 'deadline'}):\n{g.log_tail()}")

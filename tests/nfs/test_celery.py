@@ -12,7 +12,6 @@ import sys
 
 import pytest
 
-from .cluster import WORK_AROUND_NEW_FOLDER_LOOKUP, refresh_listings
 from .remote import in_parallel
 
 pytestmark = pytest.mark.nfs
@@ -73,8 +72,6 @@ def test_celery_workers_on_nfs_clients_converge_through_the_cli(celery_cluster, 
     for m in MASTERS[1:]:
         _start_worker(cc, m)
     assert _client(cc, "wait-up", *MASTERS)["up"]
-    if WORK_AROUND_NEW_FOLDER_LOOKUP:
-        refresh_listings(list(cc["guests"].values()), MOUNT, cc["name"])
     load = _client(cc, "load", "--masters", ",".join(MASTERS), "--ops", "90", "--seed", "7")
     assert not load.get("failures") and "error" not in load, load
     statuses = [v["status"] for v in load["acked"].values() if isinstance(v, dict)]

@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from .cluster import WORK_AROUND_NEW_FOLDER_LOOKUP
 from .remote import DriverError, in_parallel
 
 pytestmark = pytest.mark.nfs
@@ -178,8 +177,6 @@ def test_host_power_loss_loses_nothing_acknowledged(nfs_cluster, nfs_lab):
             if exc.type != "LeaseHeld" or time.monotonic() > end:
                 raise
             time.sleep(0.5)
-    if WORK_AROUND_NEW_FOLDER_LOOKUP:
-        c.refresh_listings()
     results = _workloads(c, [m0, m1, m2], ops=30)
     assert all(not r.get("killed") for r in results), results
     c.assert_converged()

@@ -23,6 +23,39 @@ The remaining window: a *parent* directory swapped for a symbolic link between t
 and the open (an active attacker racing the engine; the checks catch anything planted
 beforehand). Closing it needs ``openat2(RESOLVE_NO_SYMLINKS)`` relative to the share's
 root, which the engine does not use yet.
+
+What the engine relies on from an NFS client (DESIGN section 4; measured on Linux NFSv3 and
+v4.1 clients against nfs-ganesha, ``tests/nfs``), and what it does not:
+
+* **Close-to-open consistency, nothing more.** Every read reopens the file by path, which
+  revalidates its attributes with the server: bytes another host fsynced (or closed) before
+  this open are seen. A descriptor held open, or a ``stat()`` of the path, answers from the
+  attribute cache and lags appends by seconds (up to ``acregmax``, 60 s): the engine never
+  decides from them whether a peer wrote more. A peer's unsynced writes are invisible until
+  it closes or fsyncs; the writer fsyncs before it announces anything.
+* **New names are discovered by listing, never by a lookup that may fail.** A failed lookup
+  leaves a *negative* entry in the client's cache, and a name created afterwards by another
+  host stays invisible to ``open()`` / ``stat()`` until the directory's attributes expire
+  (``acdirmin``, 30 s; longer on NFSv4.1 when the directory's change attribute has not moved).
+  A listing never caches a negative entry, and opening the folder to list it revalidates the
+  folder's attributes (close-to-open applies to directories too). So `list_dir` enters a
+  folder it has not seen before only after its parent's listing shows it (`_known_dirs`),
+  a segment or seal is read only once its journal's listing shows it, and a small file is
+  read by name only once a listing showed it, or where seeing it late is harmless (a
+  master's own lease; ``cluster/founder``, there before anyone reads it). Nothing here relies
+  on a positive answer being fresh either: a name listed may be gone by the time it is
+  opened (ENOENT, handled as "not there").
+* **Rename is atomic on the server, not in a reader's hands.** A small file published by
+  temp + fsync + rename is read whole, old or new. But a reader that opened the old file
+  may get ``ESTALE`` from ``fstat``/``read`` on NFSv3 (the server dropped the old inode),
+  and a reader that opened a file another host deleted may too (NFSv4.1 keeps the old
+  inode readable instead). `read_small` reopens by path on ``ESTALE`` (`STALE_REOPENS_MAX`
+  times) and raises `StorageError` naming the file when it keeps going stale; segment
+  readers treat ``ESTALE`` like ``ENOENT`` ("rotated away") and go back to the listing.
+* **Silly-renamed ``.nfs*`` files** (what a client leaves in place of a file deleted while
+  it had it open) start with a dot: every listing of the engine skips dot names, and a
+  master's own ``.nfs*`` file is never taken for a temp file (those start ``.tmp-``).
+* **No ordering by time stamps** of the server (mtime, ctime): seq and hlc order records.
 """
 
 from __future__ import annotations
@@ -31,7 +64,7 @@ import errno
 import os
 import stat
 
-from .errors import UnsafeFile
+from .errors import StorageError, UnsafeFile
 
 #: The most bytes a small file (lease, progress, seal, founder, retirement) may hold.
 SMALL_FILE_BYTES_MAX = 1 << 20
@@ -40,6 +73,13 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = os.O_NOFOLLOW | _CLOEXEC
 _SYMLINK_ERRNOS = (errno.ELOOP, errno.EMLINK)  # EMLINK: what FreeBSD says for O_NOFOLLOW
 _TEMP_PREFIX = ".tmp-"
+#: How many times `read_small` reopens a file by path after ``ESTALE`` before it gives up.
+#: A publisher renames a new small file over the old one at most a few times a second, so
+#: two stale reads in a row are already rare; six in a row mean something else is wrong.
+STALE_REOPENS_MAX = 5
+#: Folders this process has seen exist (see `list_dir`). A folder of the share is removed
+#: only by an operator (or a test); `list_dir` forgets one as soon as it is not found.
+_known_dirs: set[str] = set()
 
 
 def _describe(mode: int) -> str:
@@ -145,11 +185,28 @@ def read_file(path: str, *, bytes_max: int, what: str, offset: int = 0,
 
 
 def read_small(path: str, what: str, bytes_max: int = SMALL_FILE_BYTES_MAX) -> bytes | None:
-    """A small file's bytes, or None when it does not exist (see `read_file`)."""
-    try:
-        return read_file(path, bytes_max=bytes_max, what=what)[0]
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+    """A small file's bytes, or None when it does not exist (see `read_file`).
+
+    A small file is replaced by rename while others read it: on NFS a read that opened the
+    old file can fail with ``ESTALE``; the file is then reopened by path, which finds the
+    new one (at most `STALE_REOPENS_MAX` times).
+
+    Raises:
+        UnsafeFile: not a regular file, or larger than `bytes_max`.
+        StorageError: every reopen went stale, naming the file.
+        OSError: any other error of the system.
+    """
+    for _attempt in range(STALE_REOPENS_MAX + 1):
+        try:
+            return read_file(path, bytes_max=bytes_max, what=what)[0]
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno != errno.ESTALE:
+                raise
+    raise StorageError(f"reading {what} {path} failed: ESTALE on each of {STALE_REOPENS_MAX + 1} reopens by "
+                       "path (the file kept being replaced or removed while it was read). Check the NFS mount "
+                       "and the server; the next sync tries again")
 
 
 def is_dir(path: str, what: str = "folder") -> bool:
@@ -182,9 +239,39 @@ def make_dirs(*paths: str, what: str = "folder") -> None:
 
 def list_dir(path: str, what: str = "folder") -> list[str]:
     """The names in a directory ([] when it does not exist), through a descriptor opened
-    with ``O_DIRECTORY | O_NOFOLLOW`` (a listing also refreshes NFS lookups).
+    with ``O_DIRECTORY | O_NOFOLLOW``.
+
+    A folder this process has not seen yet is looked for in its parent's listing first,
+    and entered only when the listing shows it: a lookup by name that fails would leave a
+    negative entry in an NFS client's cache, hiding the folder for up to a minute once
+    another host creates it (a peer's ``journal/``, made when its join completes;
+    ``cluster/retired/``, made by the first retirement). See the module docstring.
 
     Raises:
+        UnsafeFile: a symbolic link or something else that is not a directory is there.
+    """
+    if path not in _known_dirs:
+        parent, name = os.path.split(path.rstrip(os.sep))
+        try:
+            listed = name in _listing(parent, f"folder holding the {what}")
+        except (FileNotFoundError, NotADirectoryError):
+            listed = False  # the parent is not there (yet): nor is the folder
+        if not listed:
+            return []
+    try:
+        names = _listing(path, what)
+    except (FileNotFoundError, NotADirectoryError):
+        _known_dirs.discard(path)  # removed (by an operator): look in the parent next time
+        return []
+    _known_dirs.add(path)
+    return names
+
+
+def _listing(path: str, what: str) -> list[str]:
+    """The names in a directory (`list_dir` without the discovery by the parent).
+
+    Raises:
+        FileNotFoundError, NotADirectoryError: nothing is there.
         UnsafeFile: a symbolic link or something else that is not a directory is there.
     """
     try:
@@ -192,7 +279,7 @@ def list_dir(path: str, what: str = "folder") -> list[str]:
     except (FileNotFoundError, NotADirectoryError) as exc:
         if isinstance(exc, NotADirectoryError) or os.path.lexists(path):
             is_dir(path, what)  # raises UnsafeFile naming what is there
-        return []
+        raise
     except OSError as exc:
         if exc.errno in _SYMLINK_ERRNOS:
             is_dir(path, what)

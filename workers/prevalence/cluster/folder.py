@@ -13,7 +13,10 @@
 Every file has exactly one writer: the master owning the directory (invariant 2), or the
 operator under ``cluster/``. Small files are published by temp name (unique per host and
 pid) + fsync + rename + directory fsync, so a reader sees the old or the new whole file.
-Nothing on the share is followed or blocked on (`files`).
+Nothing on the share is followed or blocked on (`files`). On NFS every file is reopened by
+path to be read, a folder is entered only once its parent's listing shows it, and a file
+replaced under a reader is read again: the module docstring of `files` says what the
+engine relies on from an NFS client (attribute freshness, rename, ESTALE, ``.nfs*``).
 
 A folder under ``masters/`` is a master once it holds a ``progress`` file or a
 ``journal`` folder: a master publishes its progress before it writes its first record,

@@ -230,6 +230,9 @@ class Lease:
         if age_s < -self.lease_ttl_s:
             future_s = -age_s
             try:
+                # `read` has just reopened the file by path, which revalidated its
+                # attributes with the server (close-to-open): this is the server's mtime,
+                # not one cached up to a minute ago (acregmax).
                 age_s = time.time() - os.lstat(self.path).st_mtime
             except FileNotFoundError:
                 return  # released meanwhile

@@ -70,7 +70,11 @@ def claim_founder(shared: str, name: str, key: bytes | None = None) -> str:
         BadFile: the founder file is there but does not parse (naming it).
     """
     path = folder.founder_path(shared)
-    files.make_dirs(folder.cluster_dir(shared), what="cluster folder")
+    # ``cluster/retired/`` is made with the cluster, long before any retirement, so that no
+    # member ever looks for it while it is missing (on NFS a failed lookup can hide a folder
+    # made later for up to a minute; `files.list_dir` also copes with a cluster founded by
+    # an older release, by listing ``cluster/`` until the folder shows).
+    files.make_dirs(folder.cluster_dir(shared), folder.retired_dir(shared), what="cluster folder")
     try:
         fd = files.create_file(path, what="founder file")
     except FileExistsError:

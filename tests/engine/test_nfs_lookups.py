@@ -1,0 +1,146 @@
+"""What the engine does on the share that an NFS client's caches punish (DESIGN section 4, the
+comments of `workers.prevalence.files`), checked on a local folder by watching the calls:
+
+* a folder is never looked up by name while it is missing: a failed lookup leaves a
+  negative entry in an NFS client's cache that hides the folder, once another host makes
+  it, for up to a minute (found by tests/nfs on NFSv4.1 for a peer's ``journal/`` and on
+  v3 and v4.1 for ``cluster/retired/``);
+* a small file that goes stale under a reader (``ESTALE``: on NFSv3, a peer renamed a new
+  one over it) is read again by path instead of failing `sync()` / `status()`.
+
+The same behaviour on a filesystem that really caches negative lookups and answers ESTALE
+is in tests/faultfs; on real NFS clients in tests/nfs/test_nfs_rules.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from workers.prevalence import files
+from workers.prevalence.cluster import folder
+from workers.prevalence.errors import StorageError
+
+from tests.support import open_member
+
+
+@pytest.fixture
+def lookups(monkeypatch):
+    """Every path the engine opens or stats by name, in order (listings included)."""
+    seen: list[str] = []
+    real_open, real_lstat, real_stat = os.open, os.lstat, os.stat
+
+    def spy(real):
+        def call(path, *args, **kw):
+            if isinstance(path, (str, bytes, os.PathLike)):
+                seen.append(os.fsdecode(path))
+            return real(path, *args, **kw)
+        return call
+    monkeypatch.setattr(os, "open", spy(real_open))
+    monkeypatch.setattr(os, "lstat", spy(real_lstat))
+    monkeypatch.setattr(os, "stat", spy(real_stat))
+    return seen
+
+
+def test_a_joiners_journal_folder_is_never_looked_up_by_name_before_it_exists(tmp_path, lookups):
+    a = open_member(tmp_path, "a")
+    a.execute("open_account", "x", 10)
+    b = open_member(tmp_path, "b")        # joining: masters/b/ without journal/ yet
+    b_journal = folder.journal_dir(str(tmp_path), "b")
+    assert not os.path.exists(b_journal)
+    lookups.clear()
+    a.sync()                               # a reads b: finds no journal
+    a.status()
+    assert b_journal not in lookups, "a looked masters/b/journal up by name while it was missing"
+    while not b.joined:
+        b.sync()
+        a.sync()
+    b.execute("deposit", "x", 5)
+    a.sync()
+    assert a.query("balance", "x") == 15
+    assert b_journal in lookups            # once listed in masters/b/, it is entered by name
+
+
+def test_the_retired_folder_is_made_with_the_cluster(tmp_path):
+    open_member(tmp_path, "a")
+    assert os.path.isdir(folder.retired_dir(str(tmp_path)))
+
+
+def test_a_cluster_without_a_retired_folder_is_never_looked_up_by_name_until_it_exists(tmp_path, lookups):
+    # A cluster founded by an older release has no cluster/retired/ until the first retirement.
+    a = open_member(tmp_path, "a")
+    a.execute("open_account", "x", 10)
+    b = open_member(tmp_path, "b")
+    while not b.joined:
+        a.sync()
+        b.sync()
+    os.rmdir(folder.retired_dir(str(tmp_path)))
+    files._known_dirs.discard(folder.retired_dir(str(tmp_path)))  # as in a master started after it
+    lookups.clear()
+    a.sync()
+    b.sync()
+    assert folder.retired_dir(str(tmp_path)) not in lookups
+    b.close()
+    from workers.prevalence import retire
+    retire(str(tmp_path), "b", force=True)
+    a.sync()
+    assert "b" in a.status()["retired"]
+
+
+def stale_then(monkeypatch, times: int):
+    """`files.read_file` raising ESTALE `times` times, then reading for real."""
+    real = files.read_file
+    calls = {"n": 0}
+
+    def read_file(path, **kw):
+        calls["n"] += 1
+        if calls["n"] <= times:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), path)
+        return real(path, **kw)
+    monkeypatch.setattr(files, "read_file", read_file)
+    return calls
+
+
+def test_a_small_file_that_goes_stale_while_read_is_read_again_by_path(tmp_path, monkeypatch):
+    path = tmp_path / "progress"
+    path.write_bytes(b"new whole file")
+    calls = stale_then(monkeypatch, files.STALE_REOPENS_MAX)
+    assert files.read_small(str(path), "progress file") == b"new whole file"
+    assert calls["n"] == files.STALE_REOPENS_MAX + 1
+
+
+def test_a_small_file_that_keeps_going_stale_is_a_storage_error_naming_it(tmp_path, monkeypatch):
+    path = tmp_path / "progress"
+    path.write_bytes(b"x")
+    stale_then(monkeypatch, files.STALE_REOPENS_MAX + 1)
+    with pytest.raises(StorageError, match=r"progress file .*progress failed: ESTALE"):
+        files.read_small(str(path), "progress file")
+
+
+def test_a_peer_progress_going_stale_during_sync_and_status_is_not_an_error(tmp_path, monkeypatch):
+    a = open_member(tmp_path, "a")
+    a.execute("open_account", "x", 10)
+    b = open_member(tmp_path, "b")
+    while not b.joined:
+        a.sync()
+        b.sync()
+    real = files.read_file
+    a_progress = folder.progress_path(str(tmp_path), "a")
+    stale = {"left": 0}
+
+    def read_file(path, **kw):
+        if path == a_progress and stale["left"]:
+            stale["left"] -= 1
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), path)
+        return real(path, **kw)
+    monkeypatch.setattr(files, "read_file", read_file)
+    for _ in range(3):
+        a.execute("deposit", "x", 1)
+        a.sync()
+        stale["left"] = 2
+        b.sync()
+        stale["left"] = 2
+        assert b.status()["cursors"]["a"] >= 1
+    assert stale["left"] < 2    # the stale reads did happen
