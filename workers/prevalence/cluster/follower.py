@@ -85,6 +85,7 @@ class Follower:
             raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {view!r}")
         self = cls.__new__(cls)
         self.model = model
+        self._queries = model.queries  # the read path's lookup (`query`)
         self.shared = shared_dir
         self.key = cluster_key
         self.view = view
@@ -265,7 +266,7 @@ class Follower:
         each step of the query see memory as the follow thread left it; the generation
         check makes the whole answer come from one state between two applied batches.
         """
-        fn = self.model.queries.get(q) if isinstance(q, str) else None
+        fn = self._queries.get(q) if q.__class__ is str else None
         if fn is None:
             fn = self.model.query_fn(q)
         generation = self._generation
