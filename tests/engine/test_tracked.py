@@ -13,11 +13,14 @@ undo entries, the same state.
 from __future__ import annotations
 
 import copy
+import datetime
+import decimal
 import gc
 import os
 import pickle
 import sys
 import threading
+import uuid
 
 import msgspec
 import pytest
@@ -69,6 +72,20 @@ def Item(impl):
             tags: list = []
         _ITEMS[impl] = Item
     return _ITEMS[impl]
+
+
+_DATEDS: dict = {}
+
+
+def Dated(impl):
+    """A state Struct whose typed fields hold what a plain dict or list may not."""
+    if impl not in _DATEDS:
+        class Dated(impl.Struct):
+            day: datetime.date
+            pair: tuple = ()
+            at: datetime.datetime | None = None
+        _DATEDS[impl] = Dated
+    return _DATEDS[impl]
 
 
 def in_record(impl, log, fn, *args):
@@ -162,7 +179,7 @@ def test_deleting_a_field_of_a_state_struct_is_refused_inside_a_record_too(impl)
 @both
 @pytest.mark.parametrize("value, why", [
     ({1, 2}, "set"), (object(), "object"), (Loose(1), "derive it from"), (Frozen(1, ([1],)), "frozen Struct"),
-    (([1],), "tuple holding"), ({"deep": [{"x": {3}}]}, "set"), (1 << 64, "out of the range"),
+    (([1],), "a tuple cannot be stored in a plain dict"), ({"deep": [{"x": {3}}]}, "set"), (1 << 64, "out of the range"),
     (-(1 << 63) - 1, "out of the range"), ({(1, frozenset()): 1}, "cannot be a key"), ({1 << 70: 1}, "integer key"),
 ])
 def test_a_value_that_cannot_be_tracked_is_refused_when_the_record_ends(impl, value, why):
@@ -189,8 +206,94 @@ def test_immutable_values_are_stored_as_they_are(impl):
     state, log = fresh_state(impl), impl.UndoLog()
     f = Frozen(1, (2, "x"))
     t = (1, (2, 3))
-    in_record(impl, log, lambda: state.update(f=f, t=t, b=b"x"))
-    assert state["f"] is f and state["t"] is t
+    now = datetime.datetime(2020, 1, 2, 3, tzinfo=datetime.timezone.utc)
+    dated = Dated(impl)(datetime.date(2020, 1, 2))
+    in_record(impl, log, lambda: state.update(f=f, b=b"x", now=now, dated=dated))
+    in_record(impl, log, lambda: setattr(dated, "pair", t))
+    assert state["f"] is f and state["now"] is now and state["dated"].pair is t
+
+
+#: Values a snapshot would read back as another type (or another hour) from a plain dict
+#: or list, which the codec decodes without a type.
+UNTYPED = [
+    ((1, "a"), "a tuple cannot be stored in a plain dict or list"),
+    (datetime.date(2020, 1, 2), "a date cannot be stored in a plain dict or list"),
+    (datetime.datetime(2020, 1, 2), "a datetime that is naive or not in UTC"),
+    (datetime.datetime(2020, 1, 2, tzinfo=datetime.timezone(datetime.timedelta(hours=2))),
+     "a datetime that is naive or not in UTC"),
+    (datetime.time(1, 2), "a time cannot be stored in a plain dict or list"),
+    (datetime.timedelta(seconds=3), "a timedelta cannot be stored in a plain dict or list"),
+    (decimal.Decimal("1.5"), "a Decimal cannot be stored in a plain dict or list"),
+    (uuid.UUID(int=5), "a UUID cannot be stored in a plain dict or list"),
+]
+
+
+@both
+@pytest.mark.parametrize("value, why", UNTYPED)
+@pytest.mark.parametrize("how", ["dict set", "list append", "list set", "nested", "in a Struct's list",
+                                 "setdefault", "extend", "insert"])
+def test_a_value_a_snapshot_would_not_read_back_is_refused_in_a_plain_container(impl, value, why, how):
+    state, log = fresh_state(impl), impl.UndoLog()
+    before = snapshot(state)
+    change = {
+        "dict set": lambda: state["users"].__setitem__("x", value),
+        "list append": lambda: state["queue"].append(value),
+        "list set": lambda: state["queue"].__setitem__(1, value),
+        "nested": lambda: state.__setitem__("x", {"a": [1, {"b": value}]}),
+        "in a Struct's list": lambda: setattr(state["items"][0], "tags", ["ok", value]),
+        "setdefault": lambda: state.setdefault("x", value),
+        "extend": lambda: state["queue"].extend([1, value]),
+        "insert": lambda: state["queue"].insert(0, value),
+    }[how]
+    with pytest.raises(impl.UntrackableValue, match=why) as raised:
+        in_record(impl, log, change)
+    assert "Struct field annotated" in str(raised.value) or "UTC" in str(raised.value)
+    log.undo_to(0)
+    assert snapshot(state) == before
+
+
+@both
+@pytest.mark.parametrize("value, why", UNTYPED)
+def test_a_value_a_snapshot_would_not_read_back_is_refused_when_a_container_is_made(impl, value, why):
+    for make in (lambda: impl.convert({"x": value}), lambda: impl.convert([[value]]),
+                 lambda: impl.TDict(x=value), lambda: impl.TList([value])):
+        with pytest.raises(impl.UntrackableValue, match=why):
+            make()
+
+
+@both
+@pytest.mark.parametrize("value", [v for v, _ in UNTYPED])
+def test_a_value_a_snapshot_reads_back_typed_is_accepted_in_a_struct_field_and_as_a_key(impl, value):
+    state, log = fresh_state(impl), impl.UndoLog()
+    item = state["items"][0]
+    in_record(impl, log, lambda: setattr(item, "name", value))  # msgspec does not check types on set
+    assert item.name is value
+    dated = impl.convert(Dated(impl)(datetime.date(2020, 1, 2), pair=(1, value)))
+    assert dated.pair == (1, value)
+    frozen = Frozen(1, (value,))
+    assert impl.convert({"f": frozen})["f"] is frozen
+    if isinstance(value, tuple) or value.__hash__ is not None:  # dict keys keep their rules
+        in_record(impl, log, lambda: state.__setitem__(value, 1))
+        assert state[value] == 1
+
+
+@both
+def test_a_utc_datetime_is_accepted_in_a_plain_container(impl):
+    state, log = fresh_state(impl), impl.UndoLog()
+    utc = datetime.datetime(2020, 1, 2, 3, tzinfo=datetime.timezone.utc)
+    in_record(impl, log, lambda: state["queue"].append(utc))
+    in_record(impl, log, lambda: state.__setitem__("at", {"when": [utc]}))
+    assert state["queue"][-1] is utc and state["at"]["when"][0] is utc
+    assert impl.convert({"x": utc})["x"] is utc
+
+
+@both
+def test_a_tuple_in_a_struct_field_still_may_not_hold_a_mutable_value(impl):
+    state, log = fresh_state(impl), impl.UndoLog()
+    dated = Dated(impl)(datetime.date(2020, 1, 2))
+    in_record(impl, log, lambda: state.__setitem__("d", dated))
+    with pytest.raises(impl.UntrackableValue, match="tuple holding"):
+        in_record(impl, log, lambda: setattr(dated, "pair", ([1],)))
 
 
 @both
@@ -297,7 +400,7 @@ def test_msgspec_encodes_tracked_containers_as_plain_ones(impl):
 
 @both
 def test_convert_leaves_its_argument_alone_unless_it_is_handed_over(impl):
-    plain = {"users": {"u1": {"tags": ["a"], "orders": [{"sku": "x"}]}}, "q": [[1], (2, "t")]}
+    plain = {"users": {"u1": {"tags": ["a"], "orders": [{"sku": "x"}]}}, "q": [[1], [2, "t"]]}
     reference = copy.deepcopy(plain)
     state = impl.convert(plain)
     assert type(plain) is dict and type(plain["users"]["u1"]) is dict

@@ -45,8 +45,11 @@ static setattrofunc msgspec_setattro;        /* msgspec.Struct.__setattr__, belo
 static long max_depth = 500;
 
 #define MAX_ATOMS 32
-static PyTypeObject *atoms[MAX_ATOMS];        /* _ATOMS: immutable types stored as they are */
+static PyTypeObject *atoms[MAX_ATOMS];        /* _PLAIN_ATOMS: read back as themselves anywhere */
 static int n_atoms;
+static PyTypeObject *typed_atoms[MAX_ATOMS];  /* _TYPED_ATOMS: only where their type is known */
+static int n_typed_atoms;
+static PyTypeObject *DatetimeType;            /* datetime.datetime (a UTC one is plain) */
 
 /* -- module objects ------------------------------------------------------------------- */
 
@@ -170,12 +173,28 @@ log_drop(UndoLogObject *log, PyObject *entry)
 }
 
 static inline int
-is_atom(PyTypeObject *t)
+is_plain_atom(PyTypeObject *t)
 {
     for (int i = 0; i < n_atoms; i++) {
         if (atoms[i] == t) return 1;
     }
     return 0;
+}
+
+static inline int
+is_typed_atom(PyTypeObject *t)
+{
+    for (int i = 0; i < n_typed_atoms; i++) {
+        if (typed_atoms[i] == t) return 1;
+    }
+    return 0;
+}
+
+/* `_ATOMS`: immutable types stored as they are (in a Struct's field, or as a dict key). */
+static inline int
+is_atom(PyTypeObject *t)
+{
+    return is_plain_atom(t) || is_typed_atom(t);
 }
 
 /* An exact int or bool within MessagePack's range (INT_MIN..INT_MAX). Never fails. */
@@ -194,16 +213,19 @@ int_in_range(PyObject *v)
     return 1;
 }
 
-/* _needs_conversion: whether a stored value must go through convert when the record ends. */
+/* _needs_conversion (`loose`: stored into a TDict or TList) and _field_needs_conversion
+ * (not `loose`: stored into a Struct's field): whether a stored value must go through
+ * convert when the record ends. */
 static inline int
-needs_conversion(PyObject *v)
+needs_conversion(PyObject *v, int loose)
 {
     PyTypeObject *t = Py_TYPE(v);
     if (t == &PyUnicode_Type || t == &TDictType || t == &TListType || t == &PyFloat_Type
         || t == &PyBool_Type || v == Py_None)
         return 0;
     if (t == &PyLong_Type) return !int_in_range(v);
-    return !is_atom(t);
+    if (is_plain_atom(t)) return 0;
+    return loose || !is_typed_atom(t);
 }
 
 /* Raise `exc` with `fmt`, whose one %U is the __name__ of `t`. */
@@ -222,6 +244,51 @@ raise_too_deep(void)
     PyErr_Format(UntrackableValue,
                  "a value nested deeper than %ld levels cannot be stored in the state "
                  "(dicts, lists, tuples and Structs inside each other)", max_depth);
+}
+
+/* _untyped: refuse a tuple or a typed atom stored in a plain dict or list. */
+static void
+raise_untyped(PyObject *v)
+{
+    PyTypeObject *t = Py_TYPE(v);
+    if (t == &PyTuple_Type) {
+        PyErr_SetString(UntrackableValue,
+                        "a tuple cannot be stored in a plain dict or list in the state: a snapshot "
+                        "would read it back as a list (use a list, or a Struct field annotated "
+                        "with its type)");
+        return;
+    }
+    if (t == DatetimeType) {
+        PyErr_SetString(UntrackableValue,
+                        "a datetime that is naive or not in UTC cannot be stored in a plain dict or "
+                        "list in the state: a snapshot would read it back as a str or in UTC (store "
+                        "it converted to UTC with tzinfo=datetime.timezone.utc, in a Struct field "
+                        "annotated datetime, or as str/int)");
+        return;
+    }
+    PyObject *name = PyType_GetName(t);
+    if (name == NULL) return;
+    PyErr_Format(UntrackableValue,
+                 "a %U cannot be stored in a plain dict or list in the state: a snapshot would read "
+                 "it back as a str (store it in a Struct field annotated %U, or as str/int)", name, name);
+    Py_DECREF(name);
+}
+
+/* _check_untyped_atom: a typed atom stored in a plain dict or list is refused unless it
+ * is an aware datetime whose UTC offset is 0. Returns 0, or -1 with an exception set. */
+static int
+check_untyped_atom(PyObject *v)
+{
+    if (Py_TYPE(v) == DatetimeType) {
+        PyObject *offset = PyObject_CallMethod(v, "utcoffset", NULL);
+        if (offset == NULL) return -1;
+        int nonzero = offset == Py_None ? 1 : PyObject_IsTrue(offset);
+        Py_DECREF(offset);
+        if (nonzero < 0) return -1;
+        if (!nonzero) return 0;
+    }
+    raise_untyped(v);
+    return -1;
 }
 
 static void
@@ -283,7 +350,7 @@ check_key(PyObject *key, long depth)
 
 /* -- convert ---------------------------------------------------------------------------- */
 
-static PyObject *convert_value(PyObject *v, long depth, int own);
+static PyObject *convert_value(PyObject *v, long depth, int own, int loose);
 
 /* Ownership (`own`): a plain dict or list that nothing but its one parent refers to is
  * retyped in place instead of copied. Its parent is either changed in place (a TDict or
@@ -305,7 +372,7 @@ convert_dict(PyObject *d, long depth, int own)
         if (!PyUnicode_CheckExact(k) && check_key(k, depth) < 0) goto fail;
         PyTypeObject *vt = Py_TYPE(v);
         if (vt == &PyUnicode_Type || vt == &TDictType || vt == &TListType) continue;
-        PyObject *cv = convert_value(v, depth, Py_REFCNT(v) == 1);
+        PyObject *cv = convert_value(v, depth, Py_REFCNT(v) == 1, 1);
         if (cv == NULL) goto fail;
         if (cv != v) {
             /* Same key: the value is replaced in place, the iteration is not disturbed. */
@@ -331,7 +398,7 @@ convert_list(PyObject *l, long depth, int own)
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(out); i++) {
         PyObject *x = PyList_GET_ITEM(out, i);
         if (Py_IS_TYPE(x, &PyUnicode_Type)) continue;
-        PyObject *cx = convert_value(x, depth, Py_REFCNT(x) == 1);
+        PyObject *cx = convert_value(x, depth, Py_REFCNT(x) == 1, 1);
         if (cx == NULL) { Py_DECREF(out); return NULL; }
         if (cx != x) {
             PyList_SET_ITEM(out, i, cx);
@@ -353,7 +420,7 @@ convert_tuple(PyObject *value, long depth)
     int same = 1;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *x = PyTuple_GET_ITEM(value, i);
-        PyObject *cx = convert_value(x, depth, 0);  /* a tuple is never changed in place */
+        PyObject *cx = convert_value(x, depth, 0, 0);  /* a tuple is never changed in place */
         if (cx == NULL) { Py_DECREF(items); return NULL; }
         if (cx != x) same = 0;
         PyTuple_SET_ITEM(items, i, cx);
@@ -390,7 +457,7 @@ convert_struct(PyObject *value, long depth)
         PyObject *field = PyObject_GetAttr(value, name);
         if (field == NULL) goto fail;
         /* converted in place: a field only the Struct refers to (and `field`) is owned */
-        PyObject *cf = convert_value(field, depth, Py_REFCNT(field) == 2);
+        PyObject *cf = convert_value(field, depth, Py_REFCNT(field) == 2, 0);
         if (cf == NULL) { Py_DECREF(field); goto fail; }
         int r = 0;
         if (cf != field) r = msgspec_setattro(value, name, cf);
@@ -435,7 +502,7 @@ convert_frozen(PyObject *value, long depth)
         PyObject *name = PySequence_Fast_GET_ITEM(seq, i);
         PyObject *field = PyObject_GetAttr(value, name);
         if (field == NULL) goto fail;
-        PyObject *cf = convert_value(field, depth, 0);  /* a frozen Struct is never changed */
+        PyObject *cf = convert_value(field, depth, 0, 0);  /* a frozen Struct is never changed */
         if (cf == NULL) {
             Py_DECREF(field);
             if (PyErr_ExceptionMatches(UntrackableValue)) {
@@ -474,9 +541,11 @@ fail:
     return NULL;
 }
 
-/* convert() of a value at nesting level `depth` (the value given to convert is at 1). */
+/* convert() of a value at nesting level `depth` (the value given to convert is at 1);
+ * `loose` when it is stored in a plain dict or list (or a TDict or TList), which a
+ * snapshot decodes untyped: tuples and typed atoms (but a UTC datetime) are refused. */
 static PyObject *
-convert_value(PyObject *v, long depth, int own)
+convert_value(PyObject *v, long depth, int own, int loose)
 {
     PyTypeObject *t = Py_TYPE(v);
     if (t == &PyUnicode_Type || t == &TDictType || t == &TListType) return Py_NewRef(v);
@@ -490,14 +559,19 @@ convert_value(PyObject *v, long depth, int own)
     }
     int is_struct = 0;
     if (t != &PyDict_Type && t != &PyList_Type && t != &PyTuple_Type) {
-        if (is_atom(t)) return Py_NewRef(v);
+        if (is_plain_atom(t)) return Py_NewRef(v);
+        if (is_typed_atom(t)) {
+            if (loose && check_untyped_atom(v) < 0) return NULL;
+            return Py_NewRef(v);
+        }
         is_struct = MsgspecStruct != NULL && PyType_IsSubtype(t, MsgspecStruct);
         if (!is_struct) {
             if (EnumBase && PyType_IsSubtype(t, EnumBase)) return Py_NewRef(v);
             raise_with_name(UntrackableValue,
                             "a %U cannot be stored in the state: its changes could not be tracked "
-                            "(use dicts, lists, str, int, float, bool, None, bytes, tuples of those, "
-                            "and Structs derived from workers.prevalence.Struct)", t);
+                            "(use dicts, lists, str, int, float, bool, None, bytes, and Structs "
+                            "derived from workers.prevalence.Struct, whose typed fields may also hold "
+                            "tuples, dates, datetimes, times, timedeltas, Decimals and UUIDs)", t);
             return NULL;
         }
     }
@@ -505,7 +579,10 @@ convert_value(PyObject *v, long depth, int own)
     depth++;
     if (t == &PyDict_Type) return convert_dict(v, depth, own);
     if (t == &PyList_Type) return convert_list(v, depth, own);
-    if (t == &PyTuple_Type) return convert_tuple(v, depth);
+    if (t == &PyTuple_Type) {
+        if (loose) { raise_untyped(v); return NULL; }
+        return convert_tuple(v, depth);
+    }
     if (StructBase && PyType_IsSubtype(t, StructBase)) return convert_struct(v, depth);
     return convert_frozen(v, depth);
 }
@@ -517,7 +594,7 @@ tracked_convert(PyObject *module, PyObject *args, PyObject *kwargs)
     PyObject *value;
     int adopt = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$p:convert", kwlist, &value, &adopt)) return NULL;
-    return convert_value(value, 1, adopt);
+    return convert_value(value, 1, adopt, 0);
 }
 
 /* -- dict order: the key after `key` -------------------------------------------------- */
@@ -717,7 +794,7 @@ tdict_set(PyObject *self, PyObject *key, PyObject *value)
         log_drop(log, entry);
         return -1;
     }
-    if (needs_conversion(value)) return pend(log, self, key, value);
+    if (needs_conversion(value, 1)) return pend(log, self, key, value);
     return 0;
 }
 
@@ -923,7 +1000,7 @@ tdict_init(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     PyObject *plain = PyObject_Call((PyObject *)&PyDict_Type, args, kwargs);
     if (plain == NULL) return -1;
-    PyObject *converted = convert_value(plain, 1, 1);  /* `plain` is ours alone */
+    PyObject *converted = convert_value(plain, 1, 1, 0);  /* `plain` is ours alone */
     Py_DECREF(plain);
     if (converted == NULL) return -1;
     int r = PyDict_Update(self, converted);
@@ -980,7 +1057,7 @@ pend_from(PyObject *self, UndoLogObject *log, Py_ssize_t start)
 {
     for (Py_ssize_t i = start; i < PyList_GET_SIZE(self); i++) {
         PyObject *x = PyList_GET_ITEM(self, i);
-        if (needs_conversion(x)) {
+        if (needs_conversion(x, 1)) {
             PyObject *index = PyLong_FromSsize_t(i);
             if (index == NULL) return -1;
             int r = pend(log, self, index, x);
@@ -1002,7 +1079,7 @@ tlist_append(PyObject *self, PyObject *value)
         log_drop(log, entry);
         return NULL;
     }
-    if (needs_conversion(value)) {
+    if (needs_conversion(value, 1)) {
         PyObject *index = PyLong_FromSsize_t(PyList_GET_SIZE(self) - 1);
         if (index == NULL) return NULL;
         int r = pend(log, self, index, value);
@@ -1085,7 +1162,7 @@ tlist_ass_sub(PyObject *self, PyObject *index, PyObject *value)
         if (entry == NULL) { Py_DECREF(iobj); return -1; }
         Py_INCREF(value);
         PyList_SetItem(self, i, value);  /* in range: cannot fail; the old value is in the entry */
-        int r = needs_conversion(value) ? pend(log, self, iobj, value) : 0;
+        int r = needs_conversion(value, 1) ? pend(log, self, iobj, value) : 0;
         Py_DECREF(iobj);
         return r;
     }
@@ -1153,7 +1230,7 @@ tlist_insert(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     UndoLogObject *log = restore_point(self);
     if (log == NULL) return NULL;
     if (PyList_Insert(self, index, args[1]) < 0) return NULL;
-    if (needs_conversion(args[1]) && pend_from(self, log, 0) < 0) return NULL;
+    if (needs_conversion(args[1], 1) && pend_from(self, log, 0) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1254,7 +1331,7 @@ tlist_init(PyObject *self, PyObject *args, PyObject *kwargs)
     if (items == NULL) { Py_DECREF(it); return -1; }
     PyObject *x;
     while ((x = PyIter_Next(it)) != NULL) {
-        PyObject *cx = convert_value(x, 1, Py_REFCNT(x) == 1);
+        PyObject *cx = convert_value(x, 1, Py_REFCNT(x) == 1, 1);
         Py_DECREF(x);
         if (cx == NULL) goto fail;
         int r = PyList_Append(items, cx);  /* a container of the state: stays in the GC's sight */
@@ -1327,7 +1404,7 @@ struct_setattr(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         log_drop(log, entry);  /* nothing changed (a frozen Struct, a wrong type): nothing to undo */
         return NULL;
     }
-    if (needs_conversion(value) && pend(log, self, name, value) < 0) return NULL;
+    if (needs_conversion(value, 0) && pend(log, self, name, value) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1536,7 +1613,7 @@ tracked_finish_record(PyObject *module, PyObject *unused)
             if (current == NULL && PyErr_Occurred()) r = -1;
             else if (current == value) {
                 /* owned if only the container and this pending entry refer to it */
-                PyObject *cv = convert_value(value, 1, Py_REFCNT(value) == 2);
+                PyObject *cv = convert_value(value, 1, Py_REFCNT(value) == 2, 1);
                 if (cv == NULL) r = -1;
                 else {
                     if (cv != value) r = PyDict_SetItem(container, key, cv);
@@ -1555,7 +1632,7 @@ tracked_finish_record(PyObject *module, PyObject *unused)
                 }
             }
             if (index >= 0) {
-                PyObject *cv = convert_value(value, 1, Py_REFCNT(value) == 2);
+                PyObject *cv = convert_value(value, 1, Py_REFCNT(value) == 2, 1);
                 if (cv == NULL) r = -1;
                 else if (cv != value) {
                     if (index < PyList_GET_SIZE(container)) PyList_SetItem(container, index, cv);  /* steals */
@@ -1569,7 +1646,7 @@ tracked_finish_record(PyObject *module, PyObject *unused)
             if (current == NULL) r = -1;
             else {
                 if (current == value) {  /* the Struct, this entry and `current` */
-                    PyObject *cv = convert_value(value, 1, Py_REFCNT(value) == 3);
+                    PyObject *cv = convert_value(value, 1, Py_REFCNT(value) == 3, 0);
                     if (cv == NULL) r = -1;
                     else {
                         if (cv != value) r = msgspec_setattro(container, key, cv);
@@ -1674,14 +1751,17 @@ static PyObject *struct_setattr_descr;
 static PyObject *
 tracked_setup(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    CHECK_NARGS("_setup", 6);
-    /* (MutationOutsideTransaction, UntrackableValue, atoms, msgspec.Struct, enum.Enum, max_depth) */
-    PyObject *mot = args[0], *uv = args[1], *atom_seq = args[2], *ms = args[3], *en = args[4];
-    if (!PyExceptionClass_Check(mot) || !PyExceptionClass_Check(uv) || !PyType_Check(ms) || !PyType_Check(en)) {
+    CHECK_NARGS("_setup", 8);
+    /* (MutationOutsideTransaction, UntrackableValue, plain atoms, typed atoms, datetime.datetime,
+     *  msgspec.Struct, enum.Enum, max_depth) */
+    PyObject *mot = args[0], *uv = args[1], *atom_seq = args[2], *typed_seq = args[3],
+             *dtt = args[4], *ms = args[5], *en = args[6];
+    if (!PyExceptionClass_Check(mot) || !PyExceptionClass_Check(uv) || !PyType_Check(ms) || !PyType_Check(en)
+        || !PyType_Check(dtt)) {
         PyErr_SetString(PyExc_TypeError, "_setup(): wrong argument types");
         return NULL;
     }
-    long depth = PyLong_AsLong(args[5]);
+    long depth = PyLong_AsLong(args[7]);
     if (depth == -1 && PyErr_Occurred()) return NULL;
     if (depth < 1 || depth > 100000) {
         PyErr_SetString(PyExc_ValueError, "_setup(): max_depth out of range");
@@ -1707,6 +1787,27 @@ tracked_setup(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     n_atoms = (int)n;
     Py_DECREF(seq);
+    seq = PySequence_Fast(typed_seq, "_setup(): typed atoms must be a sequence of types");
+    if (seq == NULL) return NULL;
+    n = PySequence_Fast_GET_SIZE(seq);
+    if (n > MAX_ATOMS) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "_setup(): too many typed atom types");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyType_Check(PySequence_Fast_GET_ITEM(seq, i))) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_TypeError, "_setup(): typed atoms must be types");
+            return NULL;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {  /* kept for ever: references never released */
+        typed_atoms[i] = (PyTypeObject *)Py_NewRef(PySequence_Fast_GET_ITEM(seq, i));
+    }
+    n_typed_atoms = (int)n;
+    Py_DECREF(seq);
+    DatetimeType = (PyTypeObject *)Py_NewRef(dtt);
     MutationOutsideTransaction = Py_NewRef(mot);
     UntrackableValue = Py_NewRef(uv);
     MsgspecStruct = (PyTypeObject *)Py_NewRef(ms);
@@ -1867,7 +1968,8 @@ get_attr(PyObject *obj, const char *name, PyObject **out)
 PyMODINIT_FUNC
 PyInit__tracked(void)
 {
-    /* Until _setup: TypeError stands in for the exception classes, builtins for _ATOMS. */
+    /* Until _setup: TypeError stands in for the exception classes, builtins for _PLAIN_ATOMS
+     * (and no typed atom). */
     MutationOutsideTransaction = PyExc_TypeError;
     UntrackableValue = PyExc_TypeError;
     PyTypeObject *builtin_atoms[] = {&PyUnicode_Type, &PyLong_Type, &PyFloat_Type, &PyBool_Type,

@@ -11,6 +11,7 @@ when it was built from another version of `_tracked.c` (a stale build in a sourc
 
 from __future__ import annotations
 
+import datetime
 import enum
 import hashlib
 import importlib
@@ -27,8 +28,8 @@ if _c.SOURCE_SHA256 and os.path.exists(_SOURCE):  # a source tree: is the build 
             raise ImportError("workers.prevalence._tracked was built from another version of _tracked.c: "
                               "rebuild it (pip install -e . or python setup.py build_ext --inplace)")
 
-from ._tracked_py import (_ATOMS, INT_MAX, INT_MIN, MAX_DEPTH, MutationOutsideTransaction,
-                          UntrackableValue)
+from ._tracked_py import (_PLAIN_ATOMS, _TYPED_ATOMS, INT_MAX, INT_MIN, MAX_DEPTH,
+                          MutationOutsideTransaction, UntrackableValue)
 
 __all__ = ["TDict", "TList", "Struct", "UndoLog", "MutationOutsideTransaction", "UntrackableValue",
            "convert", "begin_record", "finish_record", "end_record", "dict_set", "dict_delete",
@@ -39,8 +40,8 @@ IMPLEMENTATION = "c"
 # The range check in C is fixed to MessagePack's integers: the specification must agree.
 assert (INT_MIN, INT_MAX) == (-(1 << 63), (1 << 64) - 1)
 
-_c._setup(MutationOutsideTransaction, UntrackableValue, tuple(_ATOMS), msgspec.Struct, enum.Enum,
-          MAX_DEPTH)
+_c._setup(MutationOutsideTransaction, UntrackableValue, tuple(_PLAIN_ATOMS), tuple(_TYPED_ATOMS),
+          datetime.datetime, msgspec.Struct, enum.Enum, MAX_DEPTH)
 
 
 class Struct(msgspec.Struct):

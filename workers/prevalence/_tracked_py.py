@@ -42,9 +42,18 @@ _END = object()  # "the deleted key was the last one"
 
 _local = threading.local()
 
-#: Immutable values stored as they are.
-_ATOMS = frozenset({str, int, float, bool, type(None), bytes, _dt.datetime, _dt.date, _dt.time,
-                    _dt.timedelta, decimal.Decimal, uuid.UUID})
+#: Immutable values that a snapshot reads back as themselves wherever they are stored.
+_PLAIN_ATOMS = frozenset({str, int, float, bool, type(None), bytes})
+
+#: Immutable values that a snapshot reads back as themselves only where the codec knows
+#: their type: a Struct field annotated with it (or a dict key). In a plain dict or list
+#: (a TDict or TList, decoded untyped) it would read them back as str, so there they are
+#: refused (`UntrackableValue`), except an aware datetime whose UTC offset is 0 (`ctx.now`),
+#: which reads back as itself.
+_TYPED_ATOMS = frozenset({_dt.datetime, _dt.date, _dt.time, _dt.timedelta, decimal.Decimal, uuid.UUID})
+
+#: Immutable values stored as they are (in a Struct field, or as a dict key).
+_ATOMS = _PLAIN_ATOMS | _TYPED_ATOMS
 
 _struct_setattr = msgspec.Struct.__setattr__
 
@@ -132,7 +141,7 @@ def finish_record() -> None:
         cls = container.__class__
         if cls is TDict or isinstance(container, dict):
             if dict.get(container, key, _MISSING) is value:
-                converted = convert(value)
+                converted = _convert(value, 1, True)
                 if converted is not value:
                     dict.__setitem__(container, key, converted)
         elif isinstance(container, list):
@@ -141,7 +150,7 @@ def finish_record() -> None:
             else:
                 index = next((j for j, x in enumerate(container) if x is value), -1)
             if index >= 0:
-                converted = convert(value)
+                converted = _convert(value, 1, True)
                 if converted is not value:
                     list.__setitem__(container, index, converted)
         else:  # a Struct's field
@@ -157,14 +166,16 @@ def convert(value: Any, *, adopt: bool = False) -> Any:
 
     Tracked containers are returned as they are (their contents are tracked already);
     Structs derived from `Struct` are converted in place. Raises `UntrackableValue` for a
-    value whose changes could not be tracked, or nested deeper than `MAX_DEPTH`.
+    value whose changes could not be tracked, nested deeper than `MAX_DEPTH`, or that a
+    snapshot would not read back as itself: a tuple or a `_TYPED_ATOMS` value (but a UTC
+    datetime) inside a dict or list; `value` itself, like a Struct's field, may be one.
 
     `value` itself is left as it was, unless `adopt` is true: the caller hands it over
     (a freshly decoded snapshot) and must not use it afterwards, so an implementation may
     turn its containers into tracked ones in place instead of copying them (the C one
     does; this one always copies, which the contract allows).
     """
-    return _convert(value, 1)
+    return _convert(value, 1, False)
 
 
 def _too_deep() -> UntrackableValue:
@@ -172,8 +183,37 @@ def _too_deep() -> UntrackableValue:
                             "state (dicts, lists, tuples and Structs inside each other)")
 
 
-def _convert(value: Any, depth: int) -> Any:
-    """`convert` of a value at nesting level `depth` (the value passed to `convert` is 1).
+def _untyped(value: Any) -> UntrackableValue:
+    """The refusal of a tuple or a `_TYPED_ATOMS` value stored in a plain dict or list."""
+    cls = value.__class__
+    if cls is tuple:
+        return UntrackableValue("a tuple cannot be stored in a plain dict or list in the state: a snapshot "
+                                "would read it back as a list (use a list, or a Struct field annotated "
+                                "with its type)")
+    if cls is _dt.datetime:
+        return UntrackableValue("a datetime that is naive or not in UTC cannot be stored in a plain dict or "
+                                "list in the state: a snapshot would read it back as a str or in UTC (store "
+                                "it converted to UTC with tzinfo=datetime.timezone.utc, in a Struct field "
+                                "annotated datetime, or as str/int)")
+    return UntrackableValue(f"a {cls.__name__} cannot be stored in a plain dict or list in the state: a "
+                            f"snapshot would read it back as a str (store it in a Struct field annotated "
+                            f"{cls.__name__}, or as str/int)")
+
+
+def _check_untyped_atom(value: Any) -> None:
+    """A `_TYPED_ATOMS` value stored in a plain dict or list: refused unless it is an aware
+    datetime whose UTC offset is 0 (raises `UntrackableValue`)."""
+    if value.__class__ is _dt.datetime:
+        offset = value.utcoffset()
+        if offset is not None and not offset:
+            return
+    raise _untyped(value)
+
+
+def _convert(value: Any, depth: int, loose: bool) -> Any:
+    """`convert` of a value at nesting level `depth` (the value passed to `convert` is 1);
+    `loose` when it is stored in a plain dict or list (or a tuple there), which a snapshot
+    decodes untyped: tuples and `_TYPED_ATOMS` (but a UTC datetime) are refused there.
 
     Loops rather than comprehensions: one Python frame per level, so that `MAX_DEPTH`
     levels fit the default recursion limit.
@@ -184,7 +224,11 @@ def _convert(value: Any, depth: int) -> Any:
             raise UntrackableValue(f"integer {value} is out of the range a snapshot can hold "
                                    f"({INT_MIN}..{INT_MAX})")
         return value
-    if cls in _ATOMS or cls is TDict or cls is TList:
+    if cls in _PLAIN_ATOMS or cls is TDict or cls is TList:
+        return value
+    if cls in _TYPED_ATOMS:
+        if loose:
+            _check_untyped_atom(value)
         return value
     if cls is dict or cls is list or cls is tuple or isinstance(value, msgspec.Struct):
         if depth > MAX_DEPTH:
@@ -196,17 +240,19 @@ def _convert(value: Any, depth: int) -> Any:
             if k.__class__ is not str:
                 _check_key(k, depth)
             vc = v.__class__
-            dict.__setitem__(out, k, v if vc is str or vc is TDict or vc is TList else _convert(v, depth))
+            dict.__setitem__(out, k, v if vc is str or vc is TDict or vc is TList else _convert(v, depth, True))
         return out
     if cls is list:
         items = []
         for x in value:
-            items.append(x if x.__class__ is str else _convert(x, depth))
+            items.append(x if x.__class__ is str else _convert(x, depth, True))
         return TList._adopt(items)
     if cls is tuple:
+        if loose:
+            raise _untyped(value)
         items = []
         for x in value:
-            items.append(_convert(x, depth))
+            items.append(_convert(x, depth, False))
         for x in items:
             if x.__class__ is TDict or x.__class__ is TList or isinstance(x, Struct):
                 raise UntrackableValue(f"a tuple holding a mutable {type(x).__name__} cannot be tracked "
@@ -218,7 +264,7 @@ def _convert(value: Any, depth: int) -> Any:
     if isinstance(value, Struct):
         for name in value.__struct_fields__:
             field = getattr(value, name)
-            converted = _convert(field, depth)
+            converted = _convert(field, depth, False)
             if converted is not field:
                 _struct_setattr(value, name, converted)
         return value
@@ -230,7 +276,7 @@ def _convert(value: Any, depth: int) -> Any:
         for name in value.__struct_fields__:
             field = getattr(value, name)
             try:
-                same = _convert(field, depth) is field
+                same = _convert(field, depth, False) is field
             except UntrackableValue as exc:
                 raise UntrackableValue(f"frozen Struct {cls.__name__}, field {name!r}: {exc}") from None
             if not same:
@@ -240,13 +286,24 @@ def _convert(value: Any, depth: int) -> Any:
     if isinstance(value, enum.Enum):
         return value
     raise UntrackableValue(f"a {cls.__name__} cannot be stored in the state: its changes could not be "
-                           "tracked (use dicts, lists, str, int, float, bool, None, bytes, tuples of "
-                           "those, and Structs derived from workers.prevalence.Struct)")
+                           "tracked (use dicts, lists, str, int, float, bool, None, bytes, and Structs "
+                           "derived from workers.prevalence.Struct, whose typed fields may also hold "
+                           "tuples, dates, datetimes, times, timedeltas, Decimals and UUIDs)")
 
 
 def _needs_conversion(value: Any) -> bool:
-    """Whether a value stored must go through `convert` when the record ends: plain
-    containers, Structs, tuples, anything unknown, and integers out of range."""
+    """Whether a value stored into a TDict or TList must go through `convert` when the
+    record ends: plain containers, Structs, tuples, `_TYPED_ATOMS` (to be checked),
+    anything unknown, and integers out of range."""
+    cls = value.__class__
+    if cls is int:
+        return not INT_MIN <= value <= INT_MAX
+    return not (cls in _PLAIN_ATOMS or cls is TDict or cls is TList)
+
+
+def _field_needs_conversion(value: Any) -> bool:
+    """`_needs_conversion` of a value stored into a Struct's field, where `_TYPED_ATOMS`
+    are stored as they are (the codec decodes a typed field back to its type)."""
     cls = value.__class__
     if cls is int:
         return not INT_MIN <= value <= INT_MAX
@@ -449,7 +506,7 @@ class TList(list):
     def __init__(self, iterable: Any = ()) -> None:
         if list.__len__(self):
             raise TypeError("TList.__init__ called again on a populated list: that change could not be tracked")
-        list.extend(self, [convert(x) for x in iterable])
+        list.extend(self, [_convert(x, 1, True) for x in iterable])
 
     @classmethod
     def _adopt(cls, items: list) -> "TList":
@@ -580,7 +637,7 @@ class Struct(msgspec.Struct):
         except BaseException:
             entries.pop()  # nothing changed (a frozen Struct, a wrong type): nothing to undo
             raise
-        if _needs_conversion(value):
+        if _field_needs_conversion(value):
             log.pending.append((self, name, value))
 
     def __delattr__(self, name: str) -> None:

@@ -106,9 +106,11 @@ class Model:
     Args:
         name: the model's name, recorded in snapshots.
         root_factory: returns the initial state: dicts, lists, str, int, float, bool, None,
-            bytes, tuples of those, and msgspec Structs derived from
-            `workers.prevalence.Struct` (or frozen). It is made change-tracked when a
-            master opens (`tracked`); so is every value a transaction stores.
+            bytes, UTC datetimes, and msgspec Structs derived from
+            `workers.prevalence.Struct` (or frozen), whose typed fields may also hold
+            tuples, dates, other datetimes, times, timedeltas, Decimals and UUIDs. It
+            is made change-tracked when a master opens (`tracked`); so is every value a
+            transaction stores.
         state_type: the type snapshots decode the root into; defaults to the type of
             ``root_factory()`` when that is a msgspec Struct, else plain data.
         request_ids_kept_s: how long (record time) a request id is remembered (module
