@@ -192,25 +192,25 @@ class JournalWriter:
         """
         if self.syncing:
             self.settle()
-        if self._closed:
-            raise InvariantViolation("append on a closed journal")
-        if self._failed is not None:
-            raise StorageError(f"journal {self.path} refused an earlier write ({self._failed}); it takes no "
-                               "more records until the master restarts and recovers")
+        if self._closed or self._failed is not None:  # one test on the write path for both
+            self._refuse_append()
         if len(payloads) == 1:
             data = frame(payloads[0], key, batch)
         else:
             data = b"".join([frame(p, key, batch) for p in payloads])
-        if len(data) > APPEND_BYTES_MAX:
-            raise BadArguments(f"a write of {len(data)} bytes is more than the {APPEND_BYTES_MAX} one append may "
+        written = len(data)
+        if written > APPEND_BYTES_MAX:
+            raise BadArguments(f"a write of {written} bytes is more than the {APPEND_BYTES_MAX} one append may "
                                "hold (journal.APPEND_BYTES_MAX): split the batch. Nothing was written")
         self._guard()  # nothing is written by an owner that may have lost its name
         with self._lock:
             try:
-                if self.offset > 0 and self.offset + len(data) > self.segment_bytes_max:
+                # Attributes read once into locals: this is the write path of every commit.
+                offset = self.offset
+                end = offset + written
+                if offset > 0 and end > self.segment_bytes_max:
                     self._roll()
-                written = len(data)
-                end = self.offset + written
+                    offset, end = 0, written  # a new segment starts empty
                 if end > self._reserved:
                     if self.reserve_bytes:
                         self._reserve(end)
@@ -218,14 +218,15 @@ class JournalWriter:
                         self._reserved = end
                 if self._fault_on:
                     self._fault("before-write")
-                done = os.pwrite(self._fd, data, self.offset)
+                done = os.pwrite(self._fd, data, offset)
                 if done != written:  # a full disk, usually: refuse like any failed write
                     raise OSError(errno.ENOSPC, f"short write: {done} of {written} bytes")
                 if self._fault_on:
                     self._fault("after-write")
-                self.offset += written
+                self.offset = end
                 self.next_seq += count if count is not None else len(payloads)
-                if self.fsync_mode == "always":
+                mode = self.fsync_mode
+                if mode == "always":
                     started = time.perf_counter()
                     if wait or not self._start_sync():
                         sync_data(self._fd)
@@ -236,7 +237,7 @@ class JournalWriter:
                         self._sync_started = started
                 else:
                     self._dirty = True
-                    if self.fsync_mode == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s:
+                    if mode == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s:
                         self._fsync_locked()
             except OSError as exc:
                 # What reached the disk is unknown now: refuse everything until a restart
@@ -258,6 +259,13 @@ class JournalWriter:
             except PrevalenceError as exc:
                 self._failed = f"the write was not acknowledged: {exc}"
                 raise
+
+    def _refuse_append(self) -> None:
+        """Raise why `append` takes nothing: the journal is closed, or an earlier write failed."""
+        if self._closed:
+            raise InvariantViolation("append on a closed journal")
+        raise StorageError(f"journal {self.path} refused an earlier write ({self._failed}); it takes no "
+                           "more records until the master restarts and recovers")
 
     def _start_sync(self) -> bool:
         """Start the commit's sync in the kernel; False where that is not possible."""
