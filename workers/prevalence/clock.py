@@ -35,8 +35,11 @@ DRIFT_MAX_MS_DEFAULT = 60_000
 RECHECK_MS = 100
 
 
+_time_ns = time.time_ns
+
+
 def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
+    return _time_ns() // 1_000_000
 
 
 def physical_ms(hlc: int) -> int:
@@ -91,7 +94,8 @@ class HybridClock:
 
     def tick(self) -> int:
         """A new timestamp strictly above every one issued or observed."""
-        wall = self._now_ms()
+        # The real wall clock read inline (a Python call less: `tick` runs on every commit).
+        wall = _time_ns() // 1_000_000 if self._now_ms is wall_ms else self._now_ms()
         if self._reference_ms is not None and (self.skew_ms or not 0 <= wall - self._checked_at_ms < RECHECK_MS):
             wall = self._reading_ms(wall)
         wall <<= LOGICAL_BITS

@@ -67,8 +67,9 @@ HOLDER_VALIDITY_FRACTION = 0.5
 _BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
 
 #: Seconds on a clock that never goes back and counts a suspended machine too
-#: (``CLOCK_BOOTTIME`` on Linux; ``time.monotonic`` elsewhere). Looked up at call time,
-#: so tests can replace it. (A partial of the C function: it is read on every write.)
+#: (``CLOCK_BOOTTIME`` on Linux; ``time.monotonic`` elsewhere). A `Lease` takes the one
+#: found here when it is made (its `clock_s`), so tests can replace it before they open a
+#: master. (A partial of the C function: it is read twice on every write.)
 monotonic_s = functools.partial(time.clock_gettime, _BOOTTIME) if _BOOTTIME is not None else time.monotonic
 
 
@@ -137,9 +138,14 @@ class Lease:
         #: over (a seal on the segment it writes, a removed segment or folder), or None.
         self.fence: Callable[[], str | None] = lambda: None
         #: Set by the master: called with (modification time in ns of the lease file just
-        #: written, `monotonic_s()` just before the write) -- the shared folder's clock.
+        #: written, `clock_s()` just before the write) -- the shared folder's clock.
         self.on_written: Callable[[int, float], None] | None = None
-        self._valid_until = float("-inf")  # monotonic_s() past which the holder re-checks
+        #: The monotonic clock this lease measures its validity with (`monotonic_s`).
+        self.clock_s: Callable[[], float] = monotonic_s
+        #: `clock_s()` reading from which on the holder re-checks the lease before it writes
+        #: or acknowledges. Public for the journal writer, which inlines the fast path of
+        #: `check_held` (``lost is None and clock_s() < valid_until_s``) on every append.
+        self.valid_until_s = float("-inf")
         self._lock = threading.RLock()     # the heartbeat thread vs the writer's guard
         self._local_lock = None
         self._stop = threading.Event()
@@ -247,12 +253,12 @@ class Lease:
 
     def _write(self) -> None:
         """Write our heartbeat; the lease counts as ours for half a TTL from before the write."""
-        started = monotonic_s()
+        started = self.clock_s()
         body = LeaseFile(kind=LEASE_KIND, master=self.name, host=self._me["host"], boot_id=self._me["boot_id"],
                          pid=self._me["pid"], pid_start=self._me["pid_start"], heartbeat=time.time(),
                          token=self.token)
         mtime_ns = folder.publish(self.path, smallfile.encode(LEASE_KIND, body, self.key))
-        self._valid_until = started + self.lease_ttl_s * HOLDER_VALIDITY_FRACTION
+        self.valid_until_s = started + self.lease_ttl_s * HOLDER_VALIDITY_FRACTION
         if self.on_written is not None:
             self.on_written(mtime_ns, started)
 
@@ -269,7 +275,7 @@ class Lease:
         with self._lock:
             if self.lost:
                 return
-            if monotonic_s() >= self._valid_until:
+            if self.clock_s() >= self.valid_until_s:
                 self._recheck()
                 return
             try:
@@ -301,10 +307,10 @@ class Lease:
         process was paused, or its heartbeats failed), re-check the lease file and the
         journal before anything is written or acknowledged (module docstring).
         """
-        if self.lost is None and monotonic_s() < self._valid_until:
+        if self.lost is None and self.clock_s() < self.valid_until_s:
             return
         with self._lock:
-            if self.lost is None and monotonic_s() >= self._valid_until:
+            if self.lost is None and self.clock_s() >= self.valid_until_s:
                 self._recheck()
         if self.lost is not None:
             raise LeaseLost(self.lost)

@@ -317,7 +317,9 @@ class Recovering:
             folder.journal_dir(self.shared, self.name), self.seq + 1, master=self.name, key=self.key,
             fsync=self.fsync_mode, fsync_interval_ms=self._fsync_interval_ms,
             segment_bytes_max=self._segment_bytes_max, reserve_bytes=self._journal_reserve_bytes,
-            guard=self.lease.check_held, fault=self._fault)
+            guard=self.lease.check_held, guard_window=self.lease,
+            # None without a test hook: the writer then skips its fault points on every append.
+            fault=self._fault if self._fault_on else None)
         self.writer.on_sync = self._on_sync
         self.lease.fence = self._fenced
 

@@ -104,12 +104,15 @@ class Writing:
             StorageError: the disk refused; nothing was applied or acknowledged. (With
                 `deferred_sync` a failed sync is raised by `settle` instead.)
         """
-        # Kept lean on purpose: this is the write path. `execute_many` is the general form.
+        # Kept lean on purpose: this is the write path (attributes read once into locals).
+        # `execute_many` is the general form.
         if self._unsettled:
             self.settle()
         if self.closed or not self.joined or self.lease.lost:
             self._check_writable()
-        if self.replica.multi:  # a master alone in its cluster sees a retirement at its next sync
+        replica = self.replica
+        multi = replica.multi
+        if multi:  # a master alone in its cluster sees a retirement at its next sync
             self._check_not_retired()
         model = self.model
         name = tx if tx.__class__ is str and tx in model.transactions else model.tx_name(tx)
@@ -119,7 +122,7 @@ class Writing:
         if rid is not None:
             if rid.__class__ is not str:
                 raise BadArguments(f"request id must be a string, got {type(rid).__name__}")
-            first = self.replica.dedup.get(rid) if rid else None  # "" is no request id
+            first = replica.dedup.get(rid) if rid else None  # "" is no request id
             if first is not None:
                 # Idempotency: a known request id takes effect once; answer with its outcome.
                 return _result(name, {"status": first.status, "value": codec.detached(first.value),
@@ -128,9 +131,10 @@ class Writing:
         if not flat:
             codec.check_depth(name, args)  # before encoding: a deep value never reaches the encoder
         seq = self.seq + 1
+        clock = self.clock
         try:
-            rec = Record(self.name, seq, self.clock.tick(), rid or "", name, args)
-            if self.clock.skew_ms:
+            rec = Record(self.name, seq, clock.tick(), rid or "", name, args)
+            if clock.skew_ms:
                 self._refuse_skewed()
             payload = codec.encode_record(rec)
         except (TypeError, ValueError, OverflowError, codec.msgspec.EncodeError) as exc:
@@ -141,25 +145,24 @@ class Writing:
         # Apply exactly what replay will read (flat arguments read back identical).
         if not flat:
             rec = codec.decode_record(payload)
+        writer = self.writer
         if self.deferred_sync:
-            self.writer.append((payload,), self.key, wait=False)
-            self._unsettled = self.writer.syncing
+            writer.append((payload,), self.key, wait=False)
+            self._unsettled = writer.syncing
         else:
-            self.writer.append((payload,), self.key)
+            writer.append((payload,), self.key)
         if self._fault_on:
             self._fault("between-fsync-and-apply")
         self.seq = seq
         self.own_horizon = rec.hlc
-        replica = self.replica
         out = replica.apply_own(rec)
-        if replica.multi:
+        if multi:
             self._remember(rec, out)
         else:
             if rid:
                 self._remember(rec, out)
-            replica.advance_alone(self.clock.last)
-        status = out["status"]
-        if status == OK:
+            replica.advance_alone(clock.last)
+        if out["status"] == OK:
             return out["value"]
         return _result(name, out)
 
