@@ -49,7 +49,7 @@ from ..codec import Record
 from ..errors import Corruption, InvariantViolation
 from ..model import Model
 from ..replica import Replica
-from ..snapshot import decode_root, list_snapshots, load_snapshot
+from ..snapshot import list_snapshots, load_state
 from . import folder, membership
 from .progress import read_progress
 from .reader import JournalReader
@@ -112,15 +112,11 @@ class Follower:
     def _load(self) -> None:
         """Start from the newest readable snapshot of any member (else the initial state)."""
         body = None
-        candidates = sorted((f, p) for m in folder.list_masters(self.shared)
+        candidates = sorted((f, p, m) for m in folder.list_masters(self.shared)
                             for f, p in list_snapshots(folder.snapshots_dir(self.shared, m)))
-        for _frontier, path in reversed(candidates):
+        for _frontier, path, master in reversed(candidates):
             try:
-                body = load_snapshot(path, self.key)
-                if body.model != self.model.name:
-                    raise Corruption(f"snapshot is of model {body.model!r}, not {self.model.name!r}", path=path)
-                with codec.gc_paused():
-                    root = decode_root(body, self.model.state_type)
+                body, root = load_state(path, self.key, self.model, master=master)
                 break
             except (Corruption, OSError) as exc:  # a damaged or collected one: an older one
                 log.warning("follower: skipping snapshot %s: %s", path, exc)

@@ -23,11 +23,11 @@ import gc
 import logging
 import os
 
-from .. import codec, files, seal as seals, tracked
+from .. import codec, files, seal as seals
 from ..durable import fsync_dir
 from ..errors import (BadFile, Corruption, LostRecords, RetiredMaster, TruncatedSegment,
                       UnknownRecordTransaction)
-from ..snapshot import SnapshotBody, decode_root, list_snapshots, load_snapshot, write_snapshot
+from ..snapshot import SnapshotBody, list_snapshots, load_state, write_snapshot
 from ..writer import JournalWriter
 from . import folder, membership
 from .progress import Progress, read_progress
@@ -119,27 +119,10 @@ class Recovering:
         for frontier, path, m in candidates:
             try:
                 # What it is about: a snapshot of the folder's master, under its own frontier.
-                body = load_snapshot(path, self.key, master=m)
-                if body.model != self.model.name:
-                    raise Corruption(f"snapshot is of model {body.model!r}, this master runs {self.model.name!r}",
-                                     path=path)
-                with codec.gc_paused():  # millions of new containers: no collections meanwhile
-                    root = decode_root(body, self.model.state_type, path)
-                    # The state must be what the writer encoded: its bytes are checked (CRC,
-                    # HMAC with a key), so encoding what was decoded must give them back.
-                    # This catches a state type that decodes them differently (code skew)
-                    # as the digest of the state would, in a third of the time (the
-                    # canonical encoding sorts every dict's keys; 1M nested users: 0.4 s
-                    # against 1.0 s).
-                    if body.root != codec.msgspec.Raw(codec.encode_record(root)):  # memcmp; a memoryview compares per byte
-                        raise Corruption(f"the snapshot's state does not decode to what was written under "
-                                         f"this model's state type ({self.model.state_type!r}): code skew?",
-                                         path=path)
-                    # Handed over to tracked at once (adopt): fresh from the decoder, it is
-                    # made tracked in place instead of copied (the replica keeps it as is).
-                    root = tracked.convert(root, adopt=True)
-                    # Nor right after: the first allocation would walk them all in a young
-                    # collection. Long-lived (frozen again once open, below): freeze now.
+                with codec.gc_paused():
+                    body, root = load_state(path, self.key, self.model, master=m)
+                    # Long-lived, and millions of containers: frozen (again once open) before
+                    # the collector runs, or its first young collection would walk them all.
                     gc.freeze()
                 dedup = body.dedup
             except (Corruption, OSError) as exc:
