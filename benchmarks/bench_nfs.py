@@ -3,6 +3,7 @@
     python benchmarks/bench_nfs.py               # about 3 minutes on 2 cores (root)
     python benchmarks/bench_nfs.py --quick       # about 1.5 minutes
     python benchmarks/bench_nfs.py --markdown    # the README table instead of JSON lines
+    python benchmarks/bench_nfs.py --mounts v4.1 --defaults-only   # a part of it
     python benchmarks/bench_nfs.py > run.jsonl && python benchmarks/bench_nfs.py --from run.jsonl
 
 Runs on the NFS tier's lab (`tests/nfs/lab.py`: nfs-ganesha in a private network namespace,
@@ -167,7 +168,7 @@ class Bench:
         self.close(ga, gb)
 
 
-def run_lab(options: str, quick: bool, full: bool) -> None:
+def run_lab(options: str, quick: bool, full: bool, only: list[str] | None = None) -> None:
     lab = NfsLab(guests=2, local_disk_mb=256 if full else 0)
     hub = None
     try:
@@ -177,6 +178,7 @@ def run_lab(options: str, quick: bool, full: bool) -> None:
         in_parallel([lambda g=g: g.connection(deadline_s=90) for g in guests])
         b = Bench(guests, quick, options or "defaults")
         mounts = ["local", "v4.1", "v3"] if full else ["v4.1", "v3"]
+        mounts = [m for m in mounts if only is None or m in only]
         for mount in mounts:
             if full:
                 log(f"{options or 'defaults'}: writes, idle syncs, apply rate on {mount}")
@@ -226,7 +228,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--from", dest="from_file", metavar="JSONL", help="render a saved run as the table")
+    p.add_argument("--mounts", default=None, help="only these mounts, comma-separated (local, v4.1, v3)")
+    p.add_argument("--defaults-only", action="store_true", help="skip the mount-option variants")
     a = p.parse_args(argv)
+    only = a.mounts.split(",") if a.mounts else None
+    if only and set(only) - {"local", "v4.1", "v3"}:
+        p.error(f"--mounts: unknown mount(s) {sorted(set(only) - {'local', 'v4.1', 'v3'})}")
     if a.from_file:
         lines = [json.loads(x) for x in open(a.from_file) if x.strip()]
         print(_heading(lines[0]))
@@ -255,9 +262,9 @@ def main(argv: list[str]) -> int:
     else:
         emit(meta)
     try:
-        for i, options in enumerate(OPTION_SETS):
+        for i, options in enumerate(OPTION_SETS[:1] if a.defaults_only else OPTION_SETS):
             try:
-                run_lab(options, a.quick, full=(i == 0))
+                run_lab(options, a.quick, full=(i == 0), only=only)
             except LabUnavailable as exc:
                 print(f"bench_nfs: lab failed ({options or 'defaults'}): {exc}", file=sys.stderr)
                 return 2

@@ -21,6 +21,8 @@ from workers.prevalence.cluster import lease as lease_module
 
 from tests.support import open_member, test_model as model_under_test
 
+from .helpers import sync_until_quiet
+
 TTL_S = 10.0
 
 
@@ -154,3 +156,27 @@ def test_a_holder_whose_segment_was_sealed_by_a_new_owner_stops_at_its_next_hear
         a.execute("deposit", "x", 100)
     a.close()
     b.close()
+
+
+def test_a_closed_master_and_its_state_are_freed(tmp_path):
+    """Regression: the recovered state is frozen out of the cyclic collector's sight, and
+    the lease held the master's fencing check as a bound method (a cycle), so a closed
+    master was never freed: a process opening masters one after another (a test runner,
+    the NFS tier's guest driver) ran out of memory."""
+    import gc
+    import weakref
+
+    a, b = open_member(tmp_path, "alpha"), open_member(tmp_path, "beta")
+    sync_until_quiet([a, b])
+    a.execute("open_account", "x", 10)
+    sync_until_quiet([a, b])
+    b.execute("deposit", "x", 5)
+    sync_until_quiet([a, b])
+    replicas = [weakref.ref(m.replica) for m in (a, b)]  # the state lives as long as its replica
+    masters = [weakref.ref(a), weakref.ref(b)]
+    a.close()
+    b.close()
+    del a, b
+    gc.collect()
+    assert [r() for r in masters] == [None, None]
+    assert [r() for r in replicas] == [None, None]

@@ -285,7 +285,7 @@ class Guest:
 
     def log_tail(self, lines: int = 30) -> str:
         out = []
-        for name in ("init.log", "driver.log"):
+        for name in ("uml.log", "init.log", "driver.log"):  # uml.log: the guest kernel (OOM, panics)
             p = self.job / name
             if p.exists():
                 text = p.read_text(errors="replace").splitlines()[-lines:]

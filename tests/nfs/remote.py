@@ -153,7 +153,7 @@ class RemoteGuest:
                 line = c.rfile.readline()
                 if not line:
                     c.broken = True
-                    raise DriverGone(f"driver of {self.name} closed the connection during {op}")
+                    raise DriverGone(f"driver of {self.name} closed the connection during {op}\n{self.log_tail()}")
                 msg = json.loads(line)
                 if msg.get("id") != rid:
                     continue

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import weakref
 
 from .. import codec, files, seal as seals
 from ..durable import fsync_dir
@@ -304,7 +305,11 @@ class Recovering:
             # None without a test hook: the writer then skips its fault points on every append.
             fault=self._fault if self._fault_on else None)
         self.writer.on_sync = self._on_sync
-        self.lease.fence = self._fenced
+        # Weakly: a bound method would make master and lease a cycle, and the state is
+        # frozen out of the cyclic collector's sight (`_recover`), so a closed master would
+        # never be freed (a process that opens masters one after another ran out of memory).
+        fenced = weakref.WeakMethod(self._fenced)
+        self.lease.fence = lambda: (fn() if (fn := fenced()) is not None else None)
 
     def _seal_previous_segment(self) -> None:
         """Seal the last segment where recovery found its end, so that a previous owner still
