@@ -768,3 +768,74 @@ def test_both_implementations_log_the_same_entries_and_reach_the_same_state(reco
             trace.append((raised, snapshot(state), [_entry_shape(e, impl) for e in log.entries]))
         runs.append(trace)
     assert runs[0] == runs[1]
+
+
+# -- ReadView: the follower's lock-free read ---------------------------------------------------
+
+
+class _Slow:
+    """The owner's locked path: records its calls, answers ("slow", q, args)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, q, *args):
+        self.calls.append((q, args))
+        return ("slow", q, args)
+
+
+@both
+def test_read_view_runs_the_query_on_its_state_without_the_slow_path(impl):
+    slow = _Slow()
+    view = impl.ReadView({"get": lambda state, k, default=None: state.get(k, default)}, slow)
+    view.state = {"a": 1}
+    assert view.query("get", "a") == 1
+    assert view.query("get", "b", 7) == 7
+    assert slow.calls == []
+
+
+@both
+def test_read_view_takes_the_slow_path_while_the_state_changes_or_when_it_cannot_answer(impl):
+    slow = _Slow()
+    queries = {"get": lambda state, k: state[k], "many": lambda state, *a: len(a)}
+    view = impl.ReadView(queries, slow)
+    view.state = {"a": 1}
+    view.generation += 1                       # odd: a change is under way
+    assert view.query("get", "a") == ("slow", "get", ("a",))
+    view.generation += 1
+    assert view.query("get", "a") == 1
+    assert view.query("nope", 1) == ("slow", "nope", (1,))     # not a declared name
+    fn = queries["get"]
+    assert view.query(fn, "a") == ("slow", fn, ("a",))         # not a name: the owner resolves it
+    assert view.query("get", "zz") == ("slow", "get", ("zz",))  # raised: again under the lock
+    assert view.query("many", *range(7)) == 7
+    assert view.query("many", *range(8)) == ("slow", "many", tuple(range(8)))
+
+
+@both
+def test_read_view_refuses_an_answer_when_the_state_changed_during_the_query(impl):
+    slow = _Slow()
+
+    def torn(state):  # a change began and ended while the query ran
+        view.generation += 2
+        return "torn"
+
+    view = impl.ReadView({"torn": torn}, slow)
+    view.state = {}
+    assert view.query("torn") == ("slow", "torn", ())
+
+
+@both
+def test_read_view_lets_interrupts_through_and_checks_its_arguments(impl):
+    def interrupted(state):
+        raise KeyboardInterrupt
+
+    view = impl.ReadView({"i": interrupted}, _Slow())
+    with pytest.raises(KeyboardInterrupt):
+        view.query("i")
+    with pytest.raises(TypeError):
+        view.query()
+    with pytest.raises(TypeError):
+        impl.ReadView([], _Slow())
+    with pytest.raises(TypeError):
+        impl.ReadView({}, "not callable")

@@ -1916,6 +1916,139 @@ tracked_run_record(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     return value;
 }
 
+/* -- ReadView: a follower's lock-free read ------------------------------------------------------
+ *
+ * Not part of change tracking, but of the same hot path family: the state a follower
+ * applies records to is read by application threads without its lock, seqlock-style.
+ * `query(q, *args)` runs ``queries[q](state, *args)`` while `generation` is even, and
+ * returns the value if `generation` did not move meanwhile; otherwise (an odd generation,
+ * a name that is not a str key of `queries`, the query raised an Exception, or the
+ * generation moved) it returns ``slow(q, *args)``, which the owner runs under its lock.
+ * The follower makes `generation` odd while it changes the state and even again after
+ * (`Follower._changing`). Same contract as `_tracked_py.ReadView`.
+ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *state;
+    PyObject *queries;
+    PyObject *slow;
+    Py_ssize_t generation;
+} ReadViewObject;
+
+static PyTypeObject ReadViewType;
+
+static int
+readview_init(ReadViewObject *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *queries, *slow;
+    static char *kwlist[] = {"queries", "slow", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O:ReadView", kwlist, &PyDict_Type, &queries, &slow))
+        return -1;
+    if (!PyCallable_Check(slow)) {
+        PyErr_SetString(PyExc_TypeError, "ReadView: slow must be callable");
+        return -1;
+    }
+    Py_XSETREF(self->queries, Py_NewRef(queries));
+    Py_XSETREF(self->slow, Py_NewRef(slow));
+    if (self->state == NULL) self->state = Py_NewRef(Py_None);
+    return 0;
+}
+
+static int
+readview_traverse(ReadViewObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->state);
+    Py_VISIT(self->queries);
+    Py_VISIT(self->slow);
+    return 0;
+}
+
+static int
+readview_clear(ReadViewObject *self)
+{
+    Py_CLEAR(self->state);
+    Py_CLEAR(self->queries);
+    Py_CLEAR(self->slow);
+    return 0;
+}
+
+static void
+readview_dealloc(ReadViewObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    readview_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+#define READVIEW_ARGS_MAX 8
+
+static PyObject *
+readview_query(ReadViewObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError, "query(q, *args) needs the query's name");
+        return NULL;
+    }
+    if (self->slow == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "ReadView used before __init__");
+        return NULL;
+    }
+    Py_ssize_t generation = self->generation;
+    if (!(generation & 1) && nargs <= READVIEW_ARGS_MAX && PyUnicode_CheckExact(args[0])) {
+        PyObject *fn = PyDict_GetItemWithError(self->queries, args[0]);
+        if (fn == NULL && PyErr_Occurred()) return NULL;
+        if (fn != NULL) {
+            PyObject *stack[READVIEW_ARGS_MAX];
+            Py_INCREF(fn);
+            stack[0] = Py_NewRef(self->state);
+            for (Py_ssize_t i = 1; i < nargs; i++) stack[i] = args[i];
+            PyObject *value = PyObject_Vectorcall(fn, stack, nargs, NULL);
+            Py_DECREF(stack[0]);
+            Py_DECREF(fn);
+            if (value != NULL) {
+                if (self->generation == generation) return value;
+                Py_DECREF(value);
+            }
+            else if (PyErr_ExceptionMatches(PyExc_Exception)) {
+                PyErr_Clear();  /* run again under the lock, which raises it if it is real */
+            }
+            else {
+                return NULL;  /* KeyboardInterrupt, SystemExit: not a torn read */
+            }
+        }
+    }
+    return PyObject_Vectorcall(self->slow, args, nargs, NULL);
+}
+
+static PyMethodDef readview_methods[] = {
+    {"query", (PyCFunction)(void (*)(void))readview_query, METH_FASTCALL,
+     PyDoc_STR("query(q, *args): queries[q](state, *args) without a lock, or slow(q, *args).")},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef readview_members[] = {
+    {"state", T_OBJECT_EX, offsetof(ReadViewObject, state), 0, "the state queries run on"},
+    {"generation", T_PYSSIZET, offsetof(ReadViewObject, generation), 0,
+     "odd while the state changes"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject ReadViewType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "workers.prevalence._tracked.ReadView",
+    .tp_basicsize = sizeof(ReadViewObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = PyDoc_STR("ReadView(queries, slow): a follower's lock-free read (see _tracked_py.ReadView)."),
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)readview_init,
+    .tp_dealloc = (destructor)readview_dealloc,
+    .tp_traverse = (traverseproc)readview_traverse,
+    .tp_clear = (inquiry)readview_clear,
+    .tp_methods = readview_methods,
+    .tp_members = readview_members,
+};
+
 static PyMethodDef module_methods[] = {
     {"convert", (PyCFunction)(void (*)(void))tracked_convert, METH_VARARGS | METH_KEYWORDS,
      PyDoc_STR("convert(value, *, adopt=False): `value` with every plain dict and list in it "
@@ -1983,7 +2116,8 @@ PyInit__tracked(void)
     TListType.tp_base = &PyList_Type;
     TListType.tp_traverse = PyList_Type.tp_traverse;
     TListType.tp_clear = PyList_Type.tp_clear;
-    if (PyType_Ready(&TDictType) < 0 || PyType_Ready(&TListType) < 0 || PyType_Ready(&UndoLogType) < 0)
+    if (PyType_Ready(&TDictType) < 0 || PyType_Ready(&TListType) < 0 || PyType_Ready(&UndoLogType) < 0
+        || PyType_Ready(&ReadViewType) < 0)
         return NULL;
     /* Same layout as the base (what lets convert retype a fresh copy). */
     if (TDictType.tp_basicsize != PyDict_Type.tp_basicsize || TDictType.tp_dictoffset
@@ -2006,7 +2140,8 @@ PyInit__tracked(void)
     if (PyModule_AddStringConstant(m, "SOURCE_SHA256", TRACKED_SOURCE_SHA256) < 0) goto fail;
     if (PyModule_AddObjectRef(m, "TDict", (PyObject *)&TDictType) < 0
         || PyModule_AddObjectRef(m, "TList", (PyObject *)&TListType) < 0
-        || PyModule_AddObjectRef(m, "UndoLog", (PyObject *)&UndoLogType) < 0)
+        || PyModule_AddObjectRef(m, "UndoLog", (PyObject *)&UndoLogType) < 0
+        || PyModule_AddObjectRef(m, "ReadView", (PyObject *)&ReadViewType) < 0)
         goto fail;
     MISSING = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
     END = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);

@@ -21,7 +21,7 @@ import msgspec
 
 __all__ = ["TDict", "TList", "Struct", "UndoLog", "MutationOutsideTransaction", "UntrackableValue",
            "convert", "begin_record", "finish_record", "end_record", "dict_set", "dict_delete",
-           "dict_restore_point", "run_record", "INT_MIN", "INT_MAX", "MAX_DEPTH", "IMPLEMENTATION"]
+           "dict_restore_point", "run_record", "ReadView", "INT_MIN", "INT_MAX", "MAX_DEPTH", "IMPLEMENTATION"]
 
 #: Which implementation this is ("c" for `_tracked_c`).
 IMPLEMENTATION = "python"
@@ -645,3 +645,40 @@ class Struct(msgspec.Struct):
         raise TypeError(f"cannot delete field {name!r} of {type(self).__name__} in the state: a state Struct "
                         "keeps every field (its changes are logged for undo, and the codec writes every "
                         "field); set it to a value instead")
+
+
+class ReadView:
+    """A follower's lock-free read, seqlock-style (the C one saves the call's frame).
+
+    ``query(q, *args)`` runs ``queries[q](state, *args)`` while `generation` is even and
+    returns its value if `generation` did not move meanwhile; otherwise (an odd
+    generation, a name that is not a str key of `queries`, more than 7 arguments, the query
+    raised an Exception, or the generation moved) it returns ``slow(q, *args)``, which the
+    owner runs under its lock. The owner makes `generation` odd while it changes `state`
+    and even again after.
+    """
+
+    __slots__ = ("state", "generation", "_queries", "_slow")
+
+    def __init__(self, queries: dict, slow) -> None:
+        if not isinstance(queries, dict):
+            raise TypeError("ReadView: queries must be a dict")
+        if not callable(slow):
+            raise TypeError("ReadView: slow must be callable")
+        self.state = None
+        self.generation = 0
+        self._queries = queries
+        self._slow = slow
+
+    def query(self, q, *args):
+        generation = self.generation
+        fn = self._queries.get(q) if q.__class__ is str and len(args) < 8 else None
+        if fn is not None and not generation & 1:
+            try:
+                value = fn(self.state, *args)
+            except Exception:  # noqa: BLE001 -- run again under the lock, which raises it if real
+                pass
+            else:
+                if self.generation == generation:
+                    return value
+        return self._slow(q, *args)

@@ -48,6 +48,10 @@ Two implementations, one contract
     extension an error; a stale build, made from another version of `_tracked.c`, is
     refused with a warning). `IMPLEMENTATION` says which ("c" or "python").
 
+`ReadView`: a follower's lock-free read (seqlock-style: the query's answer stands if the
+follower's generation did not move while it ran; `cluster.follower`), in C with the rest
+because a read's Python frame was a third of its cost.
+
 `convert(value, adopt=True)`: the caller hands `value` over (a freshly decoded snapshot),
 so its containers may become tracked in place instead of being copied (recovery does).
 """
@@ -74,7 +78,7 @@ else:
 
 __all__ = ["TDict", "TList", "Struct", "UndoLog", "MutationOutsideTransaction", "UntrackableValue",
            "convert", "begin_record", "finish_record", "end_record", "dict_set", "dict_delete",
-           "dict_restore_point", "run_record", "INT_MIN", "INT_MAX", "MAX_DEPTH", "IMPLEMENTATION"]
+           "dict_restore_point", "run_record", "ReadView", "INT_MIN", "INT_MAX", "MAX_DEPTH", "IMPLEMENTATION"]
 
 #: Which implementation is in use: "c" (the `_tracked` extension) or "python".
 IMPLEMENTATION: str = _impl.IMPLEMENTATION
@@ -90,6 +94,7 @@ begin_record = _impl.begin_record
 finish_record = _impl.finish_record
 end_record = _impl.end_record
 run_record = _impl.run_record
+ReadView = _impl.ReadView
 dict_set = _impl.dict_set
 dict_delete = _impl.dict_delete
 dict_restore_point = _impl.dict_restore_point
