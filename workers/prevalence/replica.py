@@ -42,8 +42,10 @@ from .codec import Record
 from .errors import InvariantViolation, check
 from .model import Context, Model
 
-#: Called with (record, outcome) for every record of `watch` applied again at a rebase.
-OutcomeHook = Callable[[Record, dict], None]
+#: Called once per rebase with the (record, outcome) pairs of every record of `watch` it
+#: applied again, in key order (one call, not one per record: a rebase of 10,000 own
+#: records spent a quarter of its time in the per-record calls).
+OutcomeHook = Callable[[list], None]
 
 _check_encoder = msgspec.msgpack.Encoder()  # keeps dict order: order is part of the state
 
@@ -168,8 +170,8 @@ class Replica:
                on_outcome: OutcomeHook | None = None) -> bool:
         """Apply records read from peers, given in key order. Returns True if it rebased.
 
-        `on_outcome(record, outcome)` is called for every record of master `watch` that a
-        rebase applied again (its outcome may have changed).
+        `on_outcome(pairs)` is called once with the (record, outcome) of every record of
+        master `watch` that a rebase applied again (its outcome may have changed).
         """
         if not incoming:
             return False
@@ -203,13 +205,20 @@ class Replica:
     def _extend(self, recs: Iterable[Record], *, watch: str | None = None,
                 on_outcome: OutcomeHook | None = None) -> None:
         tentative, marks, log = self.tentative, self._marks, self.log
+        apply = self._apply
+        if not self.check:  # the call `_apply` makes, without its frame
+            model_apply, state, dedup, ctx = self.model.apply, self.state, self.dedup, self._ctx
+            apply = lambda rec: model_apply(state, dedup, rec, ctx, log)  # noqa: E731
+        again: list | None = [] if on_outcome is not None else None
         for rec in recs:
             marks.append(log.mark())
             tentative.append(rec)
             if rec.tx:
-                out = self._apply(rec)
-                if on_outcome is not None and rec.master == watch:
-                    on_outcome(rec, out)
+                out = apply(rec)
+                if again is not None and rec.master == watch:
+                    again.append((rec, out))
+        if again:
+            on_outcome(again)
 
     def commit(self, frontier: int) -> list[Record]:
         """The frontier moved to `frontier`: records at or below it are committed.

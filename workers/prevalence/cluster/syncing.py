@@ -289,14 +289,19 @@ class Syncing:
         rebased = self.replica.ingest(incoming, watch=self.name, on_outcome=self._reapplied)
         return applied, rebased
 
-    def _reapplied(self, rec: Record, out: dict) -> None:
-        """A rebase applied one of our own tentative records again: its outcome may differ."""
-        before = self.outcomes.get(rec.rid or rec.record_id)
-        if before is not None and before[1]["status"] != out["status"]:
-            self.outcomes_changed += 1
-            log.warning("rebase changed the outcome of %s (%s%s) from %s to %s", rec.record_id, rec.tx,
-                        rec.args, before[1]["status"], out["status"])
-        self._remember(rec, out)
+    def _reapplied(self, pairs: list) -> None:
+        """A rebase applied these own tentative records again: their outcomes may differ
+        (`_remember`, for the records a rebase applies again: one call per rebase)."""
+        outcomes = self.outcomes
+        for rec, out in pairs:
+            key = rec.rid or f"{rec.master}:{rec.seq}"
+            before = outcomes.get(key)
+            if before is not None and before[1]["status"] != out["status"]:
+                self.outcomes_changed += 1
+                log.warning("rebase changed the outcome of %s (%s%s) from %s to %s", rec.record_id, rec.tx,
+                            rec.args, before[1]["status"], out["status"])
+            outcomes[key] = (rec.hlc, out)
+        self._prune_outcomes()
 
     def _ack_newcomers(self) -> None:
         """Count every member we see from now on, at our current frontier (joining, step 2)."""

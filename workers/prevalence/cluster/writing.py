@@ -319,7 +319,13 @@ class Writing:
         outcomes = self.outcomes
         outcomes[rec.rid or f"{rec.master}:{rec.seq}"] = (rec.hlc, out)
         if len(outcomes) > 2 * OUTCOMES_KEPT:
-            # Keep the newest OUTCOMES_KEPT (dicts keep insertion order).
+            self._prune_outcomes()
+
+    def _prune_outcomes(self) -> None:
+        """Keep the newest OUTCOMES_KEPT outcomes once there are twice as many (dicts keep
+        insertion order)."""
+        outcomes = self.outcomes
+        if len(outcomes) > 2 * OUTCOMES_KEPT:
             for key in list(itertools.islice(outcomes, len(outcomes) - OUTCOMES_KEPT)):
                 del outcomes[key]
 
