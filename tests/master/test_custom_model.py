@@ -120,6 +120,9 @@ def test_verify_imports_the_model_from_pythonpath_and_says_what_to_do_when_it_ca
     done = verify(f"{ROOT}:{package}")
     assert done.returncode == 0, done.stderr
     assert f"reference digest: {digest}" in done.stdout
+    # Progress on stderr (a large folder takes minutes): each journal read, each replay.
+    assert "verify: read the journal of alpha: 1 records" in done.stderr, done.stderr
+    assert "verify: replay 2 of 2 done: 1 records and 0 ticks from initial state" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("value", [

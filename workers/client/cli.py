@@ -298,8 +298,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     settings = _settings()
     shared = settings.require_shared_dir()
     model = settings.load_model()
+    def say(line: str) -> None:
+        print(f"verify: {line}", file=sys.stderr, flush=True)
+
     try:
-        report = verify(str(shared), model, cluster_key=settings.read_cluster_key())
+        report = verify(str(shared), model, cluster_key=settings.read_cluster_key(),
+                        say=None if args.quiet else say)
     except PrevalenceError as exc:
         raise CliError(f"verify failed on {shared}: {exc}", EXIT_NOT_CONVERGED) from exc
     healthy = not report.get("errors") and report.get("deterministic", True)
@@ -447,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="compute the reference digest from the folder alone")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("backup", help="copy a consistent cut of the shared folder and verify it")

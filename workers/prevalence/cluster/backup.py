@@ -284,12 +284,12 @@ def _check(shared: str, staging: str, model: Model, key: bytes | None, cuts: dic
            say: Say) -> dict[str, Any]:
     """Verify the copy, and the source at the same cut; they must agree."""
     say("verifying the copy (replaying it) ...")
-    copy = verify(staging, model, cluster_key=key)
+    copy = verify(staging, model, cluster_key=key, say=lambda line: say(f"copy: {line}"))
     if copy["errors"] or not copy.get("deterministic", True):
         raise BackupError(f"the copy does not verify: {copy['errors'] or 'replays disagree'}")
     say(f"copy: digest {copy['digest']}, {copy['total']} records; verifying the source at the same cut ...")
     try:
-        source = verify(shared, model, cluster_key=key, cuts=cuts)
+        source = verify(shared, model, cluster_key=key, cuts=cuts, say=lambda line: say(f"source: {line}"))
     except Corruption as exc:
         raise BackupError(f"the source could not be verified at the cut (collected meanwhile?): {exc}; "
                           "try again") from None

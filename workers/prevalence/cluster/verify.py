@@ -10,7 +10,7 @@ every journal still covers -- and replays twice to catch a non-deterministic tra
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from .. import codec, journal, tracked
 from ..codec import Record
@@ -48,8 +48,13 @@ def _choose_base(shared: str, model: Model, masters: list[str], key: bytes | Non
                      "cursors are covered by the remaining journals", path=shared)
 
 
+#: Records between two progress lines of a replay (`verify`'s `say`).
+PROGRESS_EVERY = 1_000_000
+
+
 def verify(shared_dir: str, model: Model, *, cluster_key: bytes | None = None,
-           cuts: dict[str, int] | None = None) -> dict[str, Any]:
+           cuts: dict[str, int] | None = None,
+           say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Compute the reference digest of the folder's records (see module docstring).
 
     `cuts` (master -> last seq that counts; `backup` uses it) limits the records to a
@@ -59,6 +64,9 @@ def verify(shared_dir: str, model: Model, *, cluster_key: bytes | None = None,
     Returns a dict: ``digest``, ``records`` (real records per master), ``ticks``,
     ``duplicates`` (records skipped: their request id appeared earlier), ``base``, ``errors`` (per master: where reading stopped and why),
     ``deterministic`` (two replays agreed), ``last_hlc``.
+
+    `say` (None: silent) is called with a line of progress: each journal read, and every
+    `PROGRESS_EVERY` records of each of the two replays.
     """
     masters = folder.list_masters(shared_dir)
     if cuts is not None:
@@ -97,19 +105,25 @@ def verify(shared_dir: str, model: Model, *, cluster_key: bytes | None = None,
         counts[m] = sum(1 for r in got if r.tx != codec.TICK)
         ticks += len(got) - counts[m]
         records += got
+        if say is not None:
+            say(f"read the journal of {m}: {counts[m]:,} records" + (f" (stopped: {errors[m]})" if m in errors else ""))
     records.sort(key=Record.key.fget)
     digests = []
-    for _ in range(2):
+    for replay in (1, 2):
         root = model.new_state(make_root())
         dedup = dict(dedup0)  # entries are replaced, never mutated
         ctx, log = Context(), tracked.UndoLog()
         duplicates = 0
-        for rec in records:
+        for i, rec in enumerate(records, 1):
             if rec.tx != codec.TICK:
                 if "duplicate_of" in model.apply(root, dedup, rec, ctx, log):
                     duplicates += 1
                 log.forget_before(log.mark())  # committed: nothing will undo it
+            if say is not None and not i % PROGRESS_EVERY:
+                say(f"replay {replay} of 2: {i:,} of {len(records):,} records and ticks")
         digests.append(codec.digest_of(root, dedup))
+        if say is not None:
+            say(f"replay {replay} of 2 done: {sum(counts.values()):,} records and {ticks:,} ticks from {base}")
     return {"digest": digests[0], "deterministic": digests[0] == digests[1], "records": counts,
             "total": sum(counts.values()), "duplicates": duplicates, "ticks": ticks, "base": base, "errors": errors,
             "last_hlc": records[-1].hlc if records else 0, "masters": masters, "retired": retired}
