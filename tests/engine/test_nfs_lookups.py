@@ -144,3 +144,32 @@ def test_a_peer_progress_going_stale_during_sync_and_status_is_not_an_error(tmp_
         stale["left"] = 2
         assert b.status()["cursors"]["a"] >= 1
     assert stale["left"] < 2    # the stale reads did happen
+
+
+def test_a_peers_joining_marker_is_read_from_a_listing_not_looked_up_by_name(tmp_path, lookups):
+    """Garbage collection and status ask whether a peer is still joining. A lookup of its
+    marker by name answers from an NFS client's cache: a marker the joiner removed stays
+    visible for up to a minute (and collection would then skip that member's snapshots),
+    one it created stays invisible. They list the peer's folder instead."""
+    from workers.prevalence.cluster.progress import read_all_progress
+
+    a = open_member(tmp_path, "a", segment_bytes_max=4096)
+    a.execute("open_account", "x", 10)
+    b = open_member(tmp_path, "b")
+    while not b.joined:
+        a.sync()
+        b.sync()
+    for i in range(200):                   # several segments of a: collection has work
+        a.execute("deposit", "x", 1)
+    marker = folder.joining_path(str(tmp_path), "b")
+    lookups.clear()
+    for _ in range(3):
+        a.sync()
+        b.sync()
+    assert len(os.listdir(folder.journal_dir(str(tmp_path), "a"))) >= 2
+    assert read_all_progress(str(tmp_path))["b"]["joining"] is False
+    assert marker not in lookups, "the joining marker of b was looked up by name"
+    open(marker, "w").close()              # as a joining member shows it
+    assert read_all_progress(str(tmp_path))["b"]["joining"] is True
+    a.close()
+    b.close()

@@ -75,6 +75,16 @@ def joining_path(shared: str, name: str) -> str:
     return os.path.join(shared, "masters", name, "joining")
 
 
+def is_joining(shared: str, name: str) -> bool:
+    """Whether master `name` shows its joining marker, by a listing of its folder: a lookup
+    by name could answer from an NFS client's cache (a marker removed by the joiner's host
+    seen for up to a minute more, or one created there not seen)."""
+    try:
+        return "joining" in files.list_dir(master_dir(shared, name), "master folder")
+    except UnsafeFile:
+        return False
+
+
 def cluster_dir(shared: str) -> str:
     return os.path.join(shared, "cluster")
 

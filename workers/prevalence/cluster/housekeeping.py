@@ -99,7 +99,7 @@ class Housekeeping:
                     return  # a member that never published: keep everything
                 continue
             covered = min(covered, p.cursors.get(self.name, 0))
-            if os.path.exists(folder.joining_path(self.shared, m)):
+            if folder.is_joining(self.shared, m):
                 continue  # a joiner replays from the snapshot it loaded: its cursors are enough
             covered = min(covered, p.snapshot_cursors.get(self.name, 0))
         now = time.monotonic()

@@ -11,7 +11,6 @@ readers treat it as absent (reported).
 from __future__ import annotations
 
 import logging
-import os
 
 import msgspec
 
@@ -83,6 +82,6 @@ def read_all_progress(shared: str, key: bytes | None = None) -> dict[str, dict]:
             continue
         if p is not None:
             d = msgspec.to_builtins(p)
-            d["joining"] = os.path.exists(folder.joining_path(shared, name))
+            d["joining"] = folder.is_joining(shared, name)
             out[name] = d
     return out
