@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import datetime
 import decimal
+import enum
 import gc
 import os
 import pickle
@@ -49,6 +50,14 @@ _encoder = msgspec.msgpack.Encoder()  # keeps dict order: order is part of the s
 
 def snapshot(state) -> bytes:
     return _encoder.encode(state)
+
+
+class Color(enum.Enum):
+    RED = 1
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
 
 
 class Frozen(msgspec.Struct, frozen=True):
@@ -225,6 +234,10 @@ UNTYPED = [
     (datetime.timedelta(seconds=3), "a timedelta cannot be stored in a plain dict or list"),
     (decimal.Decimal("1.5"), "a Decimal cannot be stored in a plain dict or list"),
     (uuid.UUID(int=5), "a UUID cannot be stored in a plain dict or list"),
+    # Read back as the member's value: for a plain Enum not even equal to the member.
+    (Color.RED, "a Color member cannot be stored in a plain dict or list in the state: a snapshot "
+                "would read it back as its value 1"),
+    (Level.HIGH, "a Level member cannot be stored in a plain dict or list"),
 ]
 
 

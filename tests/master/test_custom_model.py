@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import decimal  # noqa: F401 (used by an eval below: imported here, where the eval sees it)
+import enum
 import subprocess
 import sys
 import textwrap
@@ -129,6 +130,7 @@ def test_verify_imports_the_model_from_pythonpath_and_says_what_to_do_when_it_ca
     "(1, 'a')", "datetime.date(2020, 1, 2)", "datetime.datetime(2020, 1, 1)",
     "datetime.timedelta(seconds=3)", "datetime.time(1, 2)", "decimal.Decimal('1.5')", "uuid.UUID(int=5)",
     "datetime.datetime(2020, 1, 1, 5, tzinfo=datetime.timezone(datetime.timedelta(hours=2)))",
+    "enum.Enum('Status', 'NEW PAID').PAID", "enum.IntEnum('Level', 'LOW HIGH').HIGH",
 ])
 def test_a_value_a_snapshot_cannot_read_back_is_refused_at_the_write(tmp_path, value):
     # In a plain dict the snapshot codec reads these back as other types (a list, a str,
@@ -149,11 +151,17 @@ def test_a_value_a_snapshot_cannot_read_back_is_refused_at_the_write(tmp_path, v
         m.close()
 
 
+class Mood(enum.Enum):
+    CALM = 1
+    GLAD = 2
+
+
 class Diary(Struct):
     """A root whose typed fields the snapshot codec decodes back to their types."""
     day: datetime.date = datetime.date(2000, 1, 1)
     pair: tuple[int, str] = (0, "")
     notes: dict = {}
+    mood: Mood = Mood.CALM
 
 
 def test_a_struct_field_annotated_with_its_type_keeps_a_date_through_a_snapshot(tmp_path):
@@ -164,10 +172,11 @@ def test_a_struct_field_annotated_with_its_type_keeps_a_date_through_a_snapshot(
         root.day = datetime.date(2020, 1, 2)
         root.pair = (7, "x")
         root.notes["at"] = ctx.now  # an aware UTC datetime: allowed in a plain dict
+        root.mood = Mood.GLAD
 
     @model.query
     def read(root):
-        return root.day, root.pair, root.notes["at"]
+        return root.day, root.pair, root.notes["at"], root.mood
 
     m = Master.open(model, str(tmp_path), "alpha", fsync="never")
     try:
@@ -178,8 +187,8 @@ def test_a_struct_field_annotated_with_its_type_keeps_a_date_through_a_snapshot(
         m.close()
     m = Master.open(model, str(tmp_path), "alpha", fsync="never")
     try:
-        day, pair, at = m.query("read")
-        assert (day, pair, at) == written == (datetime.date(2020, 1, 2), (7, "x"), written[2])
+        day, pair, at, mood = m.query("read")
+        assert (day, pair, at, mood) == written == (datetime.date(2020, 1, 2), (7, "x"), written[2], Mood.GLAD)
         assert type(day) is datetime.date and type(pair) is tuple and at.hour == written[2].hour
     finally:
         m.close()

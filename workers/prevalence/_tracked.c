@@ -246,7 +246,7 @@ raise_too_deep(void)
                  "(dicts, lists, tuples and Structs inside each other)", max_depth);
 }
 
-/* _untyped: refuse a tuple or a typed atom stored in a plain dict or list. */
+/* _untyped: refuse a tuple, a typed atom or an Enum member stored in a plain dict or list. */
 static void
 raise_untyped(PyObject *v)
 {
@@ -256,6 +256,19 @@ raise_untyped(PyObject *v)
                         "a tuple cannot be stored in a plain dict or list in the state: a snapshot "
                         "would read it back as a list (use a list, or a Struct field annotated "
                         "with its type)");
+        return;
+    }
+    if (EnumBase && PyType_IsSubtype(t, EnumBase)) {
+        PyObject *name = PyType_GetName(t);
+        PyObject *value = name == NULL ? NULL : PyObject_GetAttrString(v, "value");
+        if (value != NULL) {
+            PyErr_Format(UntrackableValue,
+                         "a %U member cannot be stored in a plain dict or list in the state: a snapshot "
+                         "would read it back as its value %R (store the value, or the member in a Struct "
+                         "field annotated %U)", name, value, name);
+        }
+        Py_XDECREF(value);
+        Py_XDECREF(name);
         return;
     }
     if (t == DatetimeType) {
@@ -566,7 +579,10 @@ convert_value(PyObject *v, long depth, int own, int loose)
         }
         is_struct = MsgspecStruct != NULL && PyType_IsSubtype(t, MsgspecStruct);
         if (!is_struct) {
-            if (EnumBase && PyType_IsSubtype(t, EnumBase)) return Py_NewRef(v);
+            if (EnumBase && PyType_IsSubtype(t, EnumBase)) {
+                if (loose) { raise_untyped(v); return NULL; }  /* read back as its value */
+                return Py_NewRef(v);
+            }
             raise_with_name(UntrackableValue,
                             "a %U cannot be stored in the state: its changes could not be tracked "
                             "(use dicts, lists, str, int, float, bool, None, bytes, and Structs "

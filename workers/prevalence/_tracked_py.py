@@ -184,12 +184,17 @@ def _too_deep() -> UntrackableValue:
 
 
 def _untyped(value: Any) -> UntrackableValue:
-    """The refusal of a tuple or a `_TYPED_ATOMS` value stored in a plain dict or list."""
+    """The refusal of a tuple, a `_TYPED_ATOMS` value or an Enum member stored in a plain
+    dict or list."""
     cls = value.__class__
     if cls is tuple:
         return UntrackableValue("a tuple cannot be stored in a plain dict or list in the state: a snapshot "
                                 "would read it back as a list (use a list, or a Struct field annotated "
                                 "with its type)")
+    if isinstance(value, enum.Enum):
+        return UntrackableValue(f"a {cls.__name__} member cannot be stored in a plain dict or list in the "
+                                f"state: a snapshot would read it back as its value {value.value!r} (store "
+                                f"the value, or the member in a Struct field annotated {cls.__name__})")
     if cls is _dt.datetime:
         return UntrackableValue("a datetime that is naive or not in UTC cannot be stored in a plain dict or "
                                 "list in the state: a snapshot would read it back as a str or in UTC (store "
@@ -284,6 +289,8 @@ def _convert(value: Any, depth: int, loose: bool) -> Any:
                                        f"{type(field).__name__} in field {name!r}: it could change untracked")
         return value
     if isinstance(value, enum.Enum):
+        if loose:
+            raise _untyped(value)  # a snapshot reads it back as its value
         return value
     raise UntrackableValue(f"a {cls.__name__} cannot be stored in the state: its changes could not be "
                            "tracked (use dicts, lists, str, int, float, bool, None, bytes, and Structs "

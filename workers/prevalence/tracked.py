@@ -21,7 +21,8 @@ What is refused (loudly, never silently diverging)
       a mutable msgspec Struct not derived from `Struct`, a frozen Struct or a tuple
       holding a mutable container; and, in a plain dict or list (which a snapshot
       decodes untyped), a value it would read back as another type: a tuple, a date, a
-      time, a timedelta, a Decimal, a UUID, a datetime that is naive or not in UTC (all
+      time, a timedelta, a Decimal, a UUID, a datetime that is naive or not in UTC, an
+      Enum member (read back as its value; all
       fine in a Struct field, which the codec decodes typed). The transaction then fails with `UntrackableValue`
       (its outcome is ``error``, identically on every master) and leaves no trace.
     * Bypasses that no subclass can see (``dict.__setitem__(d, k, v)``, ``heapq`` on a
