@@ -121,7 +121,11 @@ class Master(Recovering, Writing, Syncing, Housekeeping, Reporting):
         self.replica.check = bool(check_transactions) and model.tracking
         self.deferred_sync = deferred_sync and fsync == "always"
         try:
-            self._recover()
+            # No collections while millions of records are read and applied: the first one
+            # after each chunk walked every record's arguments (8-15% of a 1M-record
+            # recovery here); `_recover` freezes what it built at the end.
+            with codec.gc_paused():
+                self._recover()
         except BaseException:
             self._release()
             raise
