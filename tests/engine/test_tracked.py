@@ -852,3 +852,70 @@ def test_read_view_lets_interrupts_through_and_checks_its_arguments(impl):
         impl.ReadView([], _Slow())
     with pytest.raises(TypeError):
         impl.ReadView({}, "not callable")
+
+
+# -- apply_records: the loop that applies many records -----------------------------------------
+
+
+@both
+def test_apply_records_runs_each_record_and_sends_request_ids_and_watched_ones_the_slow_way(impl):
+    from workers.prevalence.codec import Record
+    from workers.prevalence.model import Context
+
+    def put(root, ctx, k, v):
+        root[k] = v
+        return ctx.record.seq
+
+    def fail(root, ctx, k):
+        root[k] = "half"
+        raise ValueError("refused after a change")
+
+    state, log, ctx = impl.convert({}), impl.UndoLog(), Context()
+    slow_calls = []
+
+    def slow(rec):
+        slow_calls.append(rec.seq)
+        return {"status": "ok", "value": rec.seq}
+
+    recs = [Record("p", 1, 10, "", "put", ("a", 1)), Record("p", 2, 11, "", "", ()),       # a tick
+            Record("p", 3, 12, "", "fail", ("b",)), Record("p", 4, 13, "rid-4", "put", ("c", 3)),
+            Record("me", 5, 14, "", "put", ("d", 4)), Record("p", 6, 15, "", "put", ("e", 5))]
+    marks, tentative = [], []
+    again = impl.apply_records(log, recs, {"put": put, "fail": fail}, state, ctx, slow, "me", marks, tentative)
+    assert dict(state) == {"a": 1, "e": 5}           # the failed record left no trace
+    assert slow_calls == [4, 5]                       # request id; watched master
+    assert again == [(recs[4], {"status": "ok", "value": 5})]
+    assert tentative == recs and len(marks) == len(recs) and marks == sorted(marks)
+    log.undo_to(marks[0])
+    assert dict(state) == {}
+    assert ctx.record is recs[5] and ctx._random is None
+
+
+@both
+def test_apply_records_refuses_an_unknown_transaction_and_lets_interrupts_through(impl):
+    from workers.prevalence.codec import Record
+    from workers.prevalence.model import Context
+
+    def stop(root, ctx):
+        raise KeyboardInterrupt
+
+    state, log, ctx = impl.convert({}), impl.UndoLog(), Context()
+    with pytest.raises(KeyError):
+        impl.apply_records(log, [Record("p", 1, 1, "", "nope", ())], {}, state, ctx, lambda r: None)
+    with pytest.raises(KeyboardInterrupt):
+        impl.apply_records(log, [Record("p", 1, 1, "", "stop", ())], {"stop": stop}, state, ctx, lambda r: None)
+
+
+@both
+def test_apply_records_with_forget_keeps_no_undo_entries(impl):
+    from workers.prevalence.codec import Record
+    from workers.prevalence.model import Context
+
+    def put(root, ctx, k, v):
+        root[k] = v
+
+    state, log = impl.convert({}), impl.UndoLog()
+    recs = [Record("p", i, i, "", "put", (f"k{i}", i)) for i in range(1, 6)]
+    impl.apply_records(log, recs, {"put": put}, state, Context(), lambda r: None, None, None, None, True)
+    assert dict(state) == {f"k{i}": i for i in range(1, 6)}
+    assert len(log) == 0 and log.mark() == 5

@@ -1932,6 +1932,136 @@ tracked_run_record(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     return value;
 }
 
+/* -- apply_records: the loop that applies many records -------------------------------------
+ *
+ * apply_records(log, records, transactions, root, ctx, slow, watch=None, marks=None,
+ * tentative=None, forget=False) -> list of (record, outcome) for the records of master
+ * `watch`. With `forget`, the undo entries of each record are dropped once it is applied
+ * (committed records: the entries are freed while still in the cache).
+ * For each record, in order: its undo-log mark goes to `marks` and the record to
+ * `tentative` (when given); a tick (empty tx) stops there. A record with a request id, or
+ * of master `watch`, goes to ``slow(record)`` (the model's full apply: request ids,
+ * outcomes), and a record of `watch` is returned with that outcome. Every other record runs
+ * as `run_record(log, transactions[tx], root, ctx, record.args)` after ``ctx.record =
+ * record`` and ``ctx._random = None``; its outcome is not needed, so an Exception it raises
+ * (already undone by run_record) is dropped, as `Model.apply` would turn it into an outcome
+ * nobody reads; anything else (KeyboardInterrupt) propagates. An unknown tx is a KeyError
+ * (the caller checked the names at read time). Same contract as `_tracked_py.apply_records`.
+ */
+
+static PyObject *str_tx, *str_rid, *str_master, *str_args, *str_record, *str__random;
+
+static PyObject *
+tracked_apply_records(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc < 6 || argc > 10) {
+        PyErr_SetString(PyExc_TypeError, "apply_records(log, records, transactions, root, ctx, slow, "
+                        "watch=None, marks=None, tentative=None, forget=False) takes 6 to 10 arguments");
+        return NULL;
+    }
+    PyObject *log = argv[0], *records = argv[1], *transactions = argv[2], *root = argv[3],
+             *ctx = argv[4], *slow = argv[5];
+    PyObject *watch = argc > 6 ? argv[6] : Py_None;
+    PyObject *marks = argc > 7 ? argv[7] : Py_None;
+    PyObject *tentative = argc > 8 ? argv[8] : Py_None;
+    int forget = argc > 9 ? PyObject_IsTrue(argv[9]) : 0;
+    if (forget < 0) return NULL;
+    if (!PyObject_TypeCheck(log, &UndoLogType) || !PyDict_Check(transactions)
+        || (marks != Py_None && !PyList_Check(marks)) || (tentative != Py_None && !PyList_Check(tentative))) {
+        PyErr_SetString(PyExc_TypeError, "apply_records: log must be an UndoLog, transactions a dict, "
+                        "marks and tentative lists or None");
+        return NULL;
+    }
+    UndoLogObject *ul = (UndoLogObject *)log;
+    PyObject *seq = PySequence_Fast(records, "apply_records: records must be a sequence");
+    if (seq == NULL) return NULL;
+    PyObject *again = PyList_New(0);
+    if (again == NULL) { Py_DECREF(seq); return NULL; }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *rec = PySequence_Fast_GET_ITEM(seq, i);
+        Py_ssize_t held = PyList_GET_SIZE(ul->entries);
+        if (forget && held) {  /* the previous record's entries: it is applied and committed */
+            if (PyList_SetSlice(ul->entries, 0, held, NULL) < 0) goto fail;
+            ul->base += held;
+        }
+        if (marks != Py_None) {
+            PyObject *m = PyLong_FromSsize_t(ul->base + PyList_GET_SIZE(ul->entries));
+            int r = m == NULL ? -1 : PyList_Append(marks, m);
+            Py_XDECREF(m);
+            if (r < 0) goto fail;
+        }
+        if (tentative != Py_None && PyList_Append(tentative, rec) < 0) goto fail;
+        PyObject *tx = PyObject_GetAttr(rec, str_tx);
+        if (tx == NULL) goto fail;
+        int is_tick = PyUnicode_Check(tx) && PyUnicode_GET_LENGTH(tx) == 0;
+        if (is_tick) { Py_DECREF(tx); continue; }
+        PyObject *rid = PyObject_GetAttr(rec, str_rid);
+        PyObject *master = rid == NULL ? NULL : PyObject_GetAttr(rec, str_master);
+        if (master == NULL) { Py_XDECREF(rid); Py_DECREF(tx); goto fail; }
+        int has_rid = PyObject_IsTrue(rid);
+        int watched = watch == Py_None ? 0 : PyObject_RichCompareBool(master, watch, Py_EQ);
+        Py_DECREF(rid);
+        Py_DECREF(master);
+        if (has_rid < 0 || watched < 0) { Py_DECREF(tx); goto fail; }
+        if (has_rid || watched) {
+            Py_DECREF(tx);
+            PyObject *out = PyObject_CallOneArg(slow, rec);
+            if (out == NULL) goto fail;
+            if (watched) {
+                PyObject *pair = PyTuple_Pack(2, rec, out);
+                Py_DECREF(out);
+                int r = pair == NULL ? -1 : PyList_Append(again, pair);
+                Py_XDECREF(pair);
+                if (r < 0) goto fail;
+            }
+            else {
+                Py_DECREF(out);
+            }
+            continue;
+        }
+        PyObject *fn = PyDict_GetItemWithError(transactions, tx);  /* borrowed */
+        if (fn == NULL) {
+            if (!PyErr_Occurred()) set_key_error(tx);
+            Py_DECREF(tx);
+            goto fail;
+        }
+        Py_INCREF(fn);
+        Py_DECREF(tx);
+        PyObject *args = PyObject_GetAttr(rec, str_args);
+        if (args == NULL || PyObject_SetAttr(ctx, str_record, rec) < 0
+            || PyObject_SetAttr(ctx, str__random, Py_None) < 0) {
+            Py_XDECREF(args);
+            Py_DECREF(fn);
+            goto fail;
+        }
+        PyObject *call[5] = {log, fn, root, ctx, args};
+        PyObject *value = tracked_run_record(module, call, 5);
+        Py_DECREF(args);
+        Py_DECREF(fn);
+        if (value != NULL) {
+            Py_DECREF(value);
+        }
+        else if (PyErr_ExceptionMatches(PyExc_Exception)) {
+            PyErr_Clear();  /* the transaction refused or failed: already undone, outcome unread */
+        }
+        else {
+            goto fail;
+        }
+    }
+    Py_ssize_t held = PyList_GET_SIZE(ul->entries);
+    if (forget && held) {
+        if (PyList_SetSlice(ul->entries, 0, held, NULL) < 0) goto fail;
+        ul->base += held;
+    }
+    Py_DECREF(seq);
+    return again;
+fail:
+    Py_DECREF(seq);
+    Py_DECREF(again);
+    return NULL;
+}
+
 /* -- ReadView: a follower's lock-free read ------------------------------------------------------
  *
  * Not part of change tracking, but of the same hot path family: the state a follower
@@ -2074,6 +2204,9 @@ static PyMethodDef module_methods[] = {
     {"finish_record", tracked_finish_record, METH_NOARGS,
      PyDoc_STR("Convert the plain values stored during this record (raises UntrackableValue).")},
     {"end_record", tracked_end_record, METH_NOARGS, PyDoc_STR("The record is over.")},
+    {"apply_records", (PyCFunction)(void (*)(void))tracked_apply_records, METH_FASTCALL,
+     PyDoc_STR("apply_records(log, records, transactions, root, ctx, slow, watch=None, marks=None, "
+               "tentative=None, forget=False): apply many records (see _tracked_py.apply_records).")},
     {"run_record", (PyCFunction)(void (*)(void))tracked_run_record, METH_FASTCALL,
      PyDoc_STR("run_record(log, fn, root, ctx, args): fn(root, ctx, *args) as one record of "
                "`log`; undone if it raises.")},
@@ -2159,6 +2292,13 @@ PyInit__tracked(void)
         || PyModule_AddObjectRef(m, "UndoLog", (PyObject *)&UndoLogType) < 0
         || PyModule_AddObjectRef(m, "ReadView", (PyObject *)&ReadViewType) < 0)
         goto fail;
+    str_tx = PyUnicode_InternFromString("tx");
+    str_rid = PyUnicode_InternFromString("rid");
+    str_master = PyUnicode_InternFromString("master");
+    str_args = PyUnicode_InternFromString("args");
+    str_record = PyUnicode_InternFromString("record");
+    str__random = PyUnicode_InternFromString("_random");
+    if (!str_tx || !str_rid || !str_master || !str_args || !str_record || !str__random) goto fail;
     MISSING = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
     END = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
     if (MISSING == NULL || END == NULL) goto fail;

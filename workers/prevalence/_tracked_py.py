@@ -21,7 +21,7 @@ import msgspec
 
 __all__ = ["TDict", "TList", "Struct", "UndoLog", "MutationOutsideTransaction", "UntrackableValue",
            "convert", "begin_record", "finish_record", "end_record", "dict_set", "dict_delete",
-           "dict_restore_point", "run_record", "ReadView", "INT_MIN", "INT_MAX", "MAX_DEPTH", "IMPLEMENTATION"]
+           "dict_restore_point", "run_record", "apply_records", "ReadView", "INT_MIN", "INT_MAX", "MAX_DEPTH", "IMPLEMENTATION"]
 
 #: Which implementation this is ("c" for `_tracked_c`).
 IMPLEMENTATION = "python"
@@ -411,6 +411,51 @@ def run_record(log: UndoLog, fn: Any, root: Any, ctx: Any, args: tuple) -> Any:
         raise
     finally:
         end_record()
+
+
+def apply_records(log: UndoLog, records, transactions: dict, root: Any, ctx: Any, slow,
+                  watch: str | None = None, marks: list | None = None, tentative: list | None = None,
+                  forget: bool = False) -> list:
+    """Apply many records in order; the pairs (record, outcome) of master `watch`'s records.
+
+    For each record: its undo-log mark goes to `marks` and the record to `tentative` (when
+    given); a tick (empty tx) stops there. A record with a request id, or of master `watch`,
+    goes to ``slow(record)`` (the model's full apply: request ids, outcomes), and a record of
+    `watch` is returned with that outcome. Every other record runs as ``run_record(log,
+    transactions[tx], root, ctx, record.args)`` after ``ctx.record = record`` and
+    ``ctx._random = None``; nobody reads its outcome, so an Exception it raises (undone by
+    `run_record`) is dropped where `Model.apply` would have made it the outcome. Anything
+    else (KeyboardInterrupt) propagates; an unknown tx is a KeyError (names are checked
+    when records are read). With `forget`, the undo entries of each record are dropped once
+    it is applied (committed records: freed while they are still in the cache).
+    """
+    again = []
+    for rec in records:
+        if forget and len(log):
+            log.forget_before(log.mark())
+        if marks is not None:
+            marks.append(log.mark())
+        if tentative is not None:
+            tentative.append(rec)
+        tx = rec.tx
+        if not tx:
+            continue
+        watched = watch is not None and rec.master == watch
+        if rec.rid or watched:
+            out = slow(rec)
+            if watched:
+                again.append((rec, out))
+            continue
+        fn = transactions[tx]
+        ctx.record = rec
+        ctx._random = None
+        try:
+            run_record(log, fn, root, ctx, rec.args)
+        except Exception:  # noqa: BLE001 -- undone; the outcome nobody reads (docstring)
+            pass
+    if forget and len(log):
+        log.forget_before(log.mark())
+    return again
 
 
 def dict_set(log: UndoLog, d: dict, key: Any, value: Any) -> None:

@@ -232,15 +232,11 @@ class Model:
         Same effects as `apply` on each record; the undo entries of each are forgotten as
         soon as it is applied (nothing will undo a committed record).
         """
+        # The loop in C (`tracked.apply_records`): records with a request id take the full
+        # `apply`; each record's entries are forgotten once it is applied.
         apply = self.apply
-        for record in records:
-            if not record.tx:
-                continue
-            rid = record.rid
-            if rid and rid in dedup:
-                continue
-            apply(root, dedup, record, ctx, log)
-            log.forget_before(log.mark())
+        tracked.apply_records(log, records, self.transactions, root, ctx,
+                              lambda record: apply(root, dedup, record, ctx, log), None, None, None, True)
 
     def apply(self, root: Any, dedup: dict, record: codec.Record, ctx: Context, log: tracked.UndoLog) -> dict:
         """Apply one record (not a tick) to the state. Returns its outcome.

@@ -205,19 +205,24 @@ class Replica:
     def _extend(self, recs: Iterable[Record], *, watch: str | None = None,
                 on_outcome: OutcomeHook | None = None) -> None:
         tentative, marks, log = self.tentative, self._marks, self.log
-        apply = self._apply
-        if not self.check:  # the call `_apply` makes, without its frame
+        if self.check or type(self)._apply is not Replica._apply:
+            again: list = []
+            for rec in recs:
+                marks.append(log.mark())
+                tentative.append(rec)
+                if rec.tx:
+                    out = self._apply(rec)
+                    if on_outcome is not None and rec.master == watch:
+                        again.append((rec, out))
+        else:
+            # The loop in C: a record with a request id, or one of `watch` (whose outcome
+            # is wanted), takes the model's full `apply`; the others run without it.
             model_apply, state, dedup, ctx = self.model.apply, self.state, self.dedup, self._ctx
-            apply = lambda rec: model_apply(state, dedup, rec, ctx, log)  # noqa: E731
-        again: list | None = [] if on_outcome is not None else None
-        for rec in recs:
-            marks.append(log.mark())
-            tentative.append(rec)
-            if rec.tx:
-                out = apply(rec)
-                if again is not None and rec.master == watch:
-                    again.append((rec, out))
-        if again:
+            again = tracked.apply_records(
+                log, recs if isinstance(recs, list) else list(recs), self.model.transactions, state, ctx,
+                lambda rec: model_apply(state, dedup, rec, ctx, log),
+                watch if on_outcome is not None else None, marks, tentative)
+        if again and on_outcome is not None:
             on_outcome(again)
 
     def commit(self, frontier: int) -> list[Record]:
