@@ -164,7 +164,19 @@ class Replica:
     def apply_own_many(self, recs: list[Record]) -> list[dict]:
         """`apply_own` for a batch, in order."""
         with codec.gc_paused():
-            return [self.apply_own(rec) for rec in recs]
+            if self.multi or self.check or not recs:
+                return [self.apply_own(rec) for rec in recs]
+            # Alone: each record commits as it is applied (`apply_own`), in one loop.
+            apply, state, dedup, ctx, log = self.model.apply, self.state, self.dedup, self._ctx, self.log
+            outs = []
+            for rec in recs:
+                outs.append(apply(state, dedup, rec, ctx, log) if rec.tx else _TICK_OUTCOME)
+                if len(log):  # committed: nothing will undo it
+                    log.forget_before(log.mark())
+            last = recs[-1]
+            self.cursors[last.master] = last.seq
+            self.version += 1
+            return outs
 
     def ingest(self, incoming: list[Record], *, watch: str | None = None,
                on_outcome: OutcomeHook | None = None) -> bool:
