@@ -92,3 +92,23 @@ def test_masters_forget_request_ids_alike_and_a_late_retry_applies_once_everywhe
     assert a.digest() == b.digest() == ref["digest"]
     a.close()
     b.close()
+
+
+def test_verify_counts_a_request_id_written_on_two_masters_once_as_a_duplicate(tmp_path):
+    # A client retried on another master before the two synced: both journals hold the
+    # request; the first in key order takes effect, the other is a duplicate everywhere.
+    from tests.support import open_member
+
+    a, b = open_member(tmp_path, "alpha", model=ledger.model), open_member(tmp_path, "beta", model=ledger.model)
+    sync_until_quiet([a, b])
+    a.execute("open_account", "x", 0, rid="open")
+    sync_until_quiet([a, b])
+    a.execute("deposit", "x", 5, rid="same")
+    b.execute("deposit", "x", 5, rid="same")
+    sync_until_quiet([a, b])
+    ref = verify(str(tmp_path), ledger.model)
+    assert ref["duplicates"] == 1 and ref["total"] == 3
+    assert a.query("balance", "x") == b.query("balance", "x") == 5
+    assert {a.digest(), b.digest()} == {ref["digest"]}
+    a.close()
+    b.close()
