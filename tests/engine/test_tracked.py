@@ -823,6 +823,8 @@ def test_read_view_takes_the_slow_path_while_the_state_changes_or_when_it_cannot
     assert view.query("get", "zz") == ("slow", "get", ("zz",))  # raised: again under the lock
     assert view.query("many", *range(7)) == 7
     assert view.query("many", *range(8)) == ("slow", "many", tuple(range(8)))
+    del view.state                                             # no state to read: the owner's path
+    assert view.query("get", "a") == ("slow", "get", ("a",))
 
 
 @both

@@ -2141,7 +2141,7 @@ readview_query(ReadViewObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_ssize_t generation = self->generation;
-    if (!(generation & 1) && nargs <= READVIEW_ARGS_MAX && PyUnicode_CheckExact(args[0])) {
+    if (!(generation & 1) && nargs <= READVIEW_ARGS_MAX && self->state != NULL && PyUnicode_CheckExact(args[0])) {
         PyObject *fn = PyDict_GetItemWithError(self->queries, args[0]);
         if (fn == NULL && PyErr_Occurred()) return NULL;
         if (fn != NULL) {
