@@ -29,9 +29,10 @@ Read your writes
     ``wait_for(token)`` returns once that record is applied in this view.
 
 Threads
-    One lock guards the state: `query` holds it while the query function runs, `sync`
-    while it applies (a round of at most `SYNC_CHUNK_RECORDS`). ``follow_interval_s``
-    runs `sync` in a daemon thread at that interval.
+    One lock guards changes of the state: `sync` holds it while it applies (a round of at
+    most `SYNC_CHUNK_RECORDS`). `query` takes no lock, seqlock-style (`tracked.ReadView`):
+    its answer stands if no change began or ended while it ran, else it runs again under
+    the lock. ``follow_interval_s`` runs `sync` in a daemon thread at that interval.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class Follower:
         self._load()
         self._view.state = self.replica.state
         # Reads go straight to the view's C method (no Python frame of `query` around it:
-        # a third of a read's cost). `Follower.query` below says what it does.
+        # more than half of a point read's cost). `Follower.query` below says what it does.
         self.query = self._view.query
         self.sync()
         if follow_interval_s is not None:
