@@ -1973,13 +1973,15 @@ tracked_apply_records(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         return NULL;
     }
     UndoLogObject *ul = (UndoLogObject *)log;
-    PyObject *seq = PySequence_Fast(records, "apply_records: records must be a sequence");
+    /* A private copy (pointers only): the records stay alive, and a callback that changes
+     * the caller's list (or a caller that passes `tentative` itself) cannot disturb the loop. */
+    PyObject *seq = PySequence_List(records);
     if (seq == NULL) return NULL;
     PyObject *again = PyList_New(0);
     if (again == NULL) { Py_DECREF(seq); return NULL; }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t n = PyList_GET_SIZE(seq);
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *rec = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *rec = PyList_GET_ITEM(seq, i);
         Py_ssize_t held = PyList_GET_SIZE(ul->entries);
         if (forget && held) {  /* the previous record's entries: it is applied and committed */
             if (PyList_SetSlice(ul->entries, 0, held, NULL) < 0) goto fail;

@@ -430,7 +430,7 @@ def apply_records(log: UndoLog, records, transactions: dict, root: Any, ctx: Any
     it is applied (committed records: freed while they are still in the cache).
     """
     again = []
-    for rec in records:
+    for rec in list(records):  # a copy: callbacks changing the caller's list do not disturb the loop
         if forget and len(log):
             log.forget_before(log.mark())
         if marks is not None:

@@ -231,7 +231,7 @@ class Replica:
             # is wanted), takes the model's full `apply`; the others run without it.
             model_apply, state, dedup, ctx = self.model.apply, self.state, self.dedup, self._ctx
             again = tracked.apply_records(
-                log, recs if isinstance(recs, list) else list(recs), self.model.transactions, state, ctx,
+                log, recs, self.model.transactions, state, ctx,
                 lambda rec: model_apply(state, dedup, rec, ctx, log),
                 watch if on_outcome is not None else None, marks, tentative)
         if again and on_outcome is not None:
