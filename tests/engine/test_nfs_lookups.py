@@ -44,6 +44,17 @@ def lookups(monkeypatch):
     return seen
 
 
+def _joined_pair(tmp_path, **a_kw):
+    """Members a (holding account x = 10) and b, once b has joined."""
+    a = open_member(tmp_path, "a", **a_kw)
+    a.execute("open_account", "x", 10)
+    b = open_member(tmp_path, "b")
+    while not b.joined:
+        a.sync()
+        b.sync()
+    return a, b
+
+
 def test_a_joiners_journal_folder_is_never_looked_up_by_name_before_it_exists(tmp_path, lookups):
     a = open_member(tmp_path, "a")
     a.execute("open_account", "x", 10)
@@ -70,12 +81,7 @@ def test_the_retired_folder_is_made_with_the_cluster(tmp_path):
 
 def test_a_cluster_without_a_retired_folder_is_never_looked_up_by_name_until_it_exists(tmp_path, lookups):
     # A cluster founded by an older release has no cluster/retired/ until the first retirement.
-    a = open_member(tmp_path, "a")
-    a.execute("open_account", "x", 10)
-    b = open_member(tmp_path, "b")
-    while not b.joined:
-        a.sync()
-        b.sync()
+    a, b = _joined_pair(tmp_path)
     os.rmdir(folder.retired_dir(str(tmp_path)))
     files._known_dirs.discard(folder.retired_dir(str(tmp_path)))  # as in a master started after it
     lookups.clear()
@@ -120,12 +126,7 @@ def test_a_small_file_that_keeps_going_stale_is_a_storage_error_naming_it(tmp_pa
 
 
 def test_a_peer_progress_going_stale_during_sync_and_status_is_not_an_error(tmp_path, monkeypatch):
-    a = open_member(tmp_path, "a")
-    a.execute("open_account", "x", 10)
-    b = open_member(tmp_path, "b")
-    while not b.joined:
-        a.sync()
-        b.sync()
+    a, b = _joined_pair(tmp_path)
     real = files.read_file
     a_progress = folder.progress_path(str(tmp_path), "a")
     stale = {"left": 0}
@@ -153,12 +154,7 @@ def test_a_peers_joining_marker_is_read_from_a_listing_not_looked_up_by_name(tmp
     one it created stays invisible. They list the peer's folder instead."""
     from workers.prevalence.cluster.progress import read_all_progress
 
-    a = open_member(tmp_path, "a", segment_bytes_max=4096)
-    a.execute("open_account", "x", 10)
-    b = open_member(tmp_path, "b")
-    while not b.joined:
-        a.sync()
-        b.sync()
+    a, b = _joined_pair(tmp_path, segment_bytes_max=4096)
     for i in range(200):                   # several segments of a: collection has work
         a.execute("deposit", "x", 1)
     marker = folder.joining_path(str(tmp_path), "b")

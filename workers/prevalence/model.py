@@ -236,7 +236,8 @@ class Model:
         # `apply`; each record's entries are forgotten once it is applied.
         apply = self.apply
         tracked.apply_records(log, records, self.transactions, root, ctx,
-                              lambda record: apply(root, dedup, record, ctx, log), None, None, None, True)
+                              lambda record: apply(root, dedup, record, ctx, log),
+                              None, None, None, True)  # watch, marks, tentative, forget
 
     def apply(self, root: Any, dedup: dict, record: codec.Record, ctx: Context, log: tracked.UndoLog) -> dict:
         """Apply one record (not a tick) to the state. Returns its outcome.

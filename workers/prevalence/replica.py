@@ -57,6 +57,10 @@ def _hlc(rec: Record) -> int:
 class Replica:
     """One master's state and tentative window (module docstring)."""
 
+    #: Whether each record's undo entries are dropped once it is applied (`CopyingReplica`:
+    #: it restores by copying, never by undoing).
+    FORGETS = False
+
     def __init__(self, model: Model, *, check: bool = False) -> None:
         self.model = model
         self.check = check
@@ -97,7 +101,10 @@ class Replica:
     def _apply(self, rec: Record) -> dict:
         if self.check:
             return self._apply_checked(rec)
-        return self.model.apply(self.state, self.dedup, rec, self._ctx, self.log)
+        out = self.model.apply(self.state, self.dedup, rec, self._ctx, self.log)
+        if self.FORGETS:
+            self.log.forget_before(self.log.mark())
+        return out
 
     def _apply_checked(self, rec: Record) -> dict:
         before = self._bytes()
@@ -217,7 +224,7 @@ class Replica:
     def _extend(self, recs: Iterable[Record], *, watch: str | None = None,
                 on_outcome: OutcomeHook | None = None) -> None:
         tentative, marks, log = self.tentative, self._marks, self.log
-        if self.check or type(self)._apply is not Replica._apply:
+        if self.check:
             again: list = []
             for rec in recs:
                 marks.append(log.mark())
@@ -233,7 +240,7 @@ class Replica:
             again = tracked.apply_records(
                 log, recs, self.model.transactions, state, ctx,
                 lambda rec: model_apply(state, dedup, rec, ctx, log),
-                watch if on_outcome is not None else None, marks, tentative)
+                watch if on_outcome is not None else None, marks, tentative, self.FORGETS)
         if again and on_outcome is not None:
             on_outcome(again)
 
@@ -289,6 +296,8 @@ class CopyingReplica(Replica):
     the state). The undo log only ever holds the record being applied.
     """
 
+    FORGETS = True
+
     def __init__(self, model: Model, *, check: bool = False) -> None:
         super().__init__(model, check=False)  # check mode needs the undo log
         self.committed_state: Any = None
@@ -302,11 +311,6 @@ class CopyingReplica(Replica):
         super().become_multi()
         self.committed_state = self.model.copy_state(self.state)
         self.committed_dedup = dict(self.dedup)  # entries are immutable
-
-    def _apply(self, rec: Record) -> dict:
-        out = self.model.apply(self.state, self.dedup, rec, self._ctx, self.log)
-        self.log.forget_before(self.log.mark())
-        return out
 
     def ingest(self, incoming: list[Record], *, watch: str | None = None,
                on_outcome: OutcomeHook | None = None) -> bool:

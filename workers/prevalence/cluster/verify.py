@@ -113,21 +113,21 @@ def verify(shared_dir: str, model: Model, *, cluster_key: bytes | None = None,
         root = model.new_state(make_root())
         dedup = dict(dedup0)  # entries are replaced, never mutated
         ctx, log = Context(), tracked.UndoLog()
-        seen = [0]  # records answered as duplicates of an earlier request id
+        duplicates = 0  # records answered as duplicates of an earlier request id
 
-        def full_apply(rec, root=root, dedup=dedup, ctx=ctx, log=log, seen=seen):
+        def full_apply(rec):
+            nonlocal duplicates
             if "duplicate_of" in model.apply(root, dedup, rec, ctx, log):
-                seen[0] += 1
-            return None
+                duplicates += 1
 
         # As replay applies them (`Model.replay`): the loop in C, records with a request
         # id through the full `apply` (which tells duplicates), entries forgotten as it goes.
         for start in range(0, len(records), PROGRESS_EVERY):
             chunk = records[start:start + PROGRESS_EVERY]
-            tracked.apply_records(log, chunk, model.transactions, root, ctx, full_apply, None, None, None, True)
+            tracked.apply_records(log, chunk, model.transactions, root, ctx, full_apply,
+                                  None, None, None, True)  # watch, marks, tentative, forget
             if say is not None and start + len(chunk) < len(records):
                 say(f"replay {replay} of 2: {start + len(chunk):,} of {len(records):,} records and ticks")
-        duplicates = seen[0]
         digests.append(codec.digest_of(root, dedup))
         if say is not None:
             say(f"replay {replay} of 2 done: {sum(counts.values()):,} records and {ticks:,} ticks from {base}")
