@@ -921,3 +921,59 @@ def test_apply_records_with_forget_keeps_no_undo_entries(impl):
     impl.apply_records(log, recs, {"put": put}, state, Context(), lambda r: None, None, None, None, True)
     assert dict(state) == {f"k{i}": i for i in range(1, 6)}
     assert len(log) == 0 and log.mark() == 5
+
+
+@both
+def test_apply_records_with_kinds_builds_the_watched_outcomes_as_model_apply_does(impl):
+    from workers.prevalence import Model, Rejected
+    from workers.prevalence.codec import Record
+    from workers.prevalence.model import OUTCOME_KINDS, Context
+
+    class Odd(Exception):
+        pass
+
+    def put(root, ctx, k, v):
+        root[k] = v
+        return [v, ctx.record.seq]
+
+    def refuse(root, ctx, k):
+        root[k] = "half"
+        raise Rejected(f"no {k}")
+
+    def fail(root, ctx, k):
+        root[k] = "half"
+        raise Odd(f"odd {k}")
+
+    def stop(root, ctx):
+        raise KeyboardInterrupt
+
+    model = Model("kinds", dict)
+    transactions = {"put": put, "refuse": refuse, "fail": fail, "stop": stop}
+    recs = [Record("me", 1, 10, "", "put", ("a", 1)), Record("me", 2, 11, "", "refuse", ("b",)),
+            Record("p", 3, 12, "", "put", ("c", 3)), Record("me", 4, 13, "", "fail", ("d",)),
+            Record("me", 5, 14, "", "", ()), Record("me", 6, 15, "rid-6", "put", ("e", 6))]
+    state, log, ctx = impl.convert({}), impl.UndoLog(), Context()
+    slow_calls = []
+
+    def slow(rec):
+        slow_calls.append(rec.seq)
+        return {"status": "from slow"}
+
+    again = impl.apply_records(log, recs, transactions, state, ctx, slow, "me", None, None, False, OUTCOME_KINDS)
+    assert slow_calls == [6]  # only the request id takes the full apply
+    # The same records through Model.apply (on the implementation in use) on a state of
+    # their own: the same outcomes.
+    for fn in transactions.values():
+        model.transaction(fn)
+    ref_state, ref_log = tracked.convert({}), tracked.UndoLog()
+    expected = [(rec, model.apply(ref_state, {}, rec, Context(), ref_log))
+                for rec in recs[:5] if rec.master == "me" and rec.tx]
+    assert again[:3] == expected
+    assert [out["status"] for _rec, out in again] == ["ok", "rejected", "error", "from slow"]
+    assert again[2][1]["error"] == "Odd: odd d" and again[1][1]["error"] == "no b"
+    assert dict(state) == {"a": 1, "c": 3}  # the refused and failed records left no trace
+    with pytest.raises(KeyboardInterrupt):
+        impl.apply_records(log, [Record("me", 7, 16, "", "stop", ())], transactions, state, ctx, slow, "me",
+                           None, None, False, OUTCOME_KINDS)
+    with pytest.raises(TypeError):
+        impl.apply_records(log, [], transactions, state, ctx, slow, "me", None, None, False, ("not", "kinds"))

@@ -1935,7 +1935,7 @@ tracked_run_record(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
 /* -- apply_records: the loop that applies many records -------------------------------------
  *
  * apply_records(log, records, transactions, root, ctx, slow, watch=None, marks=None,
- * tentative=None, forget=False) -> list of (record, outcome) for the records of master
+ * tentative=None, forget=False, kinds=None) -> list of (record, outcome) for the records of master
  * `watch`. With `forget`, the undo entries of each record are dropped once it is applied
  * (committed records: the entries are freed while still in the cache).
  * For each record, in order: its undo-log mark goes to `marks` and the record to
@@ -1946,17 +1946,73 @@ tracked_run_record(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
  * record`` and ``ctx._random = None``; its outcome is not needed, so an Exception it raises
  * (already undone by run_record) is dropped, as `Model.apply` would turn it into an outcome
  * nobody reads; anything else (KeyboardInterrupt) propagates. An unknown tx is a KeyError
- * (the caller checked the names at read time). Same contract as `_tracked_py.apply_records`.
+ * (the caller checked the names at read time).
+ * With `kinds` = (Rejected, ok, rejected, error) (the model's exception class and outcome
+ * statuses), a record of `watch` without a request id runs here too and its outcome is
+ * built as `Model.apply` builds it: {"status": ok, "value": v, "error": None}, or
+ * {"status": rejected, "value": None, "error": str(exc)} for a Rejected, or {"status":
+ * error, "value": None, "error": f"{type(exc).__name__}: {exc}"} for another Exception.
+ * Same contract as `_tracked_py.apply_records`.
  */
 
-static PyObject *str_tx, *str_rid, *str_master, *str_args, *str_record, *str__random;
+static PyObject *str_tx, *str_rid, *str_master, *str_args, *str_record, *str__random,
+                *str_status, *str_value, *str_error;
+
+/* The outcome of a record run by `apply_records` with `kinds` (see above): `value` is the
+ * transaction's return value (a new reference, stolen), or NULL with an Exception set. */
+static PyObject *
+make_outcome(PyObject *kinds, PyObject *value)
+{
+    PyObject *status, *error;
+    if (value != NULL) {
+        status = PyTuple_GET_ITEM(kinds, 1);
+        error = Py_NewRef(Py_None);
+    }
+    else {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyErr_NormalizeException(&et, &ev, &tb);
+        Py_XDECREF(tb);
+        Py_XDECREF(et);
+        if (ev == NULL) return NULL;
+        PyObject *text = PyObject_Str(ev);
+        int rejected = text == NULL ? -1 : PyObject_IsInstance(ev, PyTuple_GET_ITEM(kinds, 0));
+        if (rejected < 0) {
+            Py_XDECREF(text);
+            Py_DECREF(ev);
+            return NULL;
+        }
+        if (rejected) {
+            status = PyTuple_GET_ITEM(kinds, 2);
+            error = text;
+        }
+        else {
+            status = PyTuple_GET_ITEM(kinds, 3);
+            PyObject *name = PyType_GetName(Py_TYPE(ev));
+            error = name == NULL ? NULL : PyUnicode_FromFormat("%U: %U", name, text);
+            Py_XDECREF(name);
+            Py_DECREF(text);
+        }
+        Py_DECREF(ev);
+        if (error == NULL) return NULL;
+        value = Py_NewRef(Py_None);
+    }
+    PyObject *out = PyDict_New();
+    if (out == NULL || PyDict_SetItem(out, str_status, status) < 0 || PyDict_SetItem(out, str_value, value) < 0
+        || PyDict_SetItem(out, str_error, error) < 0) {
+        Py_CLEAR(out);
+    }
+    Py_DECREF(value);
+    Py_DECREF(error);
+    return out;
+}
 
 static PyObject *
 tracked_apply_records(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
 {
-    if (argc < 6 || argc > 10) {
+    if (argc < 6 || argc > 11) {
         PyErr_SetString(PyExc_TypeError, "apply_records(log, records, transactions, root, ctx, slow, "
-                        "watch=None, marks=None, tentative=None, forget=False) takes 6 to 10 arguments");
+                        "watch=None, marks=None, tentative=None, forget=False, kinds=None) takes 6 to 11 arguments");
         return NULL;
     }
     PyObject *log = argv[0], *records = argv[1], *transactions = argv[2], *root = argv[3],
@@ -1966,6 +2022,12 @@ tracked_apply_records(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     PyObject *tentative = argc > 8 ? argv[8] : Py_None;
     int forget = argc > 9 ? PyObject_IsTrue(argv[9]) : 0;
     if (forget < 0) return NULL;
+    PyObject *kinds = argc > 10 && argv[10] != Py_None ? argv[10] : NULL;
+    if (kinds != NULL && (!PyTuple_Check(kinds) || PyTuple_GET_SIZE(kinds) != 4
+                          || !PyExceptionClass_Check(PyTuple_GET_ITEM(kinds, 0)))) {
+        PyErr_SetString(PyExc_TypeError, "apply_records: kinds must be (Rejected, ok, rejected, error)");
+        return NULL;
+    }
     if (!PyObject_TypeCheck(log, &UndoLogType) || !PyDict_Check(transactions)
         || (marks != Py_None && !PyList_Check(marks)) || (tentative != Py_None && !PyList_Check(tentative))) {
         PyErr_SetString(PyExc_TypeError, "apply_records: log must be an UndoLog, transactions a dict, "
@@ -2006,7 +2068,7 @@ tracked_apply_records(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         Py_DECREF(rid);
         Py_DECREF(master);
         if (has_rid < 0 || watched < 0) { Py_DECREF(tx); goto fail; }
-        if (has_rid || watched) {
+        if (has_rid || (watched && kinds == NULL)) {
             Py_DECREF(tx);
             PyObject *out = PyObject_CallOneArg(slow, rec);
             if (out == NULL) goto fail;
@@ -2041,7 +2103,17 @@ tracked_apply_records(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         PyObject *value = tracked_run_record(module, call, 5);
         Py_DECREF(args);
         Py_DECREF(fn);
-        if (value != NULL) {
+        if (watched) {  /* with `kinds`: the outcome is wanted */
+            if (value == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) goto fail;
+            PyObject *out = make_outcome(kinds, value);
+            if (out == NULL) goto fail;
+            PyObject *pair = PyTuple_Pack(2, rec, out);
+            Py_DECREF(out);
+            int r = pair == NULL ? -1 : PyList_Append(again, pair);
+            Py_XDECREF(pair);
+            if (r < 0) goto fail;
+        }
+        else if (value != NULL) {
             Py_DECREF(value);
         }
         else if (PyErr_ExceptionMatches(PyExc_Exception)) {
@@ -2300,7 +2372,11 @@ PyInit__tracked(void)
     str_args = PyUnicode_InternFromString("args");
     str_record = PyUnicode_InternFromString("record");
     str__random = PyUnicode_InternFromString("_random");
-    if (!str_tx || !str_rid || !str_master || !str_args || !str_record || !str__random) goto fail;
+    str_status = PyUnicode_InternFromString("status");
+    str_value = PyUnicode_InternFromString("value");
+    str_error = PyUnicode_InternFromString("error");
+    if (!str_tx || !str_rid || !str_master || !str_args || !str_record || !str__random
+        || !str_status || !str_value || !str_error) goto fail;
     MISSING = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
     END = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
     if (MISSING == NULL || END == NULL) goto fail;

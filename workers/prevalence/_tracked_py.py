@@ -415,7 +415,7 @@ def run_record(log: UndoLog, fn: Any, root: Any, ctx: Any, args: tuple) -> Any:
 
 def apply_records(log: UndoLog, records, transactions: dict, root: Any, ctx: Any, slow,
                   watch: str | None = None, marks: list | None = None, tentative: list | None = None,
-                  forget: bool = False) -> list:
+                  forget: bool = False, kinds: tuple | None = None) -> list:
     """Apply many records in order; the pairs (record, outcome) of master `watch`'s records.
 
     For each record: its undo-log mark goes to `marks` and the record to `tentative` (when
@@ -428,7 +428,14 @@ def apply_records(log: UndoLog, records, transactions: dict, root: Any, ctx: Any
     else (KeyboardInterrupt) propagates; an unknown tx is a KeyError (names are checked
     when records are read). With `forget`, the undo entries of each record are dropped once
     it is applied (committed records: freed while they are still in the cache).
+
+    With `kinds` = ``(Rejected, ok, rejected, error)`` (the model's exception class and
+    outcome statuses), a record of `watch` without a request id runs here too, its outcome
+    built as `Model.apply` builds it (`_outcome`).
     """
+    if kinds is not None and not (isinstance(kinds, tuple) and len(kinds) == 4 and isinstance(kinds[0], type)
+                                  and issubclass(kinds[0], BaseException)):
+        raise TypeError("apply_records: kinds must be (Rejected, ok, rejected, error)")
     again = []
     for rec in list(records):  # a copy: callbacks changing the caller's list do not disturb the loop
         if forget and len(log):
@@ -441,7 +448,7 @@ def apply_records(log: UndoLog, records, transactions: dict, root: Any, ctx: Any
         if not tx:
             continue
         watched = watch is not None and rec.master == watch
-        if rec.rid or watched:
+        if rec.rid or (watched and kinds is None):
             out = slow(rec)
             if watched:
                 again.append((rec, out))
@@ -450,12 +457,27 @@ def apply_records(log: UndoLog, records, transactions: dict, root: Any, ctx: Any
         ctx.record = rec
         ctx._random = None
         try:
-            run_record(log, fn, root, ctx, rec.args)
-        except Exception:  # noqa: BLE001 -- undone; the outcome nobody reads (docstring)
-            pass
+            value = run_record(log, fn, root, ctx, rec.args)
+        except Exception as exc:  # noqa: BLE001 -- undone; the outcome is read only if watched
+            if watched:
+                again.append((rec, _outcome(kinds, None, exc)))
+        else:
+            if watched:
+                again.append((rec, _outcome(kinds, value, None)))
     if forget and len(log):
         log.forget_before(log.mark())
     return again
+
+
+def _outcome(kinds: tuple, value: Any, exc: Exception | None) -> dict:
+    """A record's outcome as `Model.apply` builds it (`apply_records` with `kinds`)."""
+    rejected_class, ok, rejected, error = kinds
+    if exc is None:
+        return {"status": ok, "value": value, "error": None}
+    text = str(exc)
+    if isinstance(exc, rejected_class):
+        return {"status": rejected, "value": None, "error": text}
+    return {"status": error, "value": None, "error": f"{type(exc).__name__}: {text}"}
 
 
 def dict_set(log: UndoLog, d: dict, key: Any, value: Any) -> None:

@@ -44,6 +44,8 @@ from .errors import BadArguments, Rejected, UnknownQuery, UnknownTransaction
 OK = "ok"
 REJECTED = "rejected"
 ERROR = "error"
+#: What `tracked.apply_records` needs to build a record's outcome as `Model.apply` does.
+OUTCOME_KINDS = (Rejected, OK, REJECTED, ERROR)
 
 REQUEST_IDS_KEPT_S_DEFAULT = 7 * 86400
 PRUNE_MARK = ""  # the dedup key holding (epoch of the last pruning,)

@@ -40,7 +40,7 @@ import msgspec
 from . import codec, tracked
 from .codec import Record
 from .errors import InvariantViolation, check
-from .model import Context, Model
+from .model import OUTCOME_KINDS, Context, Model
 
 #: Called once per rebase with the (record, outcome) pairs of every record of `watch` it
 #: applied again, in key order (one call, not one per record: a rebase of 10,000 own
@@ -173,14 +173,16 @@ class Replica:
         with codec.gc_paused():
             if self.multi or self.check or not recs:
                 return [self.apply_own(rec) for rec in recs]
-            # Alone: each record commits as it is applied (`apply_own`), in one loop.
+            # Alone: each record commits as it is applied (`apply_own`), in one loop (in C:
+            # a record with a request id takes the model's full `apply`).
             apply, state, dedup, ctx, log = self.model.apply, self.state, self.dedup, self._ctx, self.log
-            outs = []
-            for rec in recs:
-                outs.append(apply(state, dedup, rec, ctx, log) if rec.tx else _TICK_OUTCOME)
-                if len(log):  # committed: nothing will undo it
-                    log.forget_before(log.mark())
             last = recs[-1]
+            outs = [out for _rec, out in tracked.apply_records(
+                log, recs, self.model.transactions, state, ctx, lambda rec: apply(state, dedup, rec, ctx, log),
+                last.master, None, None, True, OUTCOME_KINDS)]  # watch, marks, tentative, forget
+            if len(outs) != len(recs):  # ticks have no outcome from the loop
+                each = iter(outs)
+                outs = [next(each) if rec.tx else _TICK_OUTCOME for rec in recs]
             self.cursors[last.master] = last.seq
             self.version += 1
             return outs
@@ -199,10 +201,7 @@ class Replica:
             if not self.multi:
                 # Sole member (or recovering one): everything read commits in order at once.
                 self.model.replay(self.state, self.dedup, incoming, self._ctx, self.log)
-                cursors = self.cursors
-                for rec in incoming:
-                    if rec.seq > cursors.get(rec.master, 0):
-                        cursors[rec.master] = rec.seq
+                self._advance_cursors(incoming)
                 return False
             tentative = self.tentative
             first = incoming[0].key
@@ -234,13 +233,13 @@ class Replica:
                     if on_outcome is not None and rec.master == watch:
                         again.append((rec, out))
         else:
-            # The loop in C: a record with a request id, or one of `watch` (whose outcome
-            # is wanted), takes the model's full `apply`; the others run without it.
+            # The loop in C: a record with a request id takes the model's full `apply`; one
+            # of `watch` gets its outcome built in the loop; the others run without one.
             model_apply, state, dedup, ctx = self.model.apply, self.state, self.dedup, self._ctx
             again = tracked.apply_records(
                 log, recs, self.model.transactions, state, ctx,
                 lambda rec: model_apply(state, dedup, rec, ctx, log),
-                watch if on_outcome is not None else None, marks, tentative, self.FORGETS)
+                watch if on_outcome is not None else None, marks, tentative, self.FORGETS, OUTCOME_KINDS)
         if again and on_outcome is not None:
             on_outcome(again)
 
@@ -255,13 +254,20 @@ class Replica:
         n = bisect.bisect_right(tentative, frontier, key=_hlc)
         done = tentative[:n]
         if n:
-            cursors = self.cursors
-            for rec in done:
-                if rec.seq > cursors.get(rec.master, 0):
-                    cursors[rec.master] = rec.seq  # never back (a late tick)
+            self._advance_cursors(done)
             self.log.forget_before(self._marks[n] if n < len(self._marks) else self.log.mark())
             del tentative[:n], self._marks[:n]
         return done
+
+    def _advance_cursors(self, recs: list[Record]) -> None:
+        """Committed cursors move to the last seq of each master in `recs` (key order),
+        never back (a late tick)."""
+        # A master's seq and hlc only increase together (the reader checks), so its last
+        # record in key order holds its highest seq: one comprehension, not a loop of gets.
+        cursors = self.cursors
+        for m, seq in {rec.master: rec.seq for rec in recs}.items():
+            if seq > cursors.get(m, 0):
+                cursors[m] = seq
 
     def tentative_real(self) -> int:
         """Tentative records that are not ticks."""

@@ -271,21 +271,29 @@ class Writing:
         replica = self.replica
         outs: list = plans
         if records:
-            applied = replica.apply_own_many([rec for _i, rec in records])
+            applied = replica.apply_own_many(decoded)
             multi = replica.multi
-            for (i, rec), out in zip(records, applied):
-                outs[i] = out
-                if multi or rec.rid:
-                    self._remember(rec, out)
-                # Final at once for a sole member; else tentative until the frontier passes.
-                out["committed"] = not multi
-                out["record"] = rec.record_id
+            if multi or batch_rids:
+                for rec, out in zip(decoded, applied):
+                    if multi or rec.rid:
+                        self._remember(rec, out)
+            # Final at once for a sole member; else tentative until the frontier passes.
+            committed = not multi
+            for rec, out in zip(decoded, applied):
+                out["committed"] = committed
+                out["record"] = f"{rec.master}:{rec.seq}"  # rec.record_id, without the call
+            if len(applied) == len(plans):
+                outs = applied
+            else:
+                for i, out in zip(index, applied):
+                    outs[i] = out
             if not multi:
                 replica.advance_alone(self.clock.last)
-        for i, plan in enumerate(outs):
-            if isinstance(plan, int):
-                first = dict(records)[plan]
-                outs[i] = dict(outs[plan], duplicate_of=first.record_id)
+        if n_new != len(plans):  # known request ids, or one twice in the batch
+            for i, plan in enumerate(outs):
+                if isinstance(plan, int):
+                    first = dict(records)[plan]
+                    outs[i] = dict(outs[plan], duplicate_of=first.record_id)
         return outs
 
     def _note_committed(self, records: list) -> None:
