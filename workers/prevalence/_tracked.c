@@ -190,13 +190,6 @@ is_typed_atom(PyTypeObject *t)
     return 0;
 }
 
-/* `_ATOMS`: immutable types stored as they are (in a Struct's field, or as a dict key). */
-static inline int
-is_atom(PyTypeObject *t)
-{
-    return is_plain_atom(t) || is_typed_atom(t);
-}
-
 /* An exact int or bool within MessagePack's range (INT_MIN..INT_MAX). Never fails. */
 static int
 int_in_range(PyObject *v)
@@ -335,6 +328,48 @@ pend(UndoLogObject *log, PyObject *container, PyObject *key, PyObject *value)
 
 /* -- _check_key ------------------------------------------------------------------------- */
 
+/* _bad_key: refuse a dict key a snapshot would not read back as itself (every dict of the
+ * state is decoded untyped: keys are plain atoms, UTC datetimes and tuples of them). */
+static void
+raise_bad_key(PyObject *key)
+{
+    PyTypeObject *t = Py_TYPE(key);
+    PyObject *name = PyType_GetName(t);
+    if (name == NULL) return;
+    if (EnumBase && PyType_IsSubtype(t, EnumBase)) {
+        PyObject *value = PyObject_GetAttrString(key, "value");
+        if (value != NULL) {
+            PyErr_Format(UntrackableValue,
+                         "a %U member cannot be a key in the state: a snapshot would read it back as its "
+                         "value %R (use the value as the key)", name, value);
+            Py_DECREF(value);
+        }
+    }
+    else if (t == DatetimeType) {
+        PyErr_SetString(UntrackableValue,
+                        "a datetime that is naive or not in UTC cannot be a key in the state: a snapshot "
+                        "would read it back as a str or in UTC (convert it to UTC with "
+                        "tzinfo=datetime.timezone.utc, or use a str or int key)");
+    }
+    else if (is_typed_atom(t)) {
+        PyErr_Format(UntrackableValue,
+                     "a %U cannot be a key in the state: a snapshot would read it back as a str "
+                     "(use a str or int key)", name);
+    }
+    else if (MsgspecStruct && PyType_IsSubtype(t, MsgspecStruct)) {
+        PyErr_Format(UntrackableValue,
+                     "a %U cannot be a key in the state: a snapshot would read it back as a dict, "
+                     "which cannot be a key (use a str, int or tuple key)", name);
+    }
+    else {
+        PyErr_Format(UntrackableValue, "a %U cannot be a key in the state", name);
+    }
+    Py_DECREF(name);
+}
+
+/* _check_key: a dict key a snapshot reads back as itself (a str is the caller's fast path):
+ * an int or bool in range, a float, None, bytes, a datetime in UTC, or a tuple of these.
+ * Returns 0, or -1 with UntrackableValue set. */
 static int
 check_key(PyObject *key, long depth)
 {
@@ -354,10 +389,16 @@ check_key(PyObject *key, long depth)
         }
         return 0;
     }
-    if (is_atom(t) || (EnumBase && PyType_IsSubtype(t, EnumBase))
-        || (MsgspecStruct && PyType_IsSubtype(t, MsgspecStruct)))
-        return 0;
-    raise_with_name(UntrackableValue, "a %U cannot be a key in the state", t);
+    if (is_plain_atom(t)) return 0;
+    if (t == DatetimeType) {
+        PyObject *offset = PyObject_CallMethod(key, "utcoffset", NULL);
+        if (offset == NULL) return -1;
+        int nonzero = offset == Py_None ? 1 : PyObject_IsTrue(offset);
+        Py_DECREF(offset);
+        if (nonzero < 0) return -1;
+        if (!nonzero) return 0;
+    }
+    raise_bad_key(key);
     return -1;
 }
 

@@ -318,7 +318,9 @@ def _field_needs_conversion(value: Any) -> bool:
 
 
 def _check_key(key: Any, depth: int = 1) -> None:
-    """A dict key the codec can write (a str key is checked by the caller's fast path)."""
+    """A dict key a snapshot reads back as itself (a str is checked by the caller's fast
+    path): an int or bool in range, a float, None, bytes, a datetime in UTC, or a tuple of
+    these. Every dict of the state is decoded untyped, whatever holds it."""
     cls = key.__class__
     if cls is tuple:
         if depth > MAX_DEPTH:
@@ -328,8 +330,31 @@ def _check_key(key: Any, depth: int = 1) -> None:
     elif cls is int or cls is bool:
         if not INT_MIN <= key <= INT_MAX:
             raise UntrackableValue(f"integer key {key} is out of the range a snapshot can hold")
-    elif cls not in _ATOMS and not isinstance(key, (enum.Enum, msgspec.Struct)):
-        raise UntrackableValue(f"a {cls.__name__} cannot be a key in the state")
+    elif cls in _PLAIN_ATOMS:
+        pass
+    elif cls is _dt.datetime and key.utcoffset() == _dt.timedelta(0):
+        pass
+    else:
+        raise _bad_key(key)
+
+
+def _bad_key(key: Any) -> UntrackableValue:
+    cls = key.__class__
+    name = cls.__name__
+    if isinstance(key, enum.Enum):
+        return UntrackableValue(f"a {name} member cannot be a key in the state: a snapshot would read it back "
+                                f"as its value {key.value!r} (use the value as the key)")
+    if cls is _dt.datetime:
+        return UntrackableValue("a datetime that is naive or not in UTC cannot be a key in the state: a snapshot "
+                                "would read it back as a str or in UTC (convert it to UTC with "
+                                "tzinfo=datetime.timezone.utc, or use a str or int key)")
+    if cls in _TYPED_ATOMS:
+        return UntrackableValue(f"a {name} cannot be a key in the state: a snapshot would read it back as a str "
+                                "(use a str or int key)")
+    if isinstance(key, msgspec.Struct):
+        return UntrackableValue(f"a {name} cannot be a key in the state: a snapshot would read it back as a "
+                                "dict, which cannot be a key (use a str, int or tuple key)")
+    return UntrackableValue(f"a {name} cannot be a key in the state")
 
 
 # -- undo functions (module level: an entry holds a reference, not a closure) -----------

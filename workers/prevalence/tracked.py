@@ -23,7 +23,9 @@ What is refused (loudly, never silently diverging)
       decodes untyped), a value it would read back as another type: a tuple, a date, a
       time, a timedelta, a Decimal, a UUID, a datetime that is naive or not in UTC, an
       Enum member (read back as its value; all
-      fine in a Struct field, which the codec decodes typed). The transaction then fails with `UntrackableValue`
+      fine in a Struct field, which the codec decodes typed); a dict key (in any dict:
+      every dict decodes untyped) other than a str, an int, a float, a bool, None, bytes,
+      a UTC datetime or a tuple of these. The transaction then fails with `UntrackableValue`
       (its outcome is ``error``, identically on every master) and leaves no trace.
     * Bypasses that no subclass can see (``dict.__setitem__(d, k, v)``, ``heapq`` on a
       list, C extensions writing with ``PyDict_SetItem``): the check mode of the engine
