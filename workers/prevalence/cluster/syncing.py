@@ -74,6 +74,15 @@ class Syncing:
 
     def _sync(self, *, rejoined: bool) -> dict:
         """`sync`; `rejoined` is True on the one retry after joining again from scratch."""
+        # The cyclic GC is paused for the whole sync, not only while records are decoded:
+        # resumed right after reading, its first young collection walked every record just
+        # read (their argument tuples), a third of a microsecond each; resumed here, those
+        # that committed are freed already and the collection finds little (records and
+        # undo entries form no cycles).
+        with codec.gc_paused():
+            return self._sync_paused(rejoined)
+
+    def _sync_paused(self, rejoined: bool) -> dict:
         if self._unsettled:
             self.settle()
         if self.closed:
@@ -106,7 +115,7 @@ class Syncing:
                     log.warning("master %s: records it needs were collected before it was counted; "
                                 "joining again from the newest snapshot", self.name)
                     self._restart_join()
-                    return self._sync(rejoined=True)
+                    return self._sync_paused(True)
             counts, again = self._ingest(new)
             rebased = rebased or again
             for m, n in counts.items():
