@@ -153,6 +153,12 @@ class Follower:
         report (records applied per member, frontier, errors per member, reloaded)."""
         if self.closed:
             raise InvariantViolation("sync on a closed follower")
+        # Paused for the whole sync, as a master's (`Syncing._sync`): the records read are
+        # freed by the time the collector runs again.
+        with codec.gc_paused():
+            return self._sync()
+
+    def _sync(self) -> dict:
         applied: dict[str, int] = {}
         errors: dict[str, str] = {}
         reloaded = False
