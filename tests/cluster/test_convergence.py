@@ -236,11 +236,11 @@ def test_a_long_backlog_is_caught_up_in_bounded_rounds_without_rebasing(tmp_path
     rounds = []  # per round of peers' records: (count, lowest key, highest key)
     real_ingest = syncing.Syncing._ingest
 
-    def spy(self, new):
+    def spy(self, new, *args, **kwargs):
         keys = sorted(r.key for m, recs in new.items() if m != "gamma" for r in recs)
         if keys:
             rounds.append((len(keys), keys[0], keys[-1]))
-        return real_ingest(self, new)
+        return real_ingest(self, new, *args, **kwargs)
 
     monkeypatch.setattr(syncing.Syncing, "_ingest", spy)
     c = open_member(tmp_path, "gamma", now_ms=clock)  # recovery ends with one sync
@@ -328,3 +328,35 @@ def test_a_model_that_opts_out_of_change_tracking_converges_with_the_copying_fal
     assert a.replica.state["order"] == b.replica.state["order"]
     a.close()
     b.close()
+
+
+def test_records_a_sync_commits_at_once_never_join_the_window(tmp_path, monkeypatch):
+    # Read to the end, with every member's horizon past them: they are committed as they
+    # are applied (no undo entries kept, no window), and the frontier passes them.
+    from workers.prevalence import replica as replica_module
+    clock = FakeClock()
+    a, b = make_pair(tmp_path, clock)
+    clock.ms += 5
+    assert b.execute("deposit", "acct", 7, rid="own") == 107  # tentative on beta: committed first
+    clock.ms += 5
+    for i in range(40):
+        clock.ms += 1
+        a.execute("deposit", "acct", 1, rid=f"d{i}")
+    at_once = []
+    real = replica_module.Replica.apply_committed
+
+    def spy(self, recs):
+        at_once.extend(r.rid for r in recs)
+        return real(self, recs)
+
+    monkeypatch.setattr(replica_module.Replica, "apply_committed", spy)
+    a.sync()  # alpha reads beta's deposit: it orders before alpha's, so alpha rebases
+    b.sync()
+    assert at_once == [f"d{i}" for i in range(40)]
+    assert b.replica.tentative_real() == 0 and len(b.replica.log) == 0 and b.frontier >= a.own_horizon
+    assert b.outcome("own")["committed"] and b.outcome("d39")["committed"]
+    assert b.query("balance", "acct") == 147
+    assert b.replica.cursors["alpha"] == a.seq
+    monkeypatch.undo()
+    sync_until_quiet([a, b])
+    assert_converged(tmp_path, [a, b])

@@ -10,6 +10,8 @@ for a nested model whose transactions do not commute, refuse half way and raise.
 
 from __future__ import annotations
 
+import bisect
+
 import msgspec
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -135,6 +137,38 @@ class ReplicaMachine(RuleBasedStateMachine):
             self.replica.ingest(new)
             self.applied += new
 
+    @rule(data=st.data())
+    def ingest_committing_at_once(self, data):
+        """A sync's read whose records after the window and below the frontier it may
+        reach commit at once (`Syncing._ingest`): commit there, `apply_committed` those,
+        ingest the rest."""
+        new = []
+        for p in PEERS:
+            left = len(self.journals[p]) - self.read[p]
+            n = data.draw(st.integers(0, min(3, left)))
+            new += self.journals[p][self.read[p]:self.read[p] + n]
+            self.read[p] += n
+        new.sort(key=Record.key.fget)
+        if not new:
+            return
+        self.clock = max(self.clock, new[-1].hlc)
+        tentative = self.replica.tentative
+        bound = self._legal_frontier()
+        n = bisect.bisect_right(new, bound, key=lambda r: r.hlc)
+        if n and bound > self.replica.frontier and (not tentative or new[0].key > tentative[-1].key):
+            self.replica.commit(bound)
+            self.replica.apply_committed(new[:n])
+            self.applied += new[:n]
+            new = new[n:]
+        if new:
+            self.replica.ingest(new)
+            self.applied += new
+
+    def _legal_frontier(self):
+        """The highest frontier no record still unread can order below."""
+        return min([self.clock] + [self._last_read_hlc(p) if self.read[p] < len(self.journals[p]) else self.clock
+                                   for p in PEERS])
+
     @rule(call=CALLS, rid=st.booleans())
     def write_own(self, call, rid):
         self.clock += 1
@@ -148,8 +182,7 @@ class ReplicaMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def commit(self, data):
         """The frontier may move to any point no record still unread can order below."""
-        legal = min([self.clock] + [self._last_read_hlc(p) if self.read[p] < len(self.journals[p]) else self.clock
-                                    for p in PEERS])
+        legal = self._legal_frontier()
         if legal > self.replica.frontier:
             self.replica.commit(data.draw(st.integers(self.replica.frontier, legal)))
 

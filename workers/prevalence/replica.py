@@ -187,6 +187,28 @@ class Replica:
             self.version += 1
             return outs
 
+    def apply_committed(self, recs: list[Record]) -> None:
+        """Apply records (key order) that the frontier has already passed: the caller moved
+        it there with `commit`, which emptied the window (the records order after all of
+        it). They never join the window, and each record's undo entries are dropped as soon
+        as it is applied: a sync whose records commit at once skips keeping them.
+        """
+        if not recs:
+            return
+        check(not self.tentative and not len(self.log) and recs[-1].hlc <= self.frontier,
+              "apply_committed needs an empty window and records at or below the frontier")
+        self.version += 1
+        log = self.log
+        with codec.gc_paused():
+            if self.check:
+                for rec in recs:
+                    if rec.tx:
+                        self._apply_checked(rec)
+                        log.forget_before(log.mark())
+            else:
+                self.model.replay(self.state, self.dedup, recs, self._ctx, log)
+        self._advance_cursors(recs)
+
     def ingest(self, incoming: list[Record], *, watch: str | None = None,
                on_outcome: OutcomeHook | None = None) -> bool:
         """Apply records read from peers, given in key order. Returns True if it rebased.
@@ -342,6 +364,12 @@ class CopyingReplica(Replica):
             with codec.gc_paused():
                 self.model.replay(self.committed_state, self.committed_dedup, done, self._ctx, log)
         return super().commit(frontier)
+
+    def apply_committed(self, recs: list[Record]) -> None:
+        super().apply_committed(recs)
+        if recs and self.multi:
+            with codec.gc_paused():
+                self.model.replay(self.committed_state, self.committed_dedup, recs, self._ctx, tracked.UndoLog())
 
     def with_committed(self, fn: Callable[[Any, dict], Any]) -> Any:
         if not self.multi:

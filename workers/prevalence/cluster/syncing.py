@@ -116,7 +116,7 @@ class Syncing:
                                 "joining again from the newest snapshot", self.name)
                     self._restart_join()
                     return self._sync_paused(True)
-            counts, again = self._ingest(new)
+            counts, again = self._ingest(new, cap, at_once=True)
             rebased = rebased or again
             for m, n in counts.items():
                 applied[m] = applied.get(m, 0) + n
@@ -285,9 +285,17 @@ class Syncing:
             log.error("reading %s: %s", peer.name, peer.error)
         return recs
 
-    def _ingest(self, new: dict[str, list]) -> tuple[dict, bool]:
+    def _ingest(self, new: dict[str, list], cap: int | None = None, *, at_once: bool = False) -> tuple[dict, bool]:
         """Apply newly read records in key order (the replica rebases if one orders before
-        records already applied). Returns (records per peer, rebased)."""
+        records already applied). Returns (records per peer, rebased).
+
+        `at_once` (a sync, which read every peer up to `cap`, or to its end if None):
+        records that order after the whole window and lie at or below the frontier this
+        sync is bound to reach (`_frontier_target` over every member not retired, a bound
+        no later step lowers) commit at once: the frontier moves there first, and they are
+        applied without joining the window (`Replica.apply_committed`). Not in recovery,
+        which has read no peer yet.
+        """
         applied = {m: len(r) for m, r in new.items()}
         incoming = [r for recs in new.values() for r in recs]
         if not incoming:
@@ -295,7 +303,16 @@ class Syncing:
         if len(new) > 1:
             incoming.sort(key=Record.key.fget)
         self.clock.observe(incoming[-1].hlc)
-        rebased = self.replica.ingest(incoming, watch=self.name, on_outcome=self._reapplied)
+        replica = self.replica
+        if at_once and replica.multi and self.joined and (
+                not replica.tentative or incoming[0].key > replica.tentative[-1].key):
+            bound = self._frontier_target(cap, every_member=True)
+            n = bisect.bisect_right(incoming, bound, key=_hlc)
+            if n and bound > self.frontier:
+                self._note_committed(replica.commit(bound))
+                replica.apply_committed(incoming[:n])
+                incoming = incoming[n:]
+        rebased = replica.ingest(incoming, watch=self.name, on_outcome=self._reapplied) if incoming else False
         return applied, rebased
 
     def _reapplied(self, pairs: list) -> None:
@@ -342,16 +359,25 @@ class Syncing:
         comes at the end of the sync, at the frontier reached by then, and a newcomer's
         next record is only known to lie above its last one read.
         """
-        f = self.clock.last if cap is None else min(cap, self.clock.last)
-        for m, peer in self.peers.items():
-            if peer.counted or (cap is not None and m not in self.retired):
-                f = min(f, peer.horizon)
+        f = self._frontier_target(cap, every_member=cap is not None)
         check(f >= self.frontier or not self.replica.multi or cap is not None,
               f"frontier of {self.name} would move backwards: {self.frontier} -> {f}")
         if f <= self.frontier:
             return
         # Commit, in key order, every tentative record at or below the frontier.
         self._note_committed(self.replica.commit(f))
+
+    def _frontier_target(self, cap: int | None, *, every_member: bool) -> int:
+        """Our clock, `cap` and the horizons of the counted members (`every_member`: of
+        every member not retired too), whichever is lowest (`_advance_frontier`). Clocks
+        and horizons only increase, so the target over every member is never above the
+        frontier the sync reaches at its end."""
+        f = self.clock.last if cap is None else min(cap, self.clock.last)
+        retired = self.retired
+        for m, peer in self.peers.items():
+            if peer.counted or (every_member and m not in retired):
+                f = min(f, peer.horizon)
+        return f
 
     def _peer_progress(self, m: str) -> Progress | None:
         """Another master's progress; a damaged one counts as absent (and is reported)."""
