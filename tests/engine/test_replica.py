@@ -125,13 +125,7 @@ class ReplicaMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def ingest(self, data):
         """Read the next few records of some peers (a sync), in key order."""
-        new = []
-        for p in PEERS:
-            left = len(self.journals[p]) - self.read[p]
-            n = data.draw(st.integers(0, min(3, left)))
-            new += self.journals[p][self.read[p]:self.read[p] + n]
-            self.read[p] += n
-        new.sort(key=Record.key.fget)
+        new = self._read_some(data)
         if new:
             self.clock = max(self.clock, new[-1].hlc)
             self.replica.ingest(new)
@@ -142,13 +136,7 @@ class ReplicaMachine(RuleBasedStateMachine):
         """A sync's read whose records after the window and below the frontier it may
         reach commit at once (`Syncing._ingest`): commit there, `apply_committed` those,
         ingest the rest."""
-        new = []
-        for p in PEERS:
-            left = len(self.journals[p]) - self.read[p]
-            n = data.draw(st.integers(0, min(3, left)))
-            new += self.journals[p][self.read[p]:self.read[p] + n]
-            self.read[p] += n
-        new.sort(key=Record.key.fget)
+        new = self._read_some(data)
         if not new:
             return
         self.clock = max(self.clock, new[-1].hlc)
@@ -163,6 +151,17 @@ class ReplicaMachine(RuleBasedStateMachine):
         if new:
             self.replica.ingest(new)
             self.applied += new
+
+    def _read_some(self, data) -> list:
+        """The next few records of some peers, in key order (marked read)."""
+        new = []
+        for p in PEERS:
+            left = len(self.journals[p]) - self.read[p]
+            n = data.draw(st.integers(0, min(3, left)))
+            new += self.journals[p][self.read[p]:self.read[p] + n]
+            self.read[p] += n
+        new.sort(key=Record.key.fget)
+        return new
 
     def _legal_frontier(self):
         """The highest frontier no record still unread can order below."""

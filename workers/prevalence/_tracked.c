@@ -280,19 +280,26 @@ raise_untyped(PyObject *v)
     Py_DECREF(name);
 }
 
+/* Whether `v` is an aware datetime whose UTC offset is 0 (read back as itself anywhere):
+ * 1, 0, or -1 with an exception set. */
+static int
+is_utc_datetime(PyObject *v)
+{
+    if (Py_TYPE(v) != DatetimeType) return 0;
+    PyObject *offset = PyObject_CallMethod(v, "utcoffset", NULL);
+    if (offset == NULL) return -1;
+    int nonzero = offset == Py_None ? 1 : PyObject_IsTrue(offset);
+    Py_DECREF(offset);
+    return nonzero < 0 ? -1 : !nonzero;
+}
+
 /* _check_untyped_atom: a typed atom stored in a plain dict or list is refused unless it
  * is an aware datetime whose UTC offset is 0. Returns 0, or -1 with an exception set. */
 static int
 check_untyped_atom(PyObject *v)
 {
-    if (Py_TYPE(v) == DatetimeType) {
-        PyObject *offset = PyObject_CallMethod(v, "utcoffset", NULL);
-        if (offset == NULL) return -1;
-        int nonzero = offset == Py_None ? 1 : PyObject_IsTrue(offset);
-        Py_DECREF(offset);
-        if (nonzero < 0) return -1;
-        if (!nonzero) return 0;
-    }
+    int utc = is_utc_datetime(v);
+    if (utc) return utc > 0 ? 0 : -1;
     raise_untyped(v);
     return -1;
 }
@@ -390,14 +397,8 @@ check_key(PyObject *key, long depth)
         return 0;
     }
     if (is_plain_atom(t)) return 0;
-    if (t == DatetimeType) {
-        PyObject *offset = PyObject_CallMethod(key, "utcoffset", NULL);
-        if (offset == NULL) return -1;
-        int nonzero = offset == Py_None ? 1 : PyObject_IsTrue(offset);
-        Py_DECREF(offset);
-        if (nonzero < 0) return -1;
-        if (!nonzero) return 0;
-    }
+    int utc = is_utc_datetime(key);
+    if (utc) return utc > 0 ? 0 : -1;
     raise_bad_key(key);
     return -1;
 }
