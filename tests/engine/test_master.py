@@ -154,8 +154,11 @@ def test_disk_full_on_write_refuses_the_transaction_and_applies_nothing(tmp_path
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    from workers.prevalence import writer
     with monkeypatch.context() as patch:
         patch.setattr(os, "pwrite", full)
+        # A commit of one record is framed and written by `write_frame` (in C when built).
+        patch.setattr(writer, "write_frame", lambda fd, payload, offset, version: full(fd, payload, offset))
         with pytest.raises(StorageError, match="ENOSPC"):
             m.execute("deposit", "a", 5, rid="refused")
     assert (m.seq, m.query("balance", "a"), m.outcome("refused")) == (1, 0, None)

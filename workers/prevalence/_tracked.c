@@ -29,6 +29,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
 
 #ifndef TRACKED_SOURCE_SHA256
 #define TRACKED_SOURCE_SHA256 ""  /* built without setup.py: no stale-build check */
@@ -2178,6 +2182,117 @@ fail:
     return NULL;
 }
 
+/* -- write_frame: the journal's commit write -------------------------------------------------
+ *
+ * Not change tracking either, but the other half of every commit: one record framed as
+ * `journal.frame(payload, None)` builds it (header "<IBBH": length, version, flags 0, 0;
+ * the payload; the CRC-32 of both, little-endian) and written with one pwrite, without the
+ * Python objects of the frame in between. Same contract as `_tracked_py.write_frame`. */
+
+static uint32_t crc_table[8][256];  /* CRC-32 (zlib's: reflected 0xEDB88320), sliced by 8 */
+
+static void
+crc_init(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xff];
+}
+
+static inline uint32_t
+load_le32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static inline void
+store_le32(unsigned char *p, uint32_t v)
+{
+    p[0] = v & 0xff; p[1] = (v >> 8) & 0xff; p[2] = (v >> 16) & 0xff; p[3] = v >> 24;
+}
+
+static uint32_t
+crc32_of(const unsigned char *p, size_t n)
+{
+    uint32_t crc = 0xFFFFFFFFu;
+    while (n >= 8) {
+        uint32_t one = load_le32(p) ^ crc, two = load_le32(p + 4);
+        crc = crc_table[7][one & 0xff] ^ crc_table[6][(one >> 8) & 0xff] ^ crc_table[5][(one >> 16) & 0xff]
+              ^ crc_table[4][one >> 24] ^ crc_table[3][two & 0xff] ^ crc_table[2][(two >> 8) & 0xff]
+              ^ crc_table[1][(two >> 16) & 0xff] ^ crc_table[0][two >> 24];
+        p += 8;
+        n -= 8;
+    }
+    while (n--) crc = (crc >> 8) ^ crc_table[0][(crc ^ *p++) & 0xff];
+    return ~crc;
+}
+
+#define FRAME_HEADER_BYTES 8
+#define FRAME_STACK_BYTES 4096
+
+/* write_frame(fd, payload, offset, version) -> bytes written (os.pwrite's answer: a short
+ * write is the caller's to refuse). */
+static PyObject *
+tracked_write_frame(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 4) {
+        PyErr_SetString(PyExc_TypeError, "write_frame(fd, payload, offset, version) takes 4 arguments");
+        return NULL;
+    }
+    if (!PyBytes_CheckExact(argv[1])) {
+        PyErr_Format(PyExc_TypeError, "write_frame() needs the payload as bytes, got %s", Py_TYPE(argv[1])->tp_name);
+        return NULL;
+    }
+    long fd = PyLong_AsLong(argv[0]);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "write_frame: %ld is not a file descriptor", fd);
+        return NULL;
+    }
+    long long offset = PyLong_AsLongLong(argv[2]);
+    if (offset == -1 && PyErr_Occurred()) return NULL;
+    long version = PyLong_AsLong(argv[3]);
+    if (version == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t n = PyBytes_GET_SIZE(argv[1]);
+    if (n <= 0 || (unsigned long long)n > 0xFFFFFFFFull || version < 0 || version > 255 || offset < 0) {
+        PyErr_Format(PyExc_ValueError, "write_frame: a payload of %zd bytes, version %ld, offset %lld is out of range",
+                     n, version, offset);
+        return NULL;
+    }
+    size_t total = FRAME_HEADER_BYTES + (size_t)n + 4;
+    unsigned char small[FRAME_STACK_BYTES];
+    unsigned char *buf = total <= sizeof(small) ? small : PyMem_Malloc(total);
+    if (buf == NULL) return PyErr_NoMemory();
+    store_le32(buf, (uint32_t)n);
+    buf[4] = (unsigned char)version;
+    buf[5] = buf[6] = buf[7] = 0;  /* flags, reserved */
+    memcpy(buf + FRAME_HEADER_BYTES, PyBytes_AS_STRING(argv[1]), (size_t)n);
+    store_le32(buf + FRAME_HEADER_BYTES + n, crc32_of(buf, FRAME_HEADER_BYTES + (size_t)n));
+    ssize_t done;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        done = pwrite((int)fd, buf, total, (off_t)offset);
+        Py_END_ALLOW_THREADS
+        if (done >= 0 || errno != EINTR) break;
+        if (PyErr_CheckSignals() < 0) {  /* as os.pwrite (PEP 475): a handler that raises ends it */
+            if (buf != small) PyMem_Free(buf);
+            return NULL;
+        }
+    }
+    int saved = errno;
+    if (buf != small) PyMem_Free(buf);
+    if (done < 0) {
+        errno = saved;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromSsize_t(done);
+}
+
 /* -- ReadView: a follower's lock-free read ------------------------------------------------------
  *
  * Not part of change tracking, but of the same hot path family: the state a follower
@@ -2323,6 +2438,9 @@ static PyMethodDef module_methods[] = {
     {"apply_records", (PyCFunction)(void (*)(void))tracked_apply_records, METH_FASTCALL,
      PyDoc_STR("apply_records(log, records, transactions, root, ctx, slow, watch=None, marks=None, "
                "tentative=None, forget=False): apply many records (see _tracked_py.apply_records).")},
+    {"write_frame", (PyCFunction)(void (*)(void))tracked_write_frame, METH_FASTCALL,
+     PyDoc_STR("write_frame(fd, payload, offset, version): pwrite one framed record (see "
+               "_tracked_py.write_frame); bytes written.")},
     {"run_record", (PyCFunction)(void (*)(void))tracked_run_record, METH_FASTCALL,
      PyDoc_STR("run_record(log, fn, root, ctx, args): fn(root, ctx, *args) as one record of "
                "`log`; undone if it raises.")},
@@ -2375,6 +2493,7 @@ PyInit__tracked(void)
     n_atoms = 6;
     for (int i = 0; i < n_atoms; i++) atoms[i] = builtin_atoms[i];
 
+    crc_init();
     TDictType.tp_base = &PyDict_Type;
     TDictType.tp_traverse = PyDict_Type.tp_traverse;
     TDictType.tp_clear = PyDict_Type.tp_clear;

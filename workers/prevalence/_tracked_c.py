@@ -33,7 +33,7 @@ from ._tracked_py import (_PLAIN_ATOMS, _TYPED_ATOMS, INT_MAX, INT_MIN, MAX_DEPT
 
 __all__ = ["TDict", "TList", "Struct", "UndoLog", "MutationOutsideTransaction", "UntrackableValue",
            "convert", "begin_record", "finish_record", "end_record", "dict_set", "dict_delete",
-           "dict_restore_point", "run_record", "apply_records", "ReadView", "INT_MIN", "INT_MAX", "MAX_DEPTH", "IMPLEMENTATION"]
+           "dict_restore_point", "run_record", "apply_records", "write_frame", "ReadView", "INT_MIN", "INT_MAX", "MAX_DEPTH", "IMPLEMENTATION"]
 
 IMPLEMENTATION = "c"
 
@@ -75,6 +75,7 @@ finish_record = _c.finish_record
 end_record = _c.end_record
 run_record = _c.run_record
 apply_records = _c.apply_records
+write_frame = _c.write_frame
 ReadView = _c.ReadView
 dict_set = _c.dict_set
 dict_delete = _c.dict_delete

@@ -13,15 +13,18 @@ from __future__ import annotations
 import datetime as _dt
 import decimal
 import enum
+import os
+import struct
 import threading
 import uuid
+import zlib
 from typing import Any
 
 import msgspec
 
 __all__ = ["TDict", "TList", "Struct", "UndoLog", "MutationOutsideTransaction", "UntrackableValue",
            "convert", "begin_record", "finish_record", "end_record", "dict_set", "dict_delete",
-           "dict_restore_point", "run_record", "apply_records", "ReadView", "INT_MIN", "INT_MAX", "MAX_DEPTH", "IMPLEMENTATION"]
+           "dict_restore_point", "run_record", "apply_records", "write_frame", "ReadView", "INT_MIN", "INT_MAX", "MAX_DEPTH", "IMPLEMENTATION"]
 
 #: Which implementation this is ("c" for `_tracked_c`).
 IMPLEMENTATION = "python"
@@ -503,6 +506,25 @@ def _outcome(kinds: tuple, value: Any, exc: Exception | None) -> dict:
     if isinstance(exc, rejected_class):
         return {"status": rejected, "value": None, "error": text}
     return {"status": error, "value": None, "error": f"{type(exc).__name__}: {text}"}
+
+
+_FRAME_HEADER = struct.Struct("<IBBH")  # journal.HEADER: length, version, flags, reserved
+
+
+def write_frame(fd: int, payload: bytes, offset: int, version: int) -> int:
+    """Write one record framed as ``journal.frame(payload, None)`` frames it (header: its
+    length, `version`, flags 0, 0; the payload; the CRC-32 of both, little-endian) with one
+    ``os.pwrite`` at `offset`; return the bytes written (a short write is the caller's to
+    refuse). Not change tracking: the other half of every commit, in C with the rest."""
+    if not 0 <= fd <= 0x7FFFFFFF:
+        raise ValueError(f"write_frame: {fd} is not a file descriptor")
+    if payload.__class__ is not bytes:
+        raise TypeError(f"write_frame() needs the payload as bytes, got {type(payload).__name__}")
+    n = len(payload)
+    if not 0 < n <= 0xFFFFFFFF or not 0 <= version <= 255 or offset < 0:
+        raise ValueError(f"write_frame: a payload of {n} bytes, version {version}, offset {offset} is out of range")
+    body = _FRAME_HEADER.pack(n, version, 0, 0) + payload
+    return os.pwrite(fd, body + zlib.crc32(body).to_bytes(4, "little"), offset)
 
 
 def dict_set(log: UndoLog, d: dict, key: Any, value: Any) -> None:

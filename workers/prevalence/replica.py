@@ -134,8 +134,8 @@ class Replica:
     def apply_own(self, rec: Record) -> dict:
         """Apply this master's new record (it orders after everything applied).
 
-        Alone, it commits at once (`advance_alone` moves the frontier); otherwise it joins
-        the tentative window.
+        Alone, it commits at once: the frontier moves to it (as `advance_alone`); otherwise it
+        joins the tentative window.
         """
         if not self.multi:
             log = self.log
@@ -148,6 +148,8 @@ class Replica:
             if len(log):  # committed: nothing will undo it
                 log.forget_before(log.mark())
             self.cursors[rec.master] = rec.seq
+            if rec.hlc > self.frontier:
+                self.frontier = rec.hlc
             self.version += 1
             return out
         tentative = self.tentative

@@ -81,7 +81,7 @@ else:
 
 __all__ = ["TDict", "TList", "Struct", "UndoLog", "MutationOutsideTransaction", "UntrackableValue",
            "convert", "begin_record", "finish_record", "end_record", "dict_set", "dict_delete",
-           "dict_restore_point", "run_record", "apply_records", "ReadView", "INT_MIN", "INT_MAX", "MAX_DEPTH", "IMPLEMENTATION"]
+           "dict_restore_point", "run_record", "apply_records", "write_frame", "ReadView", "INT_MIN", "INT_MAX", "MAX_DEPTH", "IMPLEMENTATION"]
 
 #: Which implementation is in use: "c" (the `_tracked` extension) or "python".
 IMPLEMENTATION: str = _impl.IMPLEMENTATION
@@ -98,6 +98,7 @@ finish_record = _impl.finish_record
 end_record = _impl.end_record
 run_record = _impl.run_record
 apply_records = _impl.apply_records
+write_frame = _impl.write_frame
 ReadView = _impl.ReadView
 dict_set = _impl.dict_set
 dict_delete = _impl.dict_delete

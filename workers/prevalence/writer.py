@@ -28,11 +28,15 @@ from typing import Callable
 from . import files
 from .durable import AsyncDataSync, fsync_dir, sync_data
 from .errors import BadArguments, InvariantViolation, PrevalenceError, StorageError
-from .journal import (APPEND_BYTES_MAX, FSYNC_INTERVAL_MS_DEFAULT, FSYNC_MODES, SEGMENT_BYTES_MAX_DEFAULT,
-                      SEGMENT_BYTES_MAX_LIMIT, format_segment_name, frame, seal_path)
+from .journal import (APPEND_BYTES_MAX, CRC_BYTES, FORMAT_VERSION, FSYNC_INTERVAL_MS_DEFAULT, FSYNC_MODES,
+                      HEADER_BYTES, RECORD_BYTES_MAX, SEGMENT_BYTES_MAX_DEFAULT, SEGMENT_BYTES_MAX_LIMIT,
+                      format_segment_name, frame, seal_path)
 from .seal import segment_crc, write_seal
+from .tracked import write_frame
 
 log = logging.getLogger("prevalence.journal")
+
+FRAME_OVERHEAD = HEADER_BYTES + CRC_BYTES  # a frame without a key: header, payload, CRC
 
 #: A commit's sync that takes longer than this is logged as a warning (etcd warns at 1 s:
 #: on NFS a slow sync is the first sign of trouble on the server or the network).
@@ -201,10 +205,18 @@ class JournalWriter:
         if self._closed or self._failed is not None:  # one test on the write path for both
             self._refuse_append()
         if len(payloads) == 1:
-            data = frame(payloads[0], key, batch)
+            one = payloads[0]
+            if not key and not batch and 0 < len(one) <= RECORD_BYTES_MAX:
+                # The commit of one record: framed and written in one call (`write_frame`
+                # writes the bytes `frame(one, None)` makes).
+                data = None
+                written = len(one) + FRAME_OVERHEAD
+            else:
+                data = frame(one, key, batch)
+                written = len(data)
         else:
             data = b"".join([frame(p, key, batch) for p in payloads])
-        written = len(data)
+            written = len(data)
         if written > APPEND_BYTES_MAX:
             raise BadArguments(f"a write of {written} bytes is more than the {APPEND_BYTES_MAX} one append may "
                                "hold (journal.APPEND_BYTES_MAX): split the batch. Nothing was written")
@@ -228,7 +240,10 @@ class JournalWriter:
                         self._reserved = end
                 if self._fault_on:
                     self._fault("before-write")
-                done = os.pwrite(self._fd, data, offset)
+                if data is None:
+                    done = write_frame(self._fd, one, offset, FORMAT_VERSION)
+                else:
+                    done = os.pwrite(self._fd, data, offset)
                 if done != written:  # a full disk, usually: refuse like any failed write
                     raise OSError(errno.ENOSPC, f"short write: {done} of {written} bytes")
                 if self._fault_on:

@@ -155,13 +155,9 @@ class Writing:
             self._fault("between-fsync-and-apply")
         self.seq = seq
         self.own_horizon = rec.hlc
-        out = replica.apply_own(rec)
-        if multi:
+        out = replica.apply_own(rec)  # alone, it also moves the frontier: committed at once
+        if multi or rid:
             self._remember(rec, out)
-        else:
-            if rid:
-                self._remember(rec, out)
-            replica.advance_alone(clock.last)
         if out["status"] == OK:
             return out["value"]
         return _result(name, out)
