@@ -25,9 +25,8 @@ from typing import Any, Callable
 
 from .. import codec, journal
 from ..clock import HybridClock, wall_ms
-from ..codec import Record
 from ..errors import LeaseLost, StorageError
-from ..model import Context, Model
+from ..model import Model
 from ..replica import replica_for
 from ..writer import JournalWriter
 from . import folder
