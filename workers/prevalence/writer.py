@@ -204,22 +204,23 @@ class JournalWriter:
             self.settle()
         if self._closed or self._failed is not None:  # one test on the write path for both
             self._refuse_append()
-        if len(payloads) == 1:
-            one = payloads[0]
-            if not key and not batch and 0 < len(one) <= RECORD_BYTES_MAX:
-                # The commit of one record: framed and written in one call (`write_frame`
-                # writes the bytes `frame(one, None)` makes).
-                data = None
-                written = len(one) + FRAME_OVERHEAD
-            else:
-                data = frame(one, key, batch)
-                written = len(data)
-        else:
+        if key or batch or len(payloads) != 1:
             data = b"".join([frame(p, key, batch) for p in payloads])
             written = len(data)
-        if written > APPEND_BYTES_MAX:
-            raise BadArguments(f"a write of {written} bytes is more than the {APPEND_BYTES_MAX} one append may "
-                               "hold (journal.APPEND_BYTES_MAX): split the batch. Nothing was written")
+            if written > APPEND_BYTES_MAX:
+                raise BadArguments(f"a write of {written} bytes is more than the {APPEND_BYTES_MAX} one append "
+                                   "may hold (journal.APPEND_BYTES_MAX): split the batch. Nothing was written")
+            if count is None:
+                count = len(payloads)
+        else:
+            # The commit of one record: framed and written in one call (`write_frame`
+            # writes the bytes `frame(one, None)` makes).
+            one = payloads[0]
+            written = len(one) + FRAME_OVERHEAD
+            if not FRAME_OVERHEAD < written <= FRAME_OVERHEAD + RECORD_BYTES_MAX:
+                frame(one, None)  # raises, naming the size
+            data = None
+            count = 1
         # Nothing is written by an owner that may have lost its name (`guard`, its fast path
         # inlined: see `guard_window`).
         window = self._window
@@ -238,7 +239,8 @@ class JournalWriter:
                         self._reserve(end)
                     else:
                         self._reserved = end
-                if self._fault_on:
+                fault_on = self._fault_on
+                if fault_on:
                     self._fault("before-write")
                 if data is None:
                     done = write_frame(self._fd, one, offset, FORMAT_VERSION)
@@ -246,23 +248,25 @@ class JournalWriter:
                     done = os.pwrite(self._fd, data, offset)
                 if done != written:  # a full disk, usually: refuse like any failed write
                     raise OSError(errno.ENOSPC, f"short write: {done} of {written} bytes")
-                if self._fault_on:
+                if fault_on:
                     self._fault("after-write")
                 self.offset = end
-                self.next_seq += count if count is not None else len(payloads)
+                self.next_seq += count
                 mode = self.fsync_mode
-                if mode == "always":
+                if mode == "never":
+                    pass  # durability left to the page cache: nothing to do
+                elif mode == "always":
                     started = time.perf_counter()
                     if wait or not self._start_sync():
                         sync_data(self._fd)
                         self._synced(started)
-                        if self._fault_on:
+                        if fault_on:
                             self._fault("after-fsync")
                     else:
                         self._sync_started = started
                 else:
                     self._dirty = True
-                    if mode == "interval" and time.monotonic() - self._last_fsync >= self.fsync_interval_s:
+                    if time.monotonic() - self._last_fsync >= self.fsync_interval_s:
                         self._fsync_locked()
             except OSError as exc:
                 # What reached the disk is unknown now: refuse everything until a restart
