@@ -242,9 +242,16 @@ def test_status_names_a_holder_down_as_soon_as_its_process_on_this_host_is_gone(
     assert f"pid {child.pid}" in state["why"] and "is gone" in state["why"]
 
 
+def _stamp_lease(shared, mtime_s):
+    """Set the lease file's modification time: the file server's stamp of its last write."""
+    from workers.prevalence.cluster import folder
+    os.utime(folder.lease_path(str(shared), "solo"), (mtime_s, mtime_s))
+
+
 def test_status_names_a_holder_on_another_host_down_once_a_heartbeat_is_missed(tmp_path):
     from workers.prevalence.cluster import lease
     _write_lease(tmp_path, host="elsewhere", pid=4242, heartbeat=1000.0)
+    _stamp_lease(tmp_path, 1000.0)  # written at 1000 s by the holder's clock and the server's alike
     period_s = lease.heartbeat_period_s(lease.LEASE_TTL_S_DEFAULT)
     due_s = 1000.0 + period_s + lease.HEARTBEAT_SLACK_S
     assert lease.holder_state(str(tmp_path), "solo", now_s=due_s)["lease"] == "alive"
@@ -252,6 +259,27 @@ def test_status_names_a_holder_on_another_host_down_once_a_heartbeat_is_missed(t
     assert late["lease"] == "down" and "no heartbeat from pid 4242 on host 'elsewhere'" in late["why"]
     # Well before the lease TTL: the lease is not stale for a claim yet.
     assert due_s + 0.5 < 1000.0 + lease.LEASE_TTL_S_DEFAULT
+
+
+def test_status_keeps_a_holder_alive_whose_clock_or_file_servers_clock_is_behind(tmp_path):
+    # Another host whose wall clock runs 5 s behind this one's: its heartbeat, written just
+    # now, reads 5 s old here, past one period plus the slack of a short TTL. The file
+    # server stamped the lease just now: the holder is alive.
+    from workers.prevalence.cluster import lease
+    ttl_s = 3.0
+    limit_s = lease.heartbeat_period_s(ttl_s) + lease.HEARTBEAT_SLACK_S
+    assert limit_s < 5.0
+    _write_lease(tmp_path, host="elsewhere", pid=4242, heartbeat=995.0)
+    _stamp_lease(tmp_path, 1000.0)
+    state = lease.holder_state(str(tmp_path), "solo", lease_ttl_s=ttl_s, now_s=1000.0)
+    assert state["lease"] == "alive" and state["heartbeat_age_s"] == 0.0, state
+    # The file server's clock behind instead, the holder's right: alive too.
+    _write_lease(tmp_path, host="elsewhere", pid=4242, heartbeat=1000.0)
+    _stamp_lease(tmp_path, 995.0)
+    assert lease.holder_state(str(tmp_path), "solo", lease_ttl_s=ttl_s, now_s=1000.0)["lease"] == "alive"
+    # Stale by both: down.
+    late = lease.holder_state(str(tmp_path), "solo", lease_ttl_s=ttl_s, now_s=1000.0 + limit_s + 0.5)
+    assert late["lease"] == "down" and "no heartbeat from pid 4242" in late["why"]
 
 
 def test_status_reads_a_released_or_damaged_lease_without_raising(tmp_path):

@@ -96,8 +96,9 @@ def test_a_cluster_without_a_retired_folder_is_never_looked_up_by_name_until_it_
 
 
 def stale_then(monkeypatch, times: int):
-    """`files.read_file` raising ESTALE `times` times, then reading for real."""
-    real = files.read_file
+    """The read of a small file (`files._read_opened`) raising ESTALE `times` times, then
+    reading for real."""
+    real = files._read_opened
     calls = {"n": 0}
 
     def read_file(path, **kw):
@@ -105,7 +106,7 @@ def stale_then(monkeypatch, times: int):
         if calls["n"] <= times:
             raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), path)
         return real(path, **kw)
-    monkeypatch.setattr(files, "read_file", read_file)
+    monkeypatch.setattr(files, "_read_opened", read_file)
     return calls
 
 
@@ -127,7 +128,7 @@ def test_a_small_file_that_keeps_going_stale_is_a_storage_error_naming_it(tmp_pa
 
 def test_a_peer_progress_going_stale_during_sync_and_status_is_not_an_error(tmp_path, monkeypatch):
     a, b = _joined_pair(tmp_path)
-    real = files.read_file
+    real = files._read_opened
     a_progress = folder.progress_path(str(tmp_path), "a")
     stale = {"left": 0}
 
@@ -136,7 +137,7 @@ def test_a_peer_progress_going_stale_during_sync_and_status_is_not_an_error(tmp_
             stale["left"] -= 1
             raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), path)
         return real(path, **kw)
-    monkeypatch.setattr(files, "read_file", read_file)
+    monkeypatch.setattr(files, "_read_opened", read_file)
     for _ in range(3):
         a.execute("deposit", "x", 1)
         a.sync()

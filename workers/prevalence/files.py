@@ -172,6 +172,13 @@ def read_file(path: str, *, bytes_max: int, what: str, offset: int = 0,
         UnsafeFile: not a regular file, or larger than `bytes_max`.
         OSError: FileNotFoundError (rotated away), ESTALE ...
     """
+    data, st = _read_opened(path, bytes_max=bytes_max, what=what, offset=offset, end=end)
+    return data, st.st_size
+
+
+def _read_opened(path: str, *, bytes_max: int, what: str, offset: int = 0,
+                 end: int | None = None) -> tuple[bytes, os.stat_result]:
+    """`read_file`, with the whole status of the file as opened."""
     fd, st = open_file(path, what=what)
     try:
         size = st.st_size
@@ -179,7 +186,7 @@ def read_file(path: str, *, bytes_max: int, what: str, offset: int = 0,
             raise UnsafeFile(f"{what} is {size} bytes, more than the {bytes_max} one may hold; it was not "
                              "read. It was not written by the engine (a sparse or planted file?)", path=path)
         stop = size if end is None else min(end, size)
-        return (pread_all(fd, offset, stop - offset) if stop > offset else b""), size
+        return (pread_all(fd, offset, stop - offset) if stop > offset else b""), st
     finally:
         os.close(fd)
 
@@ -196,9 +203,18 @@ def read_small(path: str, what: str, bytes_max: int = SMALL_FILE_BYTES_MAX) -> b
         StorageError: every reopen went stale, naming the file.
         OSError: any other error of the system.
     """
+    got = read_small_stat(path, what, bytes_max)
+    return None if got is None else got[0]
+
+
+def read_small_stat(path: str, what: str,
+                    bytes_max: int = SMALL_FILE_BYTES_MAX) -> tuple[bytes, os.stat_result] | None:
+    """`read_small`, with the file's status taken through the descriptor it was read from:
+    its modification time is the file server's stamp of the last write (on NFS, opening
+    revalidates the attributes with the server: close-to-open consistency)."""
     for _attempt in range(STALE_REOPENS_MAX + 1):
         try:
-            return read_file(path, bytes_max=bytes_max, what=what)[0]
+            return _read_opened(path, bytes_max=bytes_max, what=what)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:

@@ -387,7 +387,8 @@ class Lease:
 
 #: How far past one heartbeat period a lease of another host may be before status names
 #: its holder down: the heartbeat write's own latency (an NFS round trip) plus the clock
-#: difference between the two hosts (deploy/README.md: keep it under 1 s with NTP).
+#: difference between this host and the holder or the file server, whichever agrees
+#: better (`holder_state`; deploy/README.md: keep clocks within 1 s with NTP).
 HEARTBEAT_SLACK_S = 2.0
 
 
@@ -406,23 +407,29 @@ def holder_state(shared: str, name: str, *, key: bytes | None = None,
     ``heartbeat_age_s`` when the file names them.
 
     On this host (same host name and boot id) the holder is down as soon as its pid is
-    gone: no waiting. On another host it is down once its heartbeat is older than one
-    heartbeat period (a third of the TTL) plus `HEARTBEAT_SLACK_S`. Not guaranteed: a
-    holder whose heartbeat thread is starved for that long (a machine paused or swapping)
-    is named down although it may resume; its lease is not taken over before the TTL.
+    gone: no waiting. On another host it is down once its last heartbeat is older than one
+    heartbeat period (a third of the TTL) plus `HEARTBEAT_SLACK_S` by both clocks that
+    date it: the holder's own (the time it wrote in the lease) and the file server's (the
+    lease file's modification time). A heartbeat fresh by either is alive, so a clock
+    difference between two hosts (or between a host and the file server) never names a
+    live holder down; a dead holder's heartbeat ages by both. Not guaranteed: a holder
+    whose heartbeat thread is starved for that long (a machine paused or swapping) is
+    named down although it may resume; its lease is not taken over before the TTL.
     Reads only; raises nothing for a bad file (it is reported as ``unreadable``).
     """
     now_s = time.time() if now_s is None else now_s
     path = folder.lease_path(shared, name)
     try:
-        data = files.read_small(path, "lease")
-        lease = None if data is None else smallfile.decode(
-            data, path, kind=LEASE_KIND, type_=LeaseFile, key=key, master=name)
+        got = files.read_small_stat(path, "lease")
+        lease = None if got is None else smallfile.decode(
+            got[0], path, kind=LEASE_KIND, type_=LeaseFile, key=key, master=name)
     except (BadFile, StorageError) as exc:
         return {"lease": "unreadable", "why": f"its lease cannot be read: {exc}"}
     if lease is None:
         return {"lease": "released", "why": "it holds no lease (stopped cleanly, or never started)"}
-    out = {"host": lease.host, "pid": lease.pid, "heartbeat_age_s": round(now_s - lease.heartbeat, 1)}
+    # The heartbeat's age by the fresher of the two stamps (docstring).
+    age_s = min(now_s - lease.heartbeat, now_s - got[1].st_mtime)
+    out = {"host": lease.host, "pid": lease.pid, "heartbeat_age_s": round(age_s, 1)}
     holder = f"pid {lease.pid} on host {lease.host!r}"
     if lease.host == socket.gethostname():
         if lease.boot_id and lease.boot_id != boot_id():
@@ -431,7 +438,6 @@ def holder_state(shared: str, name: str, *, key: bytes | None = None,
             return {**out, "lease": "down", "why": f"its process ({holder}, named by its lease) is gone"}
         return {**out, "lease": "alive", "why": f"{holder} is running"}
     period_s = heartbeat_period_s(lease_ttl_s)
-    age_s = now_s - lease.heartbeat
     if age_s > period_s + HEARTBEAT_SLACK_S:
         return {**out, "lease": "down",
                 "why": f"no heartbeat from {holder} for {age_s:.0f} s (one is written every {period_s:.0f} s)"}
