@@ -4,6 +4,7 @@ refusals (wrong pool, a name already running)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -114,10 +115,23 @@ def test_a_master_killed_holding_a_batch_applies_it_once_after_redelivery(make_c
     client = make_client(cluster)
     open_accounts(client, ["k1"], master="alpha")
     items = [["deposit", ["k1", 1]] for _ in range(10_000)]
-    result = client.app.send_task("prevalence.execute_many", args=[items], queue="master.alpha")
     log = cluster.log_dir / "alpha.log"
-    wait_until(lambda: f"execute_many[{result.id}] received" in log.read_text(), 60,
-               "alpha to take the batch")
+    pid = cluster.processes["alpha"].pid
+    sent = 0
+    # The batch must be in the worker when it dies: freeze the worker (SIGSTOP) as soon as it
+    # has taken the batch, and kill it only if the batch's result is not out yet. A batch
+    # that finished first (a fast machine) is sent again, as a new batch.
+    for _attempt in range(5):
+        result = client.app.send_task("prevalence.execute_many", args=[items], queue="master.alpha")
+        sent += len(items)
+        wait_until(lambda: f"execute_many[{result.id}] received" in log.read_text(), 60,
+                   "alpha to take the batch", poll_s=0.002)
+        os.kill(pid, signal.SIGSTOP)
+        if not result.ready():
+            break
+        os.kill(pid, signal.SIGCONT)
+    else:
+        pytest.fail("alpha finished each of 5 batches before it could be stopped")
     cluster.kill_master("alpha")
     cluster.start_master("alpha")
     reply = result.get(timeout=120, interval=0.05)  # from the second delivery
@@ -125,5 +139,5 @@ def test_a_master_killed_holding_a_batch_applies_it_once_after_redelivery(make_c
     view = converge(cluster)
     assert view["verify"]["errors"] == {} and view["verify"]["duplicates"] == 0, view["verify"]
     for master in cluster.masters:
-        assert client.query("balance", "k1", master=master) == len(items)
+        assert client.query("balance", "k1", master=master) == sent
     assert log.read_text().count(f"execute_many[{result.id}] received") == 2  # delivered again
