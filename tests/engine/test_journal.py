@@ -61,6 +61,17 @@ def test_empty_payload_cannot_be_framed():
         journal.frame(b"", None)
 
 
+def test_the_writer_refuses_an_empty_record_and_writes_nothing(tmp_path):
+    # The one-record path frames in C (`write_frame`): its size check is the writer's.
+    from workers.prevalence.writer import JournalWriter
+    w = JournalWriter(str(tmp_path), 1, fsync="never", reserve_bytes=0)
+    with pytest.raises(InvariantViolation):
+        w.append([b""], None)
+    w.append([b"\x96"], None)  # a one-byte payload is framed and written
+    assert (w.offset, w.next_seq) == (len(journal.frame(b"\x96", None)), 2)
+    w.close()
+
+
 def test_flipped_length_is_caught_instead_of_read_as_a_torn_tail():
     records = make_records(3)
     data = bytearray(framed(records))
