@@ -138,5 +138,10 @@ def balance(root, account_id):
 
 
 @nested_ledger.query
+def balances(root):
+    return {account_id: acct["balance"] for account_id, acct in root["accounts"].items()}
+
+
+@nested_ledger.query
 def total(root):
     return sum(a["balance"] for a in root["accounts"].values())

@@ -16,8 +16,19 @@ from workers.local.cluster import wait_until
 pytestmark = pytest.mark.celery
 
 
-def test_kill_9_of_a_master_under_load_then_restart_loses_no_acknowledged_transaction(
-        cluster, client):
+@pytest.mark.parametrize("kind", ["ledger", "nested"])
+def test_kill_9_of_a_master_under_load_then_restart_loses_no_acknowledged_transaction(make_cluster, kind):
+    # On the example ledger and on the nested one (`tests.support.nested_ledger`: changed in
+    # place, refusing after mutating), whose writes and rebases go through the change log.
+    from tests.e2e.conftest import make_client
+    from tests.support import nested_ledger
+    from workers.models.ledger import model as ledger
+
+    nested = kind == "nested"
+    cluster = make_cluster(env={"PREVALENCE_MODEL": "tests.support:nested_ledger"} if nested else {})
+    cluster.start_masters()
+    cluster.start_beat()
+    client = make_client(cluster)
     load = KeyedLoad(client, list(cluster.masters), reply_timeout_s=5).start()
     wait_until(lambda: len(load.acknowledged) >= 20, 120, "20 acknowledged deposits")
     cluster.kill_master("beta")
@@ -30,7 +41,7 @@ def test_kill_9_of_a_master_under_load_then_restart_loses_no_acknowledged_transa
     wait_until(lambda: len(load.acknowledged) >= restarted_at + 10, 120,
                "10 more acknowledged deposits after the restart")
     load.stop()
-    view = converge(cluster)
+    view = converge(cluster, nested_ledger if nested else ledger)
     assert view["verify"]["errors"] == {}
     balances = balances_everywhere(client, cluster.masters)
     for master, state in balances.items():

@@ -2,7 +2,8 @@
 
     python -m tests.engine.crash_child SHARED POINT N WRITES [FSYNC]
 
-Opens master `solo` (fsync=FSYNC, default always; ``deferred`` = always with
+Opens master `solo` of the test model (`tests.support.test_model`: the example ledger, or
+the nested one under ``PREVALENCE_TEST_MODEL=nested``) (fsync=FSYNC, default always; ``deferred`` = always with
 `deferred_sync`, acknowledging only after `settle`; tiny segments, no GC grace) and deposits 1 into
 account `acct` WRITES times with request ids w0, w1, ...; after each acknowledged one it
 prints "ack <rid>" (flushed), and every third write it snapshots and syncs (which
@@ -13,7 +14,7 @@ import os
 import signal
 import sys
 
-from workers.models.ledger import model
+from tests.support import test_model
 from workers.prevalence import Master
 
 SEGMENT_BYTES_MAX = 200
@@ -32,7 +33,7 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     deferred = fsync == "deferred"
-    m = Master.open(model, shared, "solo", fsync="always" if deferred else fsync, fault=fault,
+    m = Master.open(test_model(), shared, "solo", fsync="always" if deferred else fsync, fault=fault,
                     gc_grace_s=0, segment_bytes_max=SEGMENT_BYTES_MAX, deferred_sync=deferred)
     if "acct" not in m.query("balances"):
         m.execute("open_account", "acct", 0, rid="open")

@@ -1,5 +1,6 @@
 """kill -9 at every crash-worthy step of one master; reopen; nothing acknowledged is lost.
 
+Each case runs on the example ledger and on the nested one (`tests.support.nested_ledger`).
 The child (tests/engine/crash_child.py) prints each transaction once `execute` has
 returned; after its SIGKILL the test reopens the folder in this process at once (the
 lease names a dead pid) and checks every acknowledged transaction is there, the journal
@@ -15,11 +16,11 @@ import sys
 
 import pytest
 
-from workers.models.ledger import model as ledger
 from workers.prevalence import verify
 from workers.prevalence.cluster import folder
 
 from .crash_child import SEGMENT_BYTES_MAX
+from tests import support
 from tests.support import open_master
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -67,8 +68,14 @@ CASES = [("always", p, n) for p, n in POINTS] + RELAXED + DEFERRED
 
 
 @pytest.mark.crash
+@pytest.mark.parametrize("kind", ["ledger", "nested"])
 @pytest.mark.parametrize("fsync,point,n", CASES, ids=[f"{f}-{p}-{n}" for f, p, n in CASES])
-def test_master_killed_at_a_fault_point_reopens_with_every_acknowledged_transaction(tmp_path, fsync, point, n):
+def test_master_killed_at_a_fault_point_reopens_with_every_acknowledged_transaction(tmp_path, monkeypatch, fsync,
+                                                                                  point, n, kind):
+    # On the example ledger and on the nested one (changed in place, refusing after
+    # mutating: its writes go through the change log); the child inherits the choice.
+    monkeypatch.setenv("PREVALENCE_TEST_MODEL", kind)
+    model = support.test_model()
     shared = str(tmp_path)
     code, acked = run_child(shared, point, n, fsync)
     assert code == -signal.SIGKILL, f"fault point {point} #{n} was never reached (exit {code})"
@@ -82,7 +89,7 @@ def test_master_killed_at_a_fault_point_reopens_with_every_acknowledged_transact
     assert present == list(range(len(present)))
     assert len(present) >= len([r for r in acked if r != "open"])
     assert m.query("balances").get("acct") == (len(present) if m.outcome("open") else None)
-    assert verify(shared, ledger)["digest"] == m.digest()
+    assert verify(shared, model)["digest"] == m.digest()
     # It keeps working: a new write lands after the recovered ones and survives a reopen.
     if m.outcome("open") is None:
         m.execute("open_account", "acct", 0, rid="open")
@@ -90,6 +97,6 @@ def test_master_killed_at_a_fault_point_reopens_with_every_acknowledged_transact
     digest = m.digest()
     m.close()
     m = open_master(shared, fsync="always", segment_bytes_max=SEGMENT_BYTES_MAX)
-    assert m.digest() == digest == verify(shared, ledger)["digest"]
+    assert m.digest() == digest == verify(shared, model)["digest"]
     assert m.query("balance", "acct") == len(present) + 1
     m.close()
