@@ -280,6 +280,12 @@ def test_status_keeps_a_holder_alive_whose_clock_or_file_servers_clock_is_behind
     # Stale by both: down.
     late = lease.holder_state(str(tmp_path), "solo", lease_ttl_s=ttl_s, now_s=1000.0 + limit_s + 0.5)
     assert late["lease"] == "down" and "no heartbeat from pid 4242" in late["why"]
+    # A heartbeat more than a TTL in the future (a wrong clock, a forged file) is not
+    # believed: a holder the file server last heard from long ago is down.
+    _write_lease(tmp_path, host="elsewhere", pid=4242, heartbeat=1000.0 + 10 * ttl_s)
+    _stamp_lease(tmp_path, 1000.0)
+    forged = lease.holder_state(str(tmp_path), "solo", lease_ttl_s=ttl_s, now_s=1000.0 + limit_s + 0.5)
+    assert forged["lease"] == "down", forged
 
 
 def test_status_reads_a_released_or_damaged_lease_without_raising(tmp_path):

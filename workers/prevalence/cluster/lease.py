@@ -412,7 +412,8 @@ def holder_state(shared: str, name: str, *, key: bytes | None = None,
     date it: the holder's own (the time it wrote in the lease) and the file server's (the
     lease file's modification time). A heartbeat fresh by either is alive, so a clock
     difference between two hosts (or between a host and the file server) never names a
-    live holder down; a dead holder's heartbeat ages by both. Not guaranteed: a holder
+    live holder down; a dead holder's heartbeat ages by both (one more than a TTL in the
+    future is not believed: the server's stamp alone dates it). Not guaranteed: a holder
     whose heartbeat thread is starved for that long (a machine paused or swapping) is
     named down although it may resume; its lease is not taken over before the TTL.
     Reads only; raises nothing for a bad file (it is reported as ``unreadable``).
@@ -427,8 +428,10 @@ def holder_state(shared: str, name: str, *, key: bytes | None = None,
         return {"lease": "unreadable", "why": f"its lease cannot be read: {exc}"}
     if lease is None:
         return {"lease": "released", "why": "it holds no lease (stopped cleanly, or never started)"}
-    # The heartbeat's age by the fresher of the two stamps (docstring).
-    age_s = min(now_s - lease.heartbeat, now_s - got[1].st_mtime)
+    # The heartbeat's age by the fresher of the two stamps (docstring); a heartbeat more
+    # than a TTL in the future is not believed, as a claim does not believe it.
+    holder_age_s, server_age_s = now_s - lease.heartbeat, now_s - got[1].st_mtime
+    age_s = server_age_s if holder_age_s < -lease_ttl_s else min(holder_age_s, server_age_s)
     out = {"host": lease.host, "pid": lease.pid, "heartbeat_age_s": round(age_s, 1)}
     holder = f"pid {lease.pid} on host {lease.host!r}"
     if lease.host == socket.gethostname():
