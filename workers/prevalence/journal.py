@@ -180,8 +180,9 @@ def frame(payload: bytes, key: bytes | None, batch: bool = False) -> bytes:
     if n == 0 or n > RECORD_BYTES_MAX:
         raise InvariantViolation(f"record payload of {n} bytes is outside 1..{RECORD_BYTES_MAX}")
     if not key and not batch:
-        # The common frame (no key, one record), built with the fewest calls: it is framed
-        # on every commit. The same bytes as below with flags 0.
+        # The common frame (no key, one record), built with the fewest calls. The same
+        # bytes as below with flags 0, and as `tracked.write_frame` writes for the commit
+        # of one record (the writer's path for every `execute`).
         body = HEADER.pack(n, FORMAT_VERSION, 0, 0) + payload
         return body + _U32.pack(zlib.crc32(body))
     flags = (FLAG_HMAC if key else 0) | (FLAG_BATCH if batch else 0)
