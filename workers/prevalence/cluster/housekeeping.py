@@ -99,9 +99,11 @@ class Housekeeping:
                     return  # a member that never published: keep everything
                 continue
             covered = min(covered, p.cursors.get(self.name, 0))
-            if folder.is_joining(self.shared, m):
-                continue  # a joiner replays from the snapshot it loaded: its cursors are enough
-            covered = min(covered, p.snapshot_cursors.get(self.name, 0))
+            snapshot_cursor = p.snapshot_cursors.get(self.name, 0)
+            # A joiner replays from the snapshot it loaded: its cursors are enough. (Its
+            # folder is listed only when its snapshots would hold collection back.)
+            if snapshot_cursor < covered and not folder.is_joining(self.shared, m):
+                covered = snapshot_cursor
         now = time.monotonic()
         for (first, path), (nxt, _p) in zip(segments, segments[1:]):
             if nxt - 1 > covered or path == self.writer.path:
