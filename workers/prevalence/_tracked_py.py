@@ -14,13 +14,14 @@ import datetime as _dt
 import decimal
 import enum
 import os
-import struct
 import threading
 import uuid
 import zlib
 from typing import Any
 
 import msgspec
+
+from .journal import HEADER  # the frame's header (`write_frame`): length, version, flags, reserved
 
 __all__ = ["TDict", "TList", "Struct", "UndoLog", "MutationOutsideTransaction", "UntrackableValue",
            "convert", "begin_record", "finish_record", "end_record", "dict_set", "dict_delete",
@@ -508,9 +509,6 @@ def _outcome(kinds: tuple, value: Any, exc: Exception | None) -> dict:
     return {"status": error, "value": None, "error": f"{type(exc).__name__}: {text}"}
 
 
-_FRAME_HEADER = struct.Struct("<IBBH")  # journal.HEADER: length, version, flags, reserved
-
-
 def write_frame(fd: int, payload: bytes, offset: int, version: int) -> int:
     """Write one record framed as ``journal.frame(payload, None)`` frames it (header: its
     length, `version`, flags 0, 0; the payload; the CRC-32 of both, little-endian) with one
@@ -523,7 +521,7 @@ def write_frame(fd: int, payload: bytes, offset: int, version: int) -> int:
     n = len(payload)
     if not 0 < n <= 0xFFFFFFFF or not 0 <= version <= 255 or offset < 0:
         raise ValueError(f"write_frame: a payload of {n} bytes, version {version}, offset {offset} is out of range")
-    body = _FRAME_HEADER.pack(n, version, 0, 0) + payload
+    body = HEADER.pack(n, version, 0, 0) + payload
     return os.pwrite(fd, body + zlib.crc32(body).to_bytes(4, "little"), offset)
 
 
