@@ -88,6 +88,30 @@ def test_segments_are_collected_only_once_every_member_read_and_snapshotted_them
     assert_converged(tmp_path, [a, b, c])
 
 
+def test_a_joiners_snapshots_do_not_hold_collection_back(tmp_path):
+    # A joining member replays from the snapshot it loaded: what it has read is enough, and
+    # its own (older) snapshots must not keep every member's segments forever.
+    a = open_member(tmp_path, "alpha", segment_bytes_max=300)
+    a.execute("open_account", "x", 0)
+    b = open_member(tmp_path, "beta", segment_bytes_max=300)
+    sync_until_quiet([a, b])
+    for i in range(40):
+        a.execute("deposit", "x", 1)
+    segs = lambda: journal.list_segments(folder.journal_dir(str(tmp_path), "alpha"))
+    n_before = len(segs())
+    sync_until_quiet([a, b])
+    a.snapshot(); a.snapshot()
+    a.sync()
+    assert len(segs()) == n_before  # beta has read them, but its snapshots do not cover them
+    marker = folder.joining_path(str(tmp_path), "beta")
+    open(marker, "w").close()  # beta shows its joining marker, as a joiner does
+    a.sync()
+    assert len(segs()) < n_before
+    os.unlink(marker)
+    a.close()
+    b.close()
+
+
 def test_master_whose_journal_lost_records_peers_have_read_refuses_to_start(tmp_path):
     a = open_member(tmp_path, "alpha")
     a.execute("open_account", "x", 0)
